@@ -1,0 +1,5 @@
+"""Entry point for ``python -m tenantgate``."""
+
+from tenantgate.cli import main
+
+raise SystemExit(main())
