@@ -167,7 +167,9 @@ class Policy(_Model):
         for tenant_id, tenant in self.tenants.items():
             for user in tenant.users:
                 if user in seen:
-                    raise ValueError(f"user {user!r} is listed under tenants {seen[user]!r} and {tenant_id!r}")
+                    raise ValueError(
+                        f"user {user!r} is listed under tenants {seen[user]!r} and {tenant_id!r}"
+                    )
                 seen[user] = tenant_id
         overlap = set(self.tables) & set(self.shared_tables)
         if overlap:
@@ -198,6 +200,7 @@ class Policy(_Model):
 
 def _expand_env(node: Any, path: tuple[str | int, ...], env: Mapping[str, str]) -> Any:
     if isinstance(node, str):
+
         def replace(match: re.Match[str]) -> str:
             name = match.group(1)
             if name not in env:
@@ -219,7 +222,9 @@ def _dotted(path: tuple[str | int, ...]) -> str:
 def _format_validation(error: ValidationError) -> str:
     lines = []
     for item in error.errors():
-        loc = tuple(p for p in item["loc"] if not (isinstance(p, str) and p.startswith("function-")))
+        loc = tuple(
+            p for p in item["loc"] if not (isinstance(p, str) and p.startswith("function-"))
+        )
         message = item["msg"].removeprefix("Value error, ")
         if item["type"] == "extra_forbidden":
             message = "unknown key"
@@ -227,7 +232,9 @@ def _format_validation(error: ValidationError) -> str:
     return "; ".join(lines)
 
 
-def parse_policy(text: str, source: str = "<policy>", env: Mapping[str, str] | None = None) -> Policy:
+def parse_policy(
+    text: str, source: str = "<policy>", env: Mapping[str, str] | None = None
+) -> Policy:
     """Validate policy YAML text; raise :class:`ConfigError` naming ``source`` on any problem."""
     try:
         raw = yaml.safe_load(text)

@@ -70,7 +70,12 @@ class PgError(TenantgateError):
 
     def fields(self) -> list[tuple[str, str]]:
         """The (field code, value) pairs of the ErrorResponse, in wire order."""
-        out = [("S", self.severity), ("V", self.severity), ("C", self.sqlstate), ("M", self.message)]
+        out = [
+            ("S", self.severity),
+            ("V", self.severity),
+            ("C", self.sqlstate),
+            ("M", self.message),
+        ]
         if self.detail is not None:
             out.append(("D", self.detail))
         if self.hint is not None:
@@ -135,7 +140,9 @@ def upstream_lost() -> PgError:
 
 
 def shutting_down() -> PgError:
-    return PgError("57P01", "tenantgate: terminating connection because the proxy is shutting down", "FATAL")
+    return PgError(
+        "57P01", "tenantgate: terminating connection because the proxy is shutting down", "FATAL"
+    )
 
 
 def tenant_removed() -> PgError:

@@ -1,0 +1,179 @@
+"""The policy inspector: applies the analyser's verdicts to one session.
+
+Owns the per-session side of policy enforcement: looking up (cached) analyses
+for Query and Parse, checking constants against this session's tenant,
+capping ``SET statement_timeout`` by the tenant limit, dry-run accounting,
+and the prepared-statement registry that checks Bind parameters against the
+statement the *server* will actually run.  That registry is deliberately
+pessimistic: until the server confirms a Parse, a Bind must satisfy every
+candidate text the name could refer to (the old one and each pending one).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from tenantgate.analysis import (
+    Analysis,
+    AnalysisCache,
+    AnalysisPolicy,
+    Rejection,
+    check_tenant,
+    tenant_param_matches,
+)
+from tenantgate.config import Policy
+from tenantgate.errors import PgError, rejected
+from tenantgate.protocol.frontend import Bind, Parse
+
+log = logging.getLogger("tenantgate.enforcement")
+
+
+def analysis_policy(policy: Policy) -> AnalysisPolicy:
+    return AnalysisPolicy(
+        scoped_tables=dict(policy.tables),
+        shared_tables=frozenset(policy.shared_tables),
+        unknown_tables=policy.unknown_tables,
+        check_predicates=policy.enforces_predicates,
+        tenant_setting=policy.tenant_setting,
+        allowed_functions=frozenset(f.lower() for f in policy.allowed_functions),
+        denied_functions=frozenset(f.lower() for f in policy.denied_functions),
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Prepared:
+    parse: Parse
+    analysis: Analysis
+
+
+@dataclass(slots=True)
+class _Slot:
+    confirmed: Prepared | None = None
+    pending: list[Prepared] = field(default_factory=list)
+
+    def candidates(self) -> list[Prepared]:
+        return ([self.confirmed] if self.confirmed else []) + self.pending
+
+
+# Called with (rule, analysis or None, sql) for every refusal or would-be refusal.
+RejectionListener = Callable[[Rejection, str, bool], None]
+
+
+class PolicyInspector:
+    """One session's enforcement state; implements :class:`tenantgate.hooks.Inspector`."""
+
+    def __init__(
+        self,
+        cache: AnalysisCache,
+        tenant: str,
+        statement_timeout_limit_ms: int | None,
+        dry_run: bool,
+        on_rejection: RejectionListener | None = None,
+    ) -> None:
+        self._cache = cache
+        self._tenant = tenant
+        self._timeout_limit = statement_timeout_limit_ms
+        self._dry_run = dry_run
+        self._on_rejection = on_rejection
+        self._statements: dict[str, _Slot] = {}
+        self.last_analysis: Analysis | None = None
+
+    # --- verdicts ------------------------------------------------------------------
+
+    def _verdict(self, sql: str) -> tuple[Analysis, Rejection | None]:
+        analysis = self._cache.get_or_analyse(sql)
+        self.last_analysis = analysis
+        rejection = analysis.rejection or check_tenant(analysis, self._tenant)
+        if rejection is None and self._timeout_limit is not None:
+            rejection = self._check_timeout(analysis)
+        return analysis, rejection
+
+    def _check_timeout(self, analysis: Analysis) -> Rejection | None:
+        limit = self._timeout_limit
+        for statement in analysis.statements:
+            value = statement.statement_timeout_ms
+            if value is not None and limit is not None and (value == 0 or value > limit):
+                return Rejection(
+                    "statement_timeout_limit",
+                    f"statement_timeout may not exceed this tenant's limit of {limit} ms",
+                    f"use a value between 1 and {limit} ms",
+                )
+        return None
+
+    def _refuse(self, rejection: Rejection, sql: str) -> PgError | None:
+        if self._on_rejection is not None:
+            self._on_rejection(rejection, sql, self._dry_run)
+        if self._dry_run:
+            log.warning("dry run: would reject (%s): %s", rejection.rule, rejection.message)
+            return None
+        return rejected(rejection.rule, rejection.message, rejection.hint)
+
+    # --- Inspector protocol ----------------------------------------------------------
+
+    def inspect_query(self, sql: str) -> PgError | None:
+        _, rejection = self._verdict(sql)
+        return None if rejection is None else self._refuse(rejection, sql)
+
+    def inspect_parse(self, parse: Parse) -> PgError | None:
+        analysis, rejection = self._verdict(parse.query)
+        if rejection is not None:
+            error = self._refuse(rejection, parse.query)
+            if error is not None:
+                return error
+        self._statements.setdefault(parse.name, _Slot()).pending.append(Prepared(parse, analysis))
+        return None
+
+    def inspect_bind(self, bind: Bind) -> PgError | None:
+        slot = self._statements.get(bind.statement)
+        if slot is None:
+            return None  # unknown to the server too: it answers "does not exist"
+        for prepared in slot.candidates():
+            rejection = self._check_params(prepared, bind)
+            if rejection is not None:
+                return self._refuse(rejection, prepared.parse.query)
+        return None
+
+    def _check_params(self, prepared: Prepared, bind: Bind) -> Rejection | None:
+        types = prepared.parse.param_types
+        for statement in prepared.analysis.statements:
+            for number in statement.tenant_params:
+                index = number - 1
+                value = bind.params[index] if index < len(bind.params) else None
+                type_oid = types[index] if index < len(types) else 0
+                if not tenant_param_matches(
+                    value, bind.param_is_binary(index), type_oid, self._tenant
+                ):
+                    return Rejection(
+                        "wrong_tenant",
+                        f"parameter ${number} must be this session's tenant id",
+                        f"bind ${number} to the tenant id you logged in as",
+                    )
+        return None
+
+    def parse_resolved(self, parse: Parse, ok: bool) -> None:
+        slot = self._statements.get(parse.name)
+        if slot is None:
+            return
+        for index, prepared in enumerate(slot.pending):
+            if prepared.parse is parse:
+                del slot.pending[index]
+                if ok:
+                    slot.confirmed = prepared
+                break
+        if slot.confirmed is None and not slot.pending:
+            del self._statements[parse.name]
+
+    def close_resolved(self, name: str, ok: bool) -> None:
+        slot = self._statements.get(name)
+        if slot is not None and ok:
+            slot.confirmed = None
+            if not slot.pending:
+                del self._statements[name]
+
+    def query_sent(self) -> None:
+        # A simple Query destroys the unnamed prepared statement.
+        slot = self._statements.get("")
+        if slot is not None:
+            slot.confirmed = None

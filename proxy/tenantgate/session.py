@@ -1,0 +1,264 @@
+"""One client session: the forwarding loops between a client and its upstream.
+
+Owns the two pumps (client -> upstream, upstream -> client), the calls into the
+:class:`~tenantgate.hooks.Inspector` for every Query/Parse/Bind, substitution of
+rejected messages, the response tracker, pinned-setting checks on
+ParameterStatus, and ending the session cleanly (a FATAL, never a traceback).
+Start-up and login live in :mod:`tenantgate.handshake`; the listener in
+:mod:`tenantgate.server`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from tenantgate.errors import (
+    PgError,
+    RemoteProtocolError,
+    protocol_violation,
+    rejected,
+    upstream_lost,
+)
+from tenantgate.hooks import Inspector
+from tenantgate.protocol.backend import ErrorResponse, ParameterStatus
+from tenantgate.protocol.framing import MessageReader, frame
+from tenantgate.protocol.frontend import Bind, Close, Describe, Parse, Query
+from tenantgate.tracker import Action, Kind, Pending, ResponseTracker
+from tenantgate.upstream import LEXING_PINS, UpstreamConnection
+
+log = logging.getLogger("tenantgate.session")
+
+# A statement that fails to parse upstream with SQLSTATE 42601: sent in place of
+# a rejected message, so the server itself produces the error (and skips the
+# rest of a pipeline) at exactly the position the client expects it.
+REJECT_SQL = "tenantgate: statement rejected by policy"
+REJECT_STATEMENT = "__tenantgate_rejected"
+CLIENT_READ = 256 * 1024
+UPSTREAM_READ = 256 * 1024
+UPSTREAM_MAX_MESSAGE = 1024 * 1024 * 1024 + 64
+_PARSE_REJECT = Parse(REJECT_STATEMENT, REJECT_SQL).encode()
+_QUERY_REJECT = Query(REJECT_SQL).encode()
+_FUNCTION_CALL_REJECTION = rejected(
+    "function_call",
+    "the FunctionCall protocol message is not allowed",
+    "Call functions with a SELECT statement instead.",
+)
+
+
+class SessionEnded(Exception):
+    """Internal: the session must end, optionally telling the client why."""
+
+    def __init__(self, error: PgError | None) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
+@dataclass(slots=True)
+class SessionInfo:
+    """Identity of a logged-in session (what logs, metrics and cancel need)."""
+
+    session_id: str
+    tenant: str
+    user: str
+    peer: str
+    protocol_minor: int
+    process_id: int = 0
+    secret_key: bytes = b""
+    started: float = 0.0
+    extra: dict[str, object] = field(default_factory=dict)
+
+
+class Session:
+    """Forwards one authenticated client to its upstream connection."""
+
+    def __init__(
+        self,
+        info: SessionInfo,
+        client_reader: asyncio.StreamReader,
+        client_writer: asyncio.StreamWriter,
+        upstream: UpstreamConnection,
+        inspector: Inspector,
+        max_message_bytes: int,
+    ) -> None:
+        self.info = info
+        self._client_reader = client_reader
+        self._client_writer = client_writer
+        self.upstream = upstream
+        self.inspector = inspector
+        self.tracker = ResponseTracker()
+        self._client_messages = MessageReader(max_message_bytes)
+        self._upstream_messages = MessageReader(UPSTREAM_MAX_MESSAGE)
+        self._closing_error: PgError | None = None
+        self._fatal_forwarded = False
+        self.on_statement_done: Callable[[Pending], None] | None = None
+
+    @staticmethod
+    def new_cancel_key(protocol_minor: int) -> tuple[int, bytes]:
+        """Proxy-generated cancel key: 4+4 bytes for 3.0, 4+32 for 3.2 (CSPRNG)."""
+        pid = secrets.randbits(31) or 1
+        return pid, secrets.token_bytes(32 if protocol_minor >= 2 else 4)
+
+    @property
+    def busy(self) -> bool:
+        """A client request is running upstream (cancel is forwarded only then)."""
+        return self.tracker.busy_with_client_work
+
+    async def run(self) -> None:
+        """Forward until either side ends; always closes both connections."""
+        to_upstream = asyncio.create_task(
+            self._pump_client(), name=f"client-{self.info.session_id}"
+        )
+        to_client = asyncio.create_task(
+            self._pump_upstream(), name=f"upstream-{self.info.session_id}"
+        )
+        try:
+            done, _ = await asyncio.wait(
+                {to_upstream, to_client}, return_when=asyncio.FIRST_COMPLETED
+            )
+            for task in done:
+                exc = task.exception()
+                if exc is not None:
+                    raise exc
+        finally:
+            for task in (to_upstream, to_client):
+                task.cancel()
+            await asyncio.gather(to_upstream, to_client, return_exceptions=True)
+            self.tracker.fail_all()
+            self.upstream.close()
+
+    def end(self, error: PgError | None) -> None:
+        """Ask the session to end (reload removed the tenant, shutdown...)."""
+        self._closing_error = error
+        self.upstream.close()
+
+    # --- client -> upstream ---------------------------------------------------------
+
+    async def _pump_client(self) -> None:
+        reader, messages = self._client_reader, self._client_messages
+        upstream = self.upstream.writer
+        while True:
+            data = await reader.read(CLIENT_READ)
+            if not data:
+                return
+            messages.feed(data)
+            out: list[bytes] = []
+            while (item := messages.next_message()) is not None:
+                msg_type, payload = item
+                if msg_type == 0x58:  # Terminate
+                    if out:
+                        upstream.write(b"".join(out))
+                    upstream.write(frame(b"X"))
+                    await upstream.drain()
+                    return
+                out.append(self._client_message(msg_type, payload))
+            if out:
+                upstream.write(b"".join(out))
+                await upstream.drain()
+
+    def _client_message(self, msg_type: int, payload: bytes) -> bytes:
+        """Inspect one client message; return the bytes to send upstream."""
+        tracker, inspector = self.tracker, self.inspector
+        match msg_type:
+            case 0x51:  # Query
+                sql = Query.decode(payload).query
+                error = inspector.inspect_query(sql)
+                if error is not None:
+                    tracker.expect(Pending(Kind.QUERY, rejection=error))
+                    return _QUERY_REJECT
+                inspector.query_sent()
+                tracker.expect(Pending(Kind.QUERY))
+            case 0x50:  # Parse
+                parse = Parse.decode(payload)
+                error = inspector.inspect_parse(parse)
+                if error is not None:
+                    tracker.expect(Pending(Kind.PARSE, rejection=error))
+                    return Parse(parse.name, REJECT_SQL).encode()
+                tracker.expect(
+                    Pending(Kind.PARSE, on_done=lambda ok: inspector.parse_resolved(parse, ok))
+                )
+            case 0x42:  # Bind
+                error = inspector.inspect_bind(Bind.decode(payload))
+                if error is not None:
+                    tracker.expect(Pending(Kind.PARSE, rejection=error))
+                    return _PARSE_REJECT
+                tracker.expect(Pending(Kind.BIND))
+            case 0x45:  # Execute
+                tracker.expect(Pending(Kind.EXECUTE))
+            case 0x44:  # Describe
+                kind = Describe.decode(payload).kind
+                tracker.expect(
+                    Pending(Kind.DESCRIBE_STATEMENT if kind == "S" else Kind.DESCRIBE_PORTAL)
+                )
+            case 0x43:  # Close
+                close = Close.decode(payload)
+                if close.kind == "S":
+                    name = close.name
+                    tracker.expect(
+                        Pending(Kind.CLOSE, on_done=lambda ok: inspector.close_resolved(name, ok))
+                    )
+                else:
+                    tracker.expect(Pending(Kind.CLOSE))
+            case 0x53:  # Sync
+                tracker.expect(Pending(Kind.SYNC))
+            case 0x48 | 0x64 | 0x63 | 0x66:  # Flush, CopyData, CopyDone, CopyFail
+                pass
+            case 0x46:  # FunctionCall: calls any function by OID, bypassing SQL analysis
+                tracker.expect(Pending(Kind.QUERY, rejection=_FUNCTION_CALL_REJECTION))
+                return _QUERY_REJECT
+            case _:
+                raise SessionEnded(protocol_violation(f"unexpected message type {msg_type:#04x}"))
+        return frame(bytes((msg_type,)), payload)
+
+    # --- upstream -> client ---------------------------------------------------------
+
+    async def _pump_upstream(self) -> None:
+        reader, messages = self.upstream.reader, self._upstream_messages
+        client = self._client_writer
+        tracker = self.tracker
+        while True:
+            try:
+                data = await reader.read(UPSTREAM_READ)
+            except (ConnectionError, OSError):
+                data = b""
+            if not data:
+                raise SessionEnded(
+                    self._closing_error or (None if self._fatal_forwarded else upstream_lost())
+                )
+            messages.feed(data)
+            out: list[bytes] = []
+            while (item := messages.next_message()) is not None:
+                msg_type, payload = item
+                if msg_type == 0x53:  # ParameterStatus
+                    self._check_pinned(payload)
+                action, replacement = tracker.route(msg_type, payload)
+                if action is Action.FORWARD:
+                    out.append(frame(bytes((msg_type,)), payload))
+                    if msg_type == 0x45 and _is_fatal(payload):
+                        self._fatal_forwarded = True
+                elif action is Action.REPLACE and replacement is not None:
+                    out.append(replacement)
+            if out:
+                client.write(b"".join(out))
+                await client.drain()
+
+    def _check_pinned(self, payload: bytes) -> None:
+        status = ParameterStatus.decode(payload)
+        expected = LEXING_PINS.get(status.name)
+        if expected is not None and status.value != expected:
+            raise SessionEnded(
+                protocol_violation(
+                    f"the server reported {status.name}={status.value!r}; session ended"
+                )
+            )
+
+
+def _is_fatal(payload: bytes) -> bool:
+    try:
+        severity = ErrorResponse.decode(payload).get("V") or ""
+    except RemoteProtocolError:
+        return False
+    return severity in ("FATAL", "PANIC")

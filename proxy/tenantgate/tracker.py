@@ -1,0 +1,201 @@
+"""Pairs every request sent upstream with its responses (sans-IO).
+
+Like PgBouncer's outstanding-request FIFO: each message the proxy sends
+upstream that produces a response pushes a :class:`Pending` entry; each backend
+message is routed to the entry at the head and the tracker decides whether
+the client sees it unchanged, not at all (a response to something the proxy
+injected) or replaced (the server's error for a substituted, rejected
+message becomes the policy's rejection).  It also keeps the transaction status
+from ReadyForQuery.  Any response that cannot be paired is a protocol error:
+the session is closed rather than risk handing one client's rows to the wrong
+request.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from enum import Enum
+
+from tenantgate.errors import PgError, RemoteProtocolError
+from tenantgate.protocol.backend import ErrorResponse
+
+
+class Kind(Enum):
+    QUERY = "query"  # simple Query or a substituted FunctionCall: ends with 'Z'
+    PARSE = "parse"  # '1'
+    BIND = "bind"  # '2'
+    EXECUTE = "execute"  # 'C', 'I' or 's' (after rows / copy)
+    DESCRIBE_STATEMENT = "describe_statement"  # 't' then 'T' or 'n'
+    DESCRIBE_PORTAL = "describe_portal"  # 'T' or 'n'
+    CLOSE = "close"  # '3'
+    SYNC = "sync"  # 'Z'
+
+
+# What ends each kind of entry (besides an ErrorResponse).
+_COMPLETES: dict[Kind, frozenset[int]] = {
+    Kind.QUERY: frozenset(b"Z"),
+    Kind.PARSE: frozenset(b"1"),
+    Kind.BIND: frozenset(b"2"),
+    Kind.EXECUTE: frozenset(b"CIs"),
+    Kind.DESCRIBE_STATEMENT: frozenset(b"Tn"),
+    Kind.DESCRIBE_PORTAL: frozenset(b"Tn"),
+    Kind.CLOSE: frozenset(b"3"),
+    Kind.SYNC: frozenset(b"Z"),
+}
+# Responses that may precede the completing one within an entry.
+_INTERMEDIATE: dict[Kind, frozenset[int]] = {
+    Kind.QUERY: frozenset(b"TDCIGHdcE"),
+    Kind.EXECUTE: frozenset(b"DGHdc"),
+    Kind.DESCRIBE_STATEMENT: frozenset(b"t"),
+}
+ASYNC_TYPES = frozenset(b"NSA")
+_EMPTY: frozenset[int] = frozenset()
+SYNTAX_ERROR = "42601"
+
+
+@dataclass(slots=True)
+class Pending:
+    """One request awaiting responses.
+
+    ``injected``: the proxy sent it; the client never sees its responses.
+    ``rejection``: the client's message was replaced by one that fails at the
+    same position; the server's syntax error is shown as this error instead.
+    ``hidden_statements``: for a simple Query, indices of statements the proxy
+    prefixed/inserted whose responses are dropped.
+    ``on_done``: called with True (completed) or False (failed or skipped).
+    """
+
+    kind: Kind
+    injected: bool = False
+    rejection: PgError | None = None
+    hidden_statements: frozenset[int] = _EMPTY
+    on_done: Callable[[bool], None] | None = None
+    statement_index: int = 0
+    failed: bool = False
+    rows: int = 0
+    tags: list[str] = field(default_factory=list)
+
+
+class Action(Enum):
+    FORWARD = 0
+    DROP = 1
+    REPLACE = 2
+
+
+class ResponseTracker:
+    """Routes backend messages to outstanding requests."""
+
+    __slots__ = ("_pending", "on_complete", "status")
+
+    def __init__(self) -> None:
+        self._pending: deque[Pending] = deque()
+        self.status = "I"
+        # Called with each client-visible completed entry (for metrics); may be None.
+        self.on_complete: Callable[[Pending], None] | None = None
+
+    def expect(self, entry: Pending) -> None:
+        self._pending.append(entry)
+
+    @property
+    def idle(self) -> bool:
+        """No response outstanding."""
+        return not self._pending
+
+    @property
+    def busy_with_client_work(self) -> bool:
+        """A client's request is running upstream (cancel is meaningful)."""
+        return any(not p.injected for p in self._pending)
+
+    @property
+    def outstanding(self) -> int:
+        return len(self._pending)
+
+    def route(self, msg_type: int, payload: bytes) -> tuple[Action, bytes | None]:
+        """Decide what the client sees of one backend message.
+
+        Returns (FORWARD, None), (DROP, None) or (REPLACE, replacement frame).
+        """
+        if msg_type in ASYNC_TYPES:
+            return Action.FORWARD, None
+        if not self._pending:
+            if msg_type == 0x45:  # an unsolicited error, e.g. FATAL at admin shutdown
+                return Action.FORWARD, None
+            raise RemoteProtocolError(f"unexpected {chr(msg_type)!r} from the server")
+        head = self._pending[0]
+        if msg_type == 0x45:  # ErrorResponse
+            return self._error(head, payload)
+        if msg_type == 0x5A:  # ReadyForQuery
+            if head.kind not in (Kind.QUERY, Kind.SYNC):
+                raise RemoteProtocolError(f"ReadyForQuery while awaiting {head.kind.value}")
+            self.status = chr(payload[0]) if payload else "?"
+            if self.status not in ("I", "T", "E"):
+                raise RemoteProtocolError("ReadyForQuery: invalid status")
+            self._finish(head, ok=not head.failed)
+            return self._visibility(head)
+        if msg_type in _COMPLETES[head.kind]:
+            action = self._visibility(head)
+            if head.kind is Kind.QUERY:
+                # C or I ends one statement of a multi-statement string.
+                if msg_type == 0x43:
+                    self._count_rows(head, payload)
+                head.statement_index += 1
+                return action
+            if msg_type == 0x43:
+                self._count_rows(head, payload)
+            self._finish(head, ok=True)
+            return action
+        if msg_type in _INTERMEDIATE.get(head.kind, _EMPTY):
+            return self._visibility(head)
+        raise RemoteProtocolError(f"unexpected {chr(msg_type)!r} while awaiting {head.kind.value}")
+
+    def _visibility(self, head: Pending) -> tuple[Action, bytes | None]:
+        if head.injected or head.statement_index in head.hidden_statements:
+            return Action.DROP, None
+        return Action.FORWARD, None
+
+    def _error(self, head: Pending, payload: bytes) -> tuple[Action, bytes | None]:
+        action: tuple[Action, bytes | None] = (Action.FORWARD, None)
+        if head.rejection is not None:
+            error = ErrorResponse.decode(payload)
+            if error.sqlstate == SYNTAX_ERROR:
+                action = (Action.REPLACE, ErrorResponse.from_error(head.rejection).encode())
+        elif head.injected and head.kind is Kind.SYNC:
+            action = (Action.DROP, None)
+        head.failed = True
+        if head.kind is Kind.QUERY:
+            # The rest of the string is skipped; ReadyForQuery still ends the entry.
+            return action
+        # Extended protocol: the server now skips everything up to the next Sync.
+        self._pending.popleft()
+        self._done(head, ok=False)
+        while self._pending and self._pending[0].kind is not Kind.SYNC:
+            skipped = self._pending.popleft()
+            skipped.failed = True
+            self._done(skipped, ok=False)
+        return action
+
+    def _finish(self, head: Pending, ok: bool) -> None:
+        self._pending.popleft()
+        self._done(head, ok)
+
+    def _done(self, entry: Pending, ok: bool) -> None:
+        if entry.on_done is not None:
+            entry.on_done(ok)
+        if self.on_complete is not None and not entry.injected:
+            self.on_complete(entry)
+
+    @staticmethod
+    def _count_rows(entry: Pending, payload: bytes) -> None:
+        tag = payload.rstrip(b"\x00").decode("ascii", "replace")
+        entry.tags.append(tag)
+        last = tag.rsplit(" ", 1)[-1]
+        if " " in tag and last.isdigit():
+            entry.rows += int(last)
+
+    def fail_all(self) -> None:
+        """The upstream is gone: resolve every entry as failed."""
+        while self._pending:
+            entry = self._pending.popleft()
+            self._done(entry, ok=False)
