@@ -310,7 +310,17 @@ class Cluster:
             "-v",
             "ON_ERROR_STOP=1",
             "-d",
-            self.make_dsn(database=database),
+            # The password travels in the environment, not on a command line others can read.
+            _url(
+                _Conn(
+                    host=self.host,
+                    port=self.port,
+                    user=self.superuser,
+                    password=None,
+                    database=database or self.database,
+                    params=self._extra_params(),
+                )
+            ),
             "-f",
             "-",
         ]
@@ -579,6 +589,7 @@ class TemporaryCluster(Cluster):
         self._root: Path | None = None
         self._run_as: _RunAs | None = None
         self._running = False
+        self._launched = False  # pg_ctl start has been run (a postmaster may exist)
 
     # --- properties
     @property
@@ -652,12 +663,12 @@ class TemporaryCluster(Cluster):
             self._running = True
             self._wait_ready()
         except ClusterError as exc:
+            log_path = self.log_path
             kept = self._keep_log()
             self.stop()
             if kept is None:
                 raise
-            message = str(exc).replace(str(self.data_dir / "server.log"), str(kept))
-            raise ClusterError(message) from None
+            raise ClusterError(str(exc).replace(str(log_path), str(kept))) from None
         except BaseException:
             self.stop()
             raise
@@ -672,10 +683,17 @@ class TemporaryCluster(Cluster):
         if root is None:
             return
         try:
-            if (root / "data" / "postmaster.pid").exists():
+            pid_file = root / "data" / "postmaster.pid"
+            if self._launched and not pid_file.exists():
+                # pg_ctl was interrupted: its postmaster may still be about to write this.
+                deadline = time.monotonic() + 3
+                while not pid_file.exists() and time.monotonic() < deadline:
+                    time.sleep(0.05)
+            if pid_file.exists():
                 self._shutdown(root / "data")
         finally:
             self._running = False
+            self._launched = False
             self._root = None
             self._port = 0
             shutil.rmtree(root, ignore_errors=True)
@@ -721,35 +739,49 @@ class TemporaryCluster(Cluster):
             raise
         return root
 
-    def _run(self, args: list[str], what: str, timeout: float) -> subprocess.CompletedProcess[str]:
+    def _run(self, args: list[str], what: str, timeout: float) -> tuple[str, str]:
+        """Run a server tool as the server's OS user; (stdout, stderr) or ClusterError.
+
+        The tool gets its own process group so that an interruption (Ctrl-C,
+        SIGTERM turned into KeyboardInterrupt, a timeout) kills it *and* its
+        children (initdb's bootstrap backend) before the files are removed.
+        """
         run_as = self._run_as
         assert run_as is not None
         env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
         env["LC_ALL"] = "C"
         env["LANG"] = "C"
         try:
-            done = subprocess.run(
+            proc = subprocess.Popen(
                 args,
-                capture_output=True,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
                 text=True,
                 cwd=self.root,
                 env=env,
-                timeout=timeout,
-                check=False,
+                start_new_session=True,
                 user=run_as.uid,
                 group=run_as.gid,
                 extra_groups=[] if run_as.uid is not None else None,
             )
-        except subprocess.TimeoutExpired:
-            raise ClusterError(f"{what} timed out after {timeout:g}s{self._log_hint()}") from None
         except OSError as exc:
             raise ClusterError(f"{what} could not run: {exc}") from None
-        if done.returncode != 0:
-            output = (done.stderr.strip() or done.stdout.strip())[-4000:]
+        try:
+            stdout, stderr = proc.communicate(timeout=timeout)
+        except BaseException as exc:
+            _kill_group(proc)
+            if isinstance(exc, subprocess.TimeoutExpired):
+                raise ClusterError(
+                    f"{what} timed out after {timeout:g}s{self._log_hint()}"
+                ) from None
+            raise
+        if proc.returncode != 0:
+            output = (stderr.strip() or stdout.strip())[-4000:]
             raise ClusterError(
-                f"{what} failed (exit {done.returncode}): {output}{self._log_hint()}"
+                f"{what} failed (exit {proc.returncode}): {output}{self._log_hint()}"
             )
-        return done
+        return stdout, stderr
 
     def _initdb(self) -> None:
         pwfile = self.root / "pwfile"
@@ -813,6 +845,7 @@ class TemporaryCluster(Cluster):
             conf.write_text(text + "\n" + line, encoding="utf-8")
 
     def _pg_ctl_start(self) -> None:
+        self._launched = True
         self._run(
             [
                 str(self.bin_dir / "pg_ctl"),
@@ -908,12 +941,35 @@ class TemporaryCluster(Cluster):
         return f"\nserver log: {self.log_path}" + (f"\n{tail}" if tail else "")
 
 
+def _kill_group(proc: subprocess.Popen[str]) -> None:
+    """SIGKILL a tool started with ``start_new_session`` and everything in its group; reap it."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    with contextlib.suppress(ProcessLookupError):
+        proc.kill()
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.communicate(timeout=10)
+    # Give the group's other members (not our children, so not reaped here) a moment to die.
+    for _ in range(50):
+        try:
+            os.killpg(proc.pid, 0)
+        except (ProcessLookupError, PermissionError):
+            return
+        time.sleep(0.05)
+
+
 def _pid_alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie counts as gone: a container's PID 1 may never reap it)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
-    # A zombie child of ours would count as alive; postmasters are pg_ctl's children, not ours.
-    return True
+    try:
+        stat_line = Path(f"/proc/{pid}/stat").read_text(encoding="ascii", errors="replace")
+    except OSError:
+        return True
+    # Format: "pid (comm) state ...": comm may hold spaces or parentheses.
+    state = stat_line.rpartition(")")[2].split()[:1]
+    return state != ["Z"]

@@ -136,6 +136,8 @@ class Policy(_Model):
     @field_validator("tables")
     @classmethod
     def _tables_are_names(cls, value: dict[str, str]) -> dict[str, str]:
+        if len({t.lower() for t in value}) != len(value):
+            raise ValueError("table names differ only in case (names are case-insensitive)")
         for table, column in value.items():
             if not _TABLE_NAME.match(table):
                 raise ValueError(f"{table!r} is not a table name (schema.table or table)")
@@ -198,6 +200,34 @@ class Policy(_Model):
         return [u for t in self.tenants.values() for u, e in t.users.items() if not e.is_verifier]
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """SafeLoader for policy files.
+
+    Mapping keys keep the text they were written with (YAML would turn the
+    tenant key ``0123`` into 83 and ``yes`` into True), and duplicate keys are
+    an error (YAML would silently keep the last one).
+    """
+
+
+def _mapping(loader: yaml.SafeLoader, node: yaml.MappingNode) -> dict[Any, Any]:
+    loader.flatten_mapping(node)
+    result: dict[Any, Any] = {}
+    for key_node, value_node in node.value:
+        if isinstance(key_node, yaml.ScalarNode):
+            key: Any = key_node.value
+        else:
+            key = loader.construct_object(key_node, deep=True)
+        if key in result:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"duplicate key {key!r}", key_node.start_mark
+            )
+        result[key] = loader.construct_object(value_node, deep=True)
+    return result
+
+
+_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping)
+
+
 def _expand_env(node: Any, path: tuple[str | int, ...], env: Mapping[str, str]) -> Any:
     if isinstance(node, str):
 
@@ -237,16 +267,13 @@ def parse_policy(
 ) -> Policy:
     """Validate policy YAML text; raise :class:`ConfigError` naming ``source`` on any problem."""
     try:
-        raw = yaml.safe_load(text)
+        raw = yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as exc:
         raise ConfigError(f"{source}: not valid YAML: {exc}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: <top level>: must be a mapping of keys")
     try:
         expanded = _expand_env(raw, (), os.environ if env is None else env)
-        # YAML turns `123:` into an int key; tenant ids are strings in every other place.
-        if isinstance(expanded.get("tenants"), dict):
-            expanded["tenants"] = {str(k): v for k, v in expanded["tenants"].items()}
         return Policy.model_validate(expanded)
     except ConfigError as exc:
         raise ConfigError(f"{source}: {exc}") from None

@@ -12,14 +12,15 @@ candidate text the name could refer to (the old one and each pending one).
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
 
 from tenantgate.analysis import (
     Analysis,
     AnalysisCache,
     AnalysisPolicy,
     Rejection,
+    StatementAnalysis,
     check_tenant,
     tenant_param_matches,
 )
@@ -28,6 +29,8 @@ from tenantgate.errors import PgError, rejected
 from tenantgate.protocol.frontend import Bind, Parse
 
 log = logging.getLogger("tenantgate.enforcement")
+# Portals die at transaction end, which the inspector does not see; bound the map.
+MAX_TRACKED_PORTALS = 1000
 
 
 def analysis_policy(policy: Policy) -> AnalysisPolicy:
@@ -46,6 +49,14 @@ def analysis_policy(policy: Policy) -> AnalysisPolicy:
 class Prepared:
     parse: Parse
     analysis: Analysis
+    # Parameter types the server reported (ParameterDescription) for this statement.
+    described: tuple[int, ...] = ()
+
+    def param_type(self, index: int) -> int:
+        declared = self.parse.param_types[index] if index < len(self.parse.param_types) else 0
+        if declared == 0 and index < len(self.described):
+            return self.described[index]
+        return declared
 
 
 @dataclass(slots=True)
@@ -78,6 +89,7 @@ class PolicyInspector:
         self._dry_run = dry_run
         self._on_rejection = on_rejection
         self._statements: dict[str, _Slot] = {}
+        self._portals: dict[str, bool] = {}
         self.last_analysis: Analysis | None = None
 
     # --- verdicts ------------------------------------------------------------------
@@ -129,19 +141,23 @@ class PolicyInspector:
         slot = self._statements.get(bind.statement)
         if slot is None:
             return None  # unknown to the server too: it answers "does not exist"
-        for prepared in slot.candidates():
+        candidates = slot.candidates()
+        for prepared in candidates:
             rejection = self._check_params(prepared, bind)
             if rejection is not None:
                 return self._refuse(rejection, prepared.parse.query)
+        if len(self._portals) > MAX_TRACKED_PORTALS:
+            self._portals.clear()
+        latest = candidates[-1].analysis.statements if candidates else ()
+        self._portals[bind.portal] = bool(latest) and latest[0].transaction is not None
         return None
 
     def _check_params(self, prepared: Prepared, bind: Bind) -> Rejection | None:
-        types = prepared.parse.param_types
         for statement in prepared.analysis.statements:
             for number in statement.tenant_params:
                 index = number - 1
                 value = bind.params[index] if index < len(bind.params) else None
-                type_oid = types[index] if index < len(types) else 0
+                type_oid = prepared.param_type(index)
                 if not tenant_param_matches(
                     value, bind.param_is_binary(index), type_oid, self._tenant
                 ):
@@ -165,12 +181,24 @@ class PolicyInspector:
         if slot.confirmed is None and not slot.pending:
             del self._statements[parse.name]
 
+    def statement_described(self, name: str, type_oids: tuple[int, ...]) -> None:
+        # Responses arrive in order, so the statement described is the confirmed one.
+        slot = self._statements.get(name)
+        if slot is not None and slot.confirmed is not None:
+            slot.confirmed = replace(slot.confirmed, described=type_oids)
+
     def close_resolved(self, name: str, ok: bool) -> None:
         slot = self._statements.get(name)
         if slot is not None and ok:
             slot.confirmed = None
             if not slot.pending:
                 del self._statements[name]
+
+    def last_statements(self) -> Sequence[StatementAnalysis]:
+        return self.last_analysis.statements if self.last_analysis is not None else ()
+
+    def portal_is_transaction_control(self, portal: str) -> bool:
+        return self._portals.get(portal, False)
 
     def query_sent(self) -> None:
         # A simple Query destroys the unnamed prepared statement.

@@ -9,9 +9,11 @@ upstream, so ordering and pipeline error semantics stay exactly PostgreSQL's.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Protocol
 
 from tenantgate.errors import PgError
+from tenantgate.injection import StatementShape
 from tenantgate.protocol.frontend import Bind, Parse
 
 
@@ -31,8 +33,17 @@ class Inspector(Protocol):
     def close_resolved(self, name: str, ok: bool) -> None:
         """The server answered a forwarded Close of a prepared statement."""
 
+    def statement_described(self, name: str, type_oids: tuple[int, ...]) -> None:
+        """The server said which parameter types it inferred for statement ``name``."""
+
     def query_sent(self) -> None:
         """A simple Query was forwarded (it destroys the unnamed statement)."""
+
+    def last_statements(self) -> Sequence[StatementShape]:
+        """Statement boundaries of the Query just allowed (for rls injection)."""
+
+    def portal_is_transaction_control(self, portal: str) -> bool:
+        """Whether the statement bound to ``portal`` is BEGIN/COMMIT/ROLLBACK/..."""
 
 
 class AllowAll:
@@ -53,5 +64,14 @@ class AllowAll:
     def close_resolved(self, name: str, ok: bool) -> None:
         return None
 
+    def statement_described(self, name: str, type_oids: tuple[int, ...]) -> None:
+        return None
+
     def query_sent(self) -> None:
         return None
+
+    def last_statements(self) -> Sequence[StatementShape]:
+        return ()
+
+    def portal_is_transaction_control(self, portal: str) -> bool:
+        return False

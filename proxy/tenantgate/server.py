@@ -11,6 +11,7 @@ client or a dead proxy.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import logging
 import ssl
@@ -38,6 +39,7 @@ from tenantgate.errors import (
 )
 from tenantgate.handshake import TlsSettings, authenticate, check_startup, negotiate
 from tenantgate.hooks import Inspector
+from tenantgate.injection import TenantInjector
 from tenantgate.protocol.backend import (
     BackendKeyData,
     ErrorResponse,
@@ -77,7 +79,8 @@ class ProxyServer:
         self._tls = load_tls(policy)
         self._server: asyncio.Server | None = None
         self.sessions: dict[int, Session] = {}
-        self._handshakes: set[asyncio.Task[None]] = set()
+        self._connections: set[asyncio.Task[None]] = set()
+        self._in_handshake: set[asyncio.Task[None]] = set()
         self._client_count = 0
         self._tenant_connections: Counter[str] = Counter()
         self.accepting = True
@@ -107,18 +110,22 @@ class ProxyServer:
         if self._server is not None:
             self._server.close()
         deadline = time.monotonic() + grace_s
-        while time.monotonic() < deadline and any(
-            s.tracker.status != "I" or not s.tracker.idle for s in self.sessions.values()
-        ):
+        while time.monotonic() < deadline and self._any_in_transaction():  # noqa: ASYNC110
             await asyncio.sleep(0.05)
         for session in list(self.sessions.values()):
             session.end(shutting_down())
-        for task in list(self._handshakes):
+        for task in list(self._in_handshake):
             task.cancel()
-        while self.sessions or self._handshakes:
-            await asyncio.sleep(0.01)
+        if self._connections:
+            await asyncio.wait(set(self._connections), timeout=max(grace_s, 5.0))
         if self._server is not None:
             await self._server.wait_closed()
+
+    def _any_in_transaction(self) -> bool:
+        return any(s.tracker.status != "I" or not s.tracker.idle for s in self.sessions.values())
+
+    def _any_in_transaction(self) -> bool:
+        return any(s.tracker.status != "I" or not s.tracker.idle for s in self.sessions.values())
 
     def swap_policy(self, policy: Policy) -> None:
         """New sessions and each session's next statement use ``policy``."""
@@ -137,16 +144,20 @@ class ProxyServer:
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
         assert task is not None
-        self._handshakes.add(task)
+        self._connections.add(task)
         self._client_count += 1
         try:
             await self._serve_client(reader, writer)
+        except asyncio.CancelledError:
+            # Only shutdown cancels connection tasks (those still in their handshake).
+            _send_error(writer, shutting_down())
         except Exception:  # the last line of defence: log, never crash the proxy
             log.exception("unexpected error in a client connection")
             _send_error(writer, internal_error())
         finally:
             self._client_count -= 1
-            self._handshakes.discard(task)
+            self._connections.discard(task)
+            self._in_handshake.discard(task)
             if not writer.is_closing():
                 writer.close()
 
@@ -162,6 +173,9 @@ class ProxyServer:
             _send_error(writer, too_many_clients())
             return
         user = ""
+        task = asyncio.current_task()
+        assert task is not None
+        self._in_handshake.add(task)
         try:
             async with asyncio.timeout(policy.limits.handshake_timeout_s):
                 first, encrypted = await negotiate(reader, writer, self._tls)
@@ -193,6 +207,8 @@ class ProxyServer:
             return
         except (EOFError, ConnectionError, ssl.SSLError, OSError):
             return
+        finally:
+            self._in_handshake.discard(task)
         limit = policy.tenants[tenant].limits.max_connections
         if limit is not None and self._tenant_connections[tenant] >= limit:
             _send_error(writer, too_many_connections_for_tenant())
@@ -238,6 +254,7 @@ class ProxyServer:
             upstream,
             self._inspector_factory(policy, info),
             policy.limits.max_message_bytes,
+            TenantInjector(policy.tenant_setting, tenant) if policy.injects_tenant else None,
         )
         greeting = [
             ParameterStatus(n, upstream.parameters[n]).encode() for n in upstream.parameter_order
@@ -287,7 +304,5 @@ def _peer(writer: asyncio.StreamWriter) -> str:
 def _send_error(writer: asyncio.StreamWriter, error: PgError) -> None:
     if writer.is_closing():
         return
-    try:
+    with contextlib.suppress(ConnectionError, OSError, RuntimeError):
         writer.write(ErrorResponse.from_error(error).encode())
-    except (ConnectionError, OSError, RuntimeError):
-        pass

@@ -24,9 +24,10 @@ from tenantgate.errors import (
     upstream_lost,
 )
 from tenantgate.hooks import Inspector
-from tenantgate.protocol.backend import ErrorResponse, ParameterStatus
+from tenantgate.injection import TenantInjector, is_internal_name
+from tenantgate.protocol.backend import ErrorResponse, ParameterDescription, ParameterStatus
 from tenantgate.protocol.framing import MessageReader, frame
-from tenantgate.protocol.frontend import Bind, Close, Describe, Parse, Query
+from tenantgate.protocol.frontend import Bind, Close, Describe, Execute, Parse, Query
 from tenantgate.tracker import Action, Kind, Pending, ResponseTracker
 from tenantgate.upstream import LEXING_PINS, UpstreamConnection
 
@@ -83,12 +84,14 @@ class Session:
         upstream: UpstreamConnection,
         inspector: Inspector,
         max_message_bytes: int,
+        injector: TenantInjector | None = None,
     ) -> None:
         self.info = info
         self._client_reader = client_reader
         self._client_writer = client_writer
         self.upstream = upstream
         self.inspector = inspector
+        self.injector = injector
         self.tracker = ResponseTracker()
         self._client_messages = MessageReader(max_message_bytes)
         self._upstream_messages = MessageReader(UPSTREAM_MAX_MESSAGE)
@@ -109,6 +112,11 @@ class Session:
 
     async def run(self) -> None:
         """Forward until either side ends; always closes both connections."""
+        if self.injector is not None:
+            # The internal set_config statement, prepared once per upstream session.
+            self.tracker.expect(Pending(Kind.PARSE, injected=True))
+            self.tracker.expect(Pending(Kind.SYNC, injected=True))
+            self.upstream.writer.write(self.injector.prepare_messages)
         to_upstream = asyncio.create_task(
             self._pump_client(), name=f"client-{self.info.session_id}"
         )
@@ -161,19 +169,22 @@ class Session:
 
     def _client_message(self, msg_type: int, payload: bytes) -> bytes:
         """Inspect one client message; return the bytes to send upstream."""
-        tracker, inspector = self.tracker, self.inspector
+        tracker, inspector, injector = self.tracker, self.inspector, self.injector
         match msg_type:
             case 0x51:  # Query
                 sql = Query.decode(payload).query
                 error = inspector.inspect_query(sql)
                 if error is not None:
-                    tracker.expect(Pending(Kind.QUERY, rejection=error))
-                    return _QUERY_REJECT
+                    return self._reject_query(error)
                 inspector.query_sent()
+                if injector is not None:
+                    text, hidden = injector.rewrite_query(payload[:-1], inspector.last_statements())
+                    tracker.expect(Pending(Kind.QUERY, hidden_statements=hidden))
+                    return frame(b"Q", text + b"\x00")
                 tracker.expect(Pending(Kind.QUERY))
             case 0x50:  # Parse
                 parse = Parse.decode(payload)
-                error = inspector.inspect_parse(parse)
+                error = _reserved(parse.name) or inspector.inspect_parse(parse)
                 if error is not None:
                     tracker.expect(Pending(Kind.PARSE, rejection=error))
                     return Parse(parse.name, REJECT_SQL).encode()
@@ -181,20 +192,43 @@ class Session:
                     Pending(Kind.PARSE, on_done=lambda ok: inspector.parse_resolved(parse, ok))
                 )
             case 0x42:  # Bind
-                error = inspector.inspect_bind(Bind.decode(payload))
+                bind = Bind.decode(payload)
+                error = _reserved(bind.portal, bind.statement) or inspector.inspect_bind(bind)
                 if error is not None:
-                    tracker.expect(Pending(Kind.PARSE, rejection=error))
-                    return _PARSE_REJECT
+                    return self._reject_extended(error)
                 tracker.expect(Pending(Kind.BIND))
             case 0x45:  # Execute
+                portal = Execute.decode(payload).portal
+                if (error := _reserved(portal)) is not None:
+                    return self._reject_extended(error)
+                if injector is not None:
+                    injection = injector.before_execute(
+                        inspector.portal_is_transaction_control(portal)
+                    )
+                    if injection is not None:
+                        tracker.expect(Pending(Kind.BIND, injected=True))
+                        tracker.expect(Pending(Kind.EXECUTE, injected=True))
+                        tracker.expect(Pending(Kind.CLOSE, injected=True))
+                        tracker.expect(Pending(Kind.EXECUTE))
+                        return injection + frame(b"E", payload)
                 tracker.expect(Pending(Kind.EXECUTE))
             case 0x44:  # Describe
-                kind = Describe.decode(payload).kind
-                tracker.expect(
-                    Pending(Kind.DESCRIBE_STATEMENT if kind == "S" else Kind.DESCRIBE_PORTAL)
-                )
+                describe = Describe.decode(payload)
+                if (error := _reserved(describe.name)) is not None:
+                    return self._reject_extended(error)
+                if describe.kind == "S":
+                    tracker.expect(
+                        Pending(
+                            Kind.DESCRIBE_STATEMENT,
+                            on_parameter_description=self._described(describe.name),
+                        )
+                    )
+                else:
+                    tracker.expect(Pending(Kind.DESCRIBE_PORTAL))
             case 0x43:  # Close
                 close = Close.decode(payload)
+                if (error := _reserved(close.name)) is not None:
+                    return self._reject_extended(error)
                 if close.kind == "S":
                     name = close.name
                     tracker.expect(
@@ -203,15 +237,31 @@ class Session:
                 else:
                     tracker.expect(Pending(Kind.CLOSE))
             case 0x53:  # Sync
+                if injector is not None:
+                    injector.after_sync()
                 tracker.expect(Pending(Kind.SYNC))
             case 0x48 | 0x64 | 0x63 | 0x66:  # Flush, CopyData, CopyDone, CopyFail
                 pass
             case 0x46:  # FunctionCall: calls any function by OID, bypassing SQL analysis
-                tracker.expect(Pending(Kind.QUERY, rejection=_FUNCTION_CALL_REJECTION))
-                return _QUERY_REJECT
+                return self._reject_query(_FUNCTION_CALL_REJECTION)
             case _:
                 raise SessionEnded(protocol_violation(f"unexpected message type {msg_type:#04x}"))
         return frame(bytes((msg_type,)), payload)
+
+    def _described(self, name: str) -> Callable[[bytes], None]:
+        def record(payload: bytes) -> None:
+            self.inspector.statement_described(name, ParameterDescription.decode(payload).type_oids)
+
+        return record
+
+    def _reject_query(self, error: PgError) -> bytes:
+        self.tracker.expect(Pending(Kind.QUERY, rejection=error))
+        return _QUERY_REJECT
+
+    def _reject_extended(self, error: PgError) -> bytes:
+        """Replace an extended-protocol message by a Parse that fails in its place."""
+        self.tracker.expect(Pending(Kind.PARSE, rejection=error))
+        return _PARSE_REJECT
 
     # --- upstream -> client ---------------------------------------------------------
 
@@ -254,6 +304,17 @@ class Session:
                     f"the server reported {status.name}={status.value!r}; session ended"
                 )
             )
+
+
+def _reserved(*names: str) -> PgError | None:
+    for name in names:
+        if is_internal_name(name):
+            return rejected(
+                "reserved_name",
+                "statement and portal names starting with __tenantgate are reserved",
+                "Use another name for your prepared statement or portal.",
+            )
+    return None
 
 
 def _is_fatal(payload: bytes) -> bool:

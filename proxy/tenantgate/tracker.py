@@ -46,11 +46,12 @@ _COMPLETES: dict[Kind, frozenset[int]] = {
 }
 # Responses that may precede the completing one within an entry.
 _INTERMEDIATE: dict[Kind, frozenset[int]] = {
-    Kind.QUERY: frozenset(b"TDCIGHdcE"),
+    Kind.QUERY: frozenset(b"TDGHdc"),
     Kind.EXECUTE: frozenset(b"DGHdc"),
     Kind.DESCRIBE_STATEMENT: frozenset(b"t"),
 }
 ASYNC_TYPES = frozenset(b"NSA")
+_STATEMENT_END = frozenset(b"CI")
 _EMPTY: frozenset[int] = frozenset()
 SYNTAX_ERROR = "42601"
 
@@ -65,6 +66,8 @@ class Pending:
     ``hidden_statements``: for a simple Query, indices of statements the proxy
     prefixed/inserted whose responses are dropped.
     ``on_done``: called with True (completed) or False (failed or skipped).
+    ``on_parameter_description``: called with the payload of the server's
+    ParameterDescription for a Describe of a statement.
     """
 
     kind: Kind
@@ -72,6 +75,7 @@ class Pending:
     rejection: PgError | None = None
     hidden_statements: frozenset[int] = _EMPTY
     on_done: Callable[[bool], None] | None = None
+    on_parameter_description: Callable[[bytes], None] | None = None
     statement_index: int = 0
     failed: bool = False
     rows: int = 0
@@ -133,20 +137,24 @@ class ResponseTracker:
             if self.status not in ("I", "T", "E"):
                 raise RemoteProtocolError("ReadyForQuery: invalid status")
             self._finish(head, ok=not head.failed)
-            return self._visibility(head)
+            # ReadyForQuery belongs to the whole request, never to a hidden statement.
+            return (Action.DROP, None) if head.injected else (Action.FORWARD, None)
+        if head.kind is Kind.QUERY and msg_type in _STATEMENT_END:
+            # C or I ends one statement of a (multi-statement) simple Query.
+            action = self._visibility(head)
+            if msg_type == 0x43:
+                self._count_rows(head, payload)
+            head.statement_index += 1
+            return action
         if msg_type in _COMPLETES[head.kind]:
             action = self._visibility(head)
-            if head.kind is Kind.QUERY:
-                # C or I ends one statement of a multi-statement string.
-                if msg_type == 0x43:
-                    self._count_rows(head, payload)
-                head.statement_index += 1
-                return action
             if msg_type == 0x43:
                 self._count_rows(head, payload)
             self._finish(head, ok=True)
             return action
         if msg_type in _INTERMEDIATE.get(head.kind, _EMPTY):
+            if msg_type == 0x74 and head.on_parameter_description is not None:
+                head.on_parameter_description(payload)
             return self._visibility(head)
         raise RemoteProtocolError(f"unexpected {chr(msg_type)!r} while awaiting {head.kind.value}")
 
@@ -164,8 +172,9 @@ class ResponseTracker:
         elif head.injected and head.kind is Kind.SYNC:
             action = (Action.DROP, None)
         head.failed = True
-        if head.kind is Kind.QUERY:
-            # The rest of the string is skipped; ReadyForQuery still ends the entry.
+        if head.kind in (Kind.QUERY, Kind.SYNC):
+            # The rest of a string is skipped, or the commit at Sync failed:
+            # ReadyForQuery still ends the entry.
             return action
         # Extended protocol: the server now skips everything up to the next Sync.
         self._pending.popleft()

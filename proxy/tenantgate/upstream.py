@@ -179,9 +179,8 @@ async def _handshake(conn: UpstreamConnection, user: str, password: str | None) 
         while (item := messages.next_message()) is not None:
             message = decode_backend(*item)
             if isinstance(message, ErrorResponse):
-                raise UpstreamError(
-                    f"upstream refused the connection: {message.get('M')} (SQLSTATE {message.sqlstate})"
-                )
+                reason = f"{message.get('M')} (SQLSTATE {message.sqlstate})"
+                raise UpstreamError(f"upstream refused the connection: {reason}")
             if isinstance(message, Authentication):
                 scram = await _authenticate(conn, message, user, password, scram)
             elif isinstance(message, ParameterStatus):

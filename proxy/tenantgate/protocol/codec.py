@@ -94,13 +94,16 @@ def cstring(value: str | bytes) -> bytes:
     return raw + b"\x00"
 
 
-def int16_list(values: tuple[int, ...]) -> bytes:
-    if len(values) > 0xFFFF:
+def count16(count: int) -> bytes:
+    """An Int16 count as PostgreSQL reads it: unsigned, up to 65535."""
+    if not 0 <= count <= 0xFFFF:
         raise LocalProtocolError("too many values for an Int16 count")
-    return INT16.pack(len(values)) + b"".join(INT16.pack(v) for v in values)
+    return UINT16.pack(count)
+
+
+def int16_list(values: tuple[int, ...]) -> bytes:
+    return count16(len(values)) + b"".join(INT16.pack(v) for v in values)
 
 
 def int32_list(values: tuple[int, ...]) -> bytes:
-    if len(values) > 0xFFFF:
-        raise LocalProtocolError("too many values for an Int16 count")
-    return INT16.pack(len(values)) + b"".join(UINT32.pack(v) for v in values)
+    return count16(len(values)) + b"".join(UINT32.pack(v) for v in values)

@@ -12,9 +12,10 @@ from typing import ClassVar
 
 from tenantgate.errors import RemoteProtocolError
 from tenantgate.protocol.codec import (
-    INT16,
     INT32,
+    UINT32,
     PayloadCursor,
+    count16,
     cstring,
     int16_list,
     int32_list,
@@ -53,9 +54,7 @@ class Parse:
         cursor = PayloadCursor(payload, "Parse")
         name = cursor.cstring()
         query = cursor.cstring()
-        count = cursor.int16()
-        if count < 0:
-            raise RemoteProtocolError("Parse: negative parameter count")
+        count = cursor.uint16()
         types = tuple(cursor.uint32() for _ in range(count))
         cursor.expect_end()
         return cls(name, query, types)
@@ -72,7 +71,7 @@ class Bind:
 
     def encode(self) -> bytes:
         parts = [cstring(self.portal), cstring(self.statement), int16_list(self.param_formats)]
-        parts.append(INT16.pack(len(self.params)))
+        parts.append(count16(len(self.params)))
         for value in self.params:
             if value is None:
                 parts.append(INT32.pack(-1))
@@ -87,9 +86,7 @@ class Bind:
         portal = cursor.cstring()
         statement = cursor.cstring()
         formats = _int16s(cursor, "Bind")
-        count = cursor.int16()
-        if count < 0:
-            raise RemoteProtocolError("Bind: negative parameter count")
+        count = cursor.uint16()
         params: list[bytes | None] = []
         for _ in range(count):
             size = cursor.int32()
@@ -110,9 +107,7 @@ class Bind:
 
 
 def _int16s(cursor: PayloadCursor, what: str) -> tuple[int, ...]:
-    count = cursor.int16()
-    if count < 0:
-        raise RemoteProtocolError(f"{what}: negative count")
+    count = cursor.uint16()
     return tuple(cursor.int16() for _ in range(count))
 
 
@@ -242,7 +237,7 @@ class FunctionCall:
     raw_arguments: bytes
 
     def encode(self) -> bytes:
-        return frame(b"F", INT32.pack(self.function_oid) + self.raw_arguments)
+        return frame(b"F", UINT32.pack(self.function_oid) + self.raw_arguments)
 
     @classmethod
     def decode(cls, payload: bytes) -> FunctionCall:

@@ -1,0 +1,52 @@
+"""The analysis cache: LRU by statement text, bounded by entry count.
+
+Owns :class:`AnalysisCache`.  Analyses are tenant independent, so one cache
+serves every tenant and connection; the policy is fixed at construction (build
+a new cache on policy reload).  Not thread-safe: the proxy uses it from its
+event loop only.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+from .analyser import CompiledPolicy, analyse_sql
+from .model import Analysis, AnalysisPolicy
+
+
+class AnalysisCache:
+    """LRU cache of :func:`analyse_sql` results keyed by the exact SQL text."""
+
+    __slots__ = ("_compiled", "_entries", "hits", "maxsize", "misses", "policy")
+
+    def __init__(self, policy: AnalysisPolicy, maxsize: int = 10_000) -> None:
+        if maxsize < 1:
+            raise ValueError("maxsize must be at least 1")
+        self.policy = policy
+        self.maxsize = maxsize
+        self._compiled = CompiledPolicy(policy)
+        self._entries: OrderedDict[str, Analysis] = OrderedDict()
+        self.hits = 0
+        self.misses = 0
+
+    def get_or_analyse(self, sql: str) -> Analysis:
+        """The cached analysis of ``sql``, analysing (and caching) it on a miss."""
+        entries = self._entries
+        found = entries.get(sql)
+        if found is not None:
+            self.hits += 1
+            entries.move_to_end(sql)
+            return found
+        self.misses += 1
+        result = analyse_sql(sql, self._compiled)
+        entries[sql] = result
+        if len(entries) > self.maxsize:
+            entries.popitem(last=False)
+        return result
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def clear(self) -> None:
+        """Forget every entry (counters are kept)."""
+        self._entries.clear()

@@ -1,0 +1,133 @@
+"""rls mode: putting the tenant into every transaction, invisibly (sans-IO).
+
+Owns *where* ``set_config('<tenant_setting>', <tenant>, true)`` goes and which
+responses that costs, so :mod:`tenantgate.tracker` can drop exactly those:
+
+* simple Query: the statement is spliced into the same string before the first
+  statement that is not transaction control, and again after every
+  transaction-control statement (a COMMIT inside a string starts a new
+  implicit transaction; a ROLLBACK TO can revert a later set_config);
+* extended protocol: before an Execute, when the transaction it runs in may not
+  have the tenant yet (at session start, after every Sync, after a simple
+  Query, after a transaction-control Execute), Bind + Execute + Close of a
+  named internal statement with the tenant as a parameter (the tenant never
+  appears as a literal, so pg_stat_statements never records it).
+
+Never before transaction control itself: in an aborted transaction the
+set_config would fail and make the server skip the client's ROLLBACK.
+The value is transaction-local, so outside an injected transaction the
+upstream session has no tenant and fail-closed RLS shows nothing.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from typing import Protocol
+
+from tenantgate.protocol.frontend import Bind, Close, Execute, Parse, Sync
+
+INTERNAL_STATEMENT = "__tenantgate_set_tenant"
+INTERNAL_PORTAL = "__tenantgate_set_tenant_portal"
+INTERNAL_PREFIX = "__tenantgate"
+_SAFE_VALUE = re.compile(r"^[A-Za-z0-9_.:@$-]+$")
+
+
+class StatementShape(Protocol):
+    """What injection needs to know about one statement of a query string."""
+
+    @property
+    def transaction(self) -> str | None: ...
+    @property
+    def location(self) -> int: ...
+    @property
+    def length(self) -> int: ...
+
+
+def _literal(value: str) -> str:
+    # Tenant ids and setting names are validated by the policy model; check again
+    # because this text goes into SQL (standard_conforming_strings is pinned on).
+    if not _SAFE_VALUE.match(value):
+        raise ValueError(f"unsafe value for an injected literal: {value!r}")
+    return "'" + value + "'"
+
+
+class TenantInjector:
+    """Per-session injection state for one tenant."""
+
+    __slots__ = ("_bind", "_execute", "_needs_injection", "_query_injection", "prepare_messages")
+
+    def __init__(self, tenant_setting: str, tenant: str) -> None:
+        self._query_injection = (
+            f"SELECT pg_catalog.set_config({_literal(tenant_setting)}, {_literal(tenant)}, true)"
+        ).encode()
+        self._needs_injection = True
+        # Sent once at session start: Parse of the internal statement + Sync.
+        self.prepare_messages = (
+            Parse(
+                INTERNAL_STATEMENT, "SELECT pg_catalog.set_config($1, $2, true)", (25, 25)
+            ).encode()
+            + Sync().encode()
+        )
+        self._bind = Bind(
+            INTERNAL_PORTAL,
+            INTERNAL_STATEMENT,
+            (0,),
+            (tenant_setting.encode(), tenant.encode()),
+            (),
+        ).encode()
+        self._execute = Execute(INTERNAL_PORTAL, 0).encode() + Close("P", INTERNAL_PORTAL).encode()
+
+    # --- simple Query -----------------------------------------------------------------
+
+    def rewrite_query(
+        self, sql: bytes, statements: Sequence[StatementShape]
+    ) -> tuple[bytes, frozenset[int]]:
+        """The Query text with set_config spliced in, and the indices of the injected statements.
+
+        ``statements`` carry byte offsets into ``sql``; an injection goes at the
+        very start, or at the end of the previous statement (before its ';').
+        """
+        self._needs_injection = True  # whatever the string does, the next Execute re-checks
+        out = bytearray()
+        copied = 0
+        previous_end: int | None = None
+        hidden: list[int] = []
+        index = 0  # statement index in the rewritten string
+        pending = True  # the next non-transaction-control statement needs the tenant
+        for statement in statements:
+            if statement.transaction is not None:
+                pending = True
+            elif pending:
+                if previous_end is None:
+                    out += self._query_injection + b";"
+                else:
+                    out += sql[copied:previous_end] + b";" + self._query_injection
+                    copied = previous_end
+                hidden.append(index)
+                index += 1
+                pending = False
+            index += 1
+            previous_end = statement.location + statement.length if statement.length else len(sql)
+        out += sql[copied:]
+        return bytes(out), frozenset(hidden)
+
+    # --- extended protocol --------------------------------------------------------------
+
+    def before_execute(self, transaction_control: bool) -> bytes | None:
+        """Messages to send before a client Execute (Bind+Execute+Close), or None."""
+        if transaction_control:
+            self._needs_injection = True
+            return None
+        if not self._needs_injection:
+            return None
+        self._needs_injection = False
+        return self._bind + self._execute
+
+    def after_sync(self) -> None:
+        self._needs_injection = True
+
+
+def is_internal_name(name: str) -> bool:
+    """Statement and portal names the proxy reserves for itself."""
+    return name.startswith(INTERNAL_PREFIX)
