@@ -26,11 +26,42 @@ from tenantgate.analysis import (
 )
 from tenantgate.config import Policy
 from tenantgate.errors import PgError, rejected
+from tenantgate.hooks import UNKNOWN_PORTAL, PortalInfo
 from tenantgate.protocol.frontend import Bind, Parse
 
 log = logging.getLogger("tenantgate.enforcement")
 # Portals die at transaction end, which the inspector does not see; bound the map.
 MAX_TRACKED_PORTALS = 1000
+
+
+def _asyncpg_reset_queries() -> frozenset[str]:
+    """The exact texts asyncpg's Connection.reset()/Pool release sends (0.30+).
+
+    Each part only touches the session's own state: advisory locks and LISTEN
+    are refused by the policy anyway, there are no WITH HOLD cursors to close,
+    and RESET ALL returns settings to the values of the proxy-built startup
+    packet (the lexing pins and the tenant's statement_timeout included).
+    Refusing them would make every asyncpg pool discard its connections.
+    """
+    parts = ("SELECT pg_advisory_unlock_all();", "CLOSE ALL;", "UNLISTEN *;", "RESET ALL;")
+    texts = set()
+    for mask in range(1, 1 << len(parts)):
+        texts.add("\n".join(p for i, p in enumerate(parts) if mask & (1 << i)))
+    return frozenset(texts)
+
+
+DRIVER_RESET_QUERIES = _asyncpg_reset_queries()
+
+
+def _command(statements: Sequence[StatementAnalysis]) -> str:
+    """The metric label of a string: its first statement that is not transaction control."""
+    for statement in statements:
+        if statement.transaction is None:
+            return statement.command
+    return "other"
+
+
+_NO_STATEMENTS = Analysis((), None)
 
 
 def analysis_policy(policy: Policy) -> AnalysisPolicy:
@@ -89,8 +120,9 @@ class PolicyInspector:
         self._dry_run = dry_run
         self._on_rejection = on_rejection
         self._statements: dict[str, _Slot] = {}
-        self._portals: dict[str, bool] = {}
+        self._portals: dict[str, PortalInfo] = {}
         self.last_analysis: Analysis | None = None
+        self.rejections = 0
 
     # --- verdicts ------------------------------------------------------------------
 
@@ -117,6 +149,7 @@ class PolicyInspector:
     def _refuse(self, rejection: Rejection, sql: str) -> PgError | None:
         if self._on_rejection is not None:
             self._on_rejection(rejection, sql, self._dry_run)
+        self.rejections += 1
         if self._dry_run:
             log.warning("dry run: would reject (%s): %s", rejection.rule, rejection.message)
             return None
@@ -125,6 +158,9 @@ class PolicyInspector:
     # --- Inspector protocol ----------------------------------------------------------
 
     def inspect_query(self, sql: str) -> PgError | None:
+        if sql in DRIVER_RESET_QUERIES:
+            self.last_analysis = _NO_STATEMENTS  # no table access: nothing to inject
+            return None
         _, rejection = self._verdict(sql)
         return None if rejection is None else self._refuse(rejection, sql)
 
@@ -149,7 +185,11 @@ class PolicyInspector:
         if len(self._portals) > MAX_TRACKED_PORTALS:
             self._portals.clear()
         latest = candidates[-1].analysis.statements if candidates else ()
-        self._portals[bind.portal] = bool(latest) and latest[0].transaction is not None
+        self._portals[bind.portal] = PortalInfo(
+            bool(latest) and latest[0].transaction is not None,
+            _command(latest),
+            candidates[-1].parse.query if candidates else None,
+        )
         return None
 
     def _check_params(self, prepared: Prepared, bind: Bind) -> Rejection | None:
@@ -197,8 +237,11 @@ class PolicyInspector:
     def last_statements(self) -> Sequence[StatementAnalysis]:
         return self.last_analysis.statements if self.last_analysis is not None else ()
 
-    def portal_is_transaction_control(self, portal: str) -> bool:
-        return self._portals.get(portal, False)
+    def portal_info(self, portal: str) -> PortalInfo:
+        return self._portals.get(portal, UNKNOWN_PORTAL)
+
+    def last_command(self) -> str:
+        return _command(self.last_statements())
 
     def query_sent(self) -> None:
         # A simple Query destroys the unnamed prepared statement.

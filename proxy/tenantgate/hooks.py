@@ -10,11 +10,23 @@ upstream, so ordering and pipeline error semantics stay exactly PostgreSQL's.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Protocol
 
 from tenantgate.errors import PgError
 from tenantgate.injection import StatementShape
 from tenantgate.protocol.frontend import Bind, Parse
+from tenantgate.tracker import Pending
+
+
+@dataclass(frozen=True, slots=True)
+class PortalInfo:
+    transaction_control: bool
+    command: str
+    sql: str | None
+
+
+UNKNOWN_PORTAL = PortalInfo(False, "other", None)
 
 
 class Inspector(Protocol):
@@ -42,8 +54,44 @@ class Inspector(Protocol):
     def last_statements(self) -> Sequence[StatementShape]:
         """Statement boundaries of the Query just allowed (for rls injection)."""
 
-    def portal_is_transaction_control(self, portal: str) -> bool:
-        """Whether the statement bound to ``portal`` is BEGIN/COMMIT/ROLLBACK/..."""
+    def portal_info(self, portal: str) -> PortalInfo:
+        """What the statement bound to ``portal`` is (for injection and metrics)."""
+
+    def last_command(self) -> str:
+        """Metric label of the Query or Parse just inspected (select/insert/.../other)."""
+
+
+class SessionObserver(Protocol):
+    """Receives what a session did, for metrics and the audit log.
+
+    Called on the event loop's hot path: implementations must not block.
+    """
+
+    def request_done(self, entry: Pending, ok: bool) -> None:
+        """A client request (Query, or Execute) completed upstream, or failed."""
+
+    def rejected(self, rule: str, sql: str, command: str, dry_run: bool) -> None:
+        """A statement was refused (or, in dry run, would have been)."""
+
+    def traffic(self, bytes_in: int, bytes_out: int) -> None:
+        """Bytes received from and sent to the client."""
+
+    def closed(self) -> None:
+        """The session ended."""
+
+
+class NullObserver:
+    def request_done(self, entry: Pending, ok: bool) -> None:
+        return None
+
+    def rejected(self, rule: str, sql: str, command: str, dry_run: bool) -> None:
+        return None
+
+    def traffic(self, bytes_in: int, bytes_out: int) -> None:
+        return None
+
+    def closed(self) -> None:
+        return None
 
 
 class AllowAll:
@@ -73,5 +121,8 @@ class AllowAll:
     def last_statements(self) -> Sequence[StatementShape]:
         return ()
 
-    def portal_is_transaction_control(self, portal: str) -> bool:
-        return False
+    def portal_info(self, portal: str) -> PortalInfo:
+        return UNKNOWN_PORTAL
+
+    def last_command(self) -> str:
+        return "other"

@@ -21,7 +21,7 @@ from collections import Counter
 from collections.abc import Callable
 
 from tenantgate.auth import tls_server_end_point
-from tenantgate.config import Policy
+from tenantgate.config import Policy, TenantLimits
 from tenantgate.errors import (
     AuthenticationFailed,
     PgError,
@@ -32,6 +32,7 @@ from tenantgate.errors import (
     protocol_violation,
     shutting_down,
     startup_refused,
+    tenant_removed,
     timeout,
     too_many_clients,
     too_many_connections_for_tenant,
@@ -124,13 +125,8 @@ class ProxyServer:
     def _any_in_transaction(self) -> bool:
         return any(s.tracker.status != "I" or not s.tracker.idle for s in self.sessions.values())
 
-    def _any_in_transaction(self) -> bool:
-        return any(s.tracker.status != "I" or not s.tracker.idle for s in self.sessions.values())
-
     def swap_policy(self, policy: Policy) -> None:
         """New sessions and each session's next statement use ``policy``."""
-        from tenantgate.errors import tenant_removed  # noqa: PLC0415
-
         self.policy = policy
         for session in list(self.sessions.values()):
             found = policy.find_user(session.info.user)
@@ -235,7 +231,10 @@ class ProxyServer:
         tenant_cfg = policy.tenants[tenant]
         try:
             upstream = await connect(
-                policy.upstream, forwarded, tenant_cfg.upstream_user, tenant_cfg.upstream_password
+                policy.upstream,
+                {**forwarded, **tenant_startup_settings(tenant_cfg.limits)},
+                tenant_cfg.upstream_user,
+                tenant_cfg.upstream_password,
             )
         except UpstreamError as exc:
             log.warning("upstream connection failed for tenant %s: %s", tenant, exc)
@@ -292,6 +291,21 @@ class ProxyServer:
             return  # never let a stale cancel hit the client's next statement
         upstream = session.upstream
         await send_cancel(self.policy.upstream, upstream.process_id, upstream.secret_key)
+
+
+def tenant_startup_settings(limits: TenantLimits) -> dict[str, str]:
+    """Tenant limits the upstream enforces itself, as startup-packet defaults.
+
+    Values from the startup packet are what RESET returns to, and the policy
+    refuses SET statement_timeout above the limit (or 0), so a client can lower
+    the timeout but never raise it.
+    """
+    settings: dict[str, str] = {}
+    if limits.statement_timeout_ms is not None:
+        settings["statement_timeout"] = str(limits.statement_timeout_ms)
+    if limits.idle_in_transaction_timeout_ms is not None:
+        settings["idle_in_transaction_session_timeout"] = str(limits.idle_in_transaction_timeout_ms)
+    return settings
 
 
 def _peer(writer: asyncio.StreamWriter) -> str:

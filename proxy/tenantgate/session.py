@@ -15,6 +15,7 @@ import logging
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from time import perf_counter
 
 from tenantgate.errors import (
     PgError,
@@ -23,7 +24,7 @@ from tenantgate.errors import (
     rejected,
     upstream_lost,
 )
-from tenantgate.hooks import Inspector
+from tenantgate.hooks import Inspector, NullObserver, SessionObserver
 from tenantgate.injection import TenantInjector, is_internal_name
 from tenantgate.protocol.backend import ErrorResponse, ParameterDescription, ParameterStatus
 from tenantgate.protocol.framing import MessageReader, frame
@@ -97,7 +98,12 @@ class Session:
         self._upstream_messages = MessageReader(UPSTREAM_MAX_MESSAGE)
         self._closing_error: PgError | None = None
         self._fatal_forwarded = False
-        self.on_statement_done: Callable[[Pending], None] | None = None
+        self.observer: SessionObserver = NullObserver()
+        self.tracker.on_complete = self._request_done
+
+    def _request_done(self, entry: Pending, ok: bool) -> None:
+        if entry.kind is Kind.QUERY or entry.kind is Kind.EXECUTE:
+            self.observer.request_done(entry, ok)
 
     @staticmethod
     def new_cancel_key(protocol_minor: int) -> tuple[int, bytes]:
@@ -152,6 +158,7 @@ class Session:
             data = await reader.read(CLIENT_READ)
             if not data:
                 return
+            self.observer.traffic(len(data), 0)
             messages.feed(data)
             out: list[bytes] = []
             while (item := messages.next_message()) is not None:
@@ -177,11 +184,14 @@ class Session:
                 if error is not None:
                     return self._reject_query(error)
                 inspector.query_sent()
+                entry = Pending(Kind.QUERY, command=inspector.last_command(), sql=sql)
+                entry.started = perf_counter()
+                tracker.expect(entry)
                 if injector is not None:
-                    text, hidden = injector.rewrite_query(payload[:-1], inspector.last_statements())
-                    tracker.expect(Pending(Kind.QUERY, hidden_statements=hidden))
+                    text, entry.hidden_statements = injector.rewrite_query(
+                        payload[:-1], inspector.last_statements()
+                    )
                     return frame(b"Q", text + b"\x00")
-                tracker.expect(Pending(Kind.QUERY))
             case 0x50:  # Parse
                 parse = Parse.decode(payload)
                 error = _reserved(parse.name) or inspector.inspect_parse(parse)
@@ -201,17 +211,19 @@ class Session:
                 portal = Execute.decode(payload).portal
                 if (error := _reserved(portal)) is not None:
                     return self._reject_extended(error)
+                info = inspector.portal_info(portal)
+                injection = None
                 if injector is not None:
-                    injection = injector.before_execute(
-                        inspector.portal_is_transaction_control(portal)
-                    )
+                    injection = injector.before_execute(info.transaction_control)
                     if injection is not None:
                         tracker.expect(Pending(Kind.BIND, injected=True))
                         tracker.expect(Pending(Kind.EXECUTE, injected=True))
                         tracker.expect(Pending(Kind.CLOSE, injected=True))
-                        tracker.expect(Pending(Kind.EXECUTE))
-                        return injection + frame(b"E", payload)
-                tracker.expect(Pending(Kind.EXECUTE))
+                entry = Pending(Kind.EXECUTE, command=info.command, sql=info.sql)
+                entry.started = perf_counter()
+                tracker.expect(entry)
+                if injection is not None:
+                    return injection + frame(b"E", payload)
             case 0x44:  # Describe
                 describe = Describe.decode(payload)
                 if (error := _reserved(describe.name)) is not None:
@@ -292,7 +304,9 @@ class Session:
                 elif action is Action.REPLACE and replacement is not None:
                     out.append(replacement)
             if out:
-                client.write(b"".join(out))
+                chunk = b"".join(out)
+                self.observer.traffic(0, len(chunk))
+                client.write(chunk)
                 await client.drain()
 
     def _check_pinned(self, payload: bytes) -> None:

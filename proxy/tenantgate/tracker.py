@@ -76,6 +76,10 @@ class Pending:
     hidden_statements: frozenset[int] = _EMPTY
     on_done: Callable[[bool], None] | None = None
     on_parameter_description: Callable[[bytes], None] | None = None
+    # For metrics and the audit log: what ran, since when (perf_counter), which text.
+    command: str = "other"
+    started: float = 0.0
+    sql: str | None = None
     statement_index: int = 0
     failed: bool = False
     rows: int = 0
@@ -97,7 +101,7 @@ class ResponseTracker:
         self._pending: deque[Pending] = deque()
         self.status = "I"
         # Called with each client-visible completed entry (for metrics); may be None.
-        self.on_complete: Callable[[Pending], None] | None = None
+        self.on_complete: Callable[[Pending, bool], None] | None = None
 
     def expect(self, entry: Pending) -> None:
         self._pending.append(entry)
@@ -193,7 +197,7 @@ class ResponseTracker:
         if entry.on_done is not None:
             entry.on_done(ok)
         if self.on_complete is not None and not entry.injected:
-            self.on_complete(entry)
+            self.on_complete(entry, ok)
 
     @staticmethod
     def _count_rows(entry: Pending, payload: bytes) -> None:

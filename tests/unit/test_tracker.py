@@ -83,7 +83,7 @@ class Outcomes:
 def test_simple_query_forwarded_and_completed() -> None:
     tracker, seen = ResponseTracker(), Outcomes()
     completed: list[Pending] = []
-    tracker.on_complete = completed.append
+    tracker.on_complete = lambda entry, ok: completed.append(entry)
     entry = seen.entry(Kind.QUERY, "q")
     tracker.expect(entry)
     assert not tracker.idle
@@ -343,7 +343,7 @@ def test_async_messages_forwarded_anywhere(message: BackendMessage) -> None:
 def test_injected_query_responses_are_dropped() -> None:
     tracker, seen = ResponseTracker(), Outcomes()
     completed: list[Pending] = []
-    tracker.on_complete = completed.append
+    tracker.on_complete = lambda entry, ok: completed.append(entry)
     tracker.expect(seen.entry(Kind.QUERY, "injected", injected=True))
     assert not tracker.busy_with_client_work
     client = Pending(Kind.QUERY)
@@ -522,7 +522,7 @@ def test_fail_all_resolves_everything_as_failed() -> None:
     extended_batch(seen, tracker)
     tracker.expect(seen.entry(Kind.QUERY, "inj", injected=True))
     completed: list[Pending] = []
-    tracker.on_complete = completed.append
+    tracker.on_complete = lambda entry, ok: completed.append(entry)
     tracker.fail_all()
     assert tracker.idle
     assert [ok for _, ok in seen.results] == [False] * 6

@@ -1,0 +1,486 @@
+"""Prometheus metrics and the small HTTP server that exposes them.
+
+Owns every ``tenantgate_*`` metric (names, types, labels and buckets exactly as
+in the product contract), the rule that tenant label values only ever come from
+the configuration (anything else is ``unknown``), removal of a tenant's series
+when a reload drops it, and the ``/metrics``, ``/healthz`` and ``/readyz``
+endpoints.  Nothing here touches the global prometheus_client registry: each
+:class:`Metrics` owns its own :class:`CollectorRegistry`.
+
+Hot path: :meth:`Metrics.session` binds a :class:`SessionMetrics` once per
+client session; it caches the labelled children it has used, so recording a
+statement is a dict lookup and an ``inc``/``observe``.
+
+Metrics beyond the contract table (additions, documented in
+``docs/operations.md``): ``tenantgate_audit_dropped_total`` and
+``tenantgate_rate_limited_total{tenant}``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
+from typing import Final, TypeVar
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, generate_latest
+
+log = logging.getLogger(__name__)
+
+UNKNOWN_TENANT: Final = "unknown"
+COMMANDS: Final = frozenset({"select", "insert", "update", "delete", "other"})
+OUTCOMES: Final = frozenset({"allowed", "rejected", "would_reject", "error"})
+RELOAD_OUTCOMES: Final = frozenset({"success", "failure"})
+UPSTREAM_STATES: Final = ("active", "idle")
+# Database latency: half a millisecond (a cached point lookup on loopback) to 30 s.
+DURATION_BUCKETS: Final = (
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+)
+
+CacheSource = Callable[[], tuple[int, int]]
+UpstreamSource = Callable[[], Mapping[str, int]]
+
+
+class _Discard:
+    """Stands in for a child of a tenant that a reload removed: records nothing."""
+
+    __slots__ = ()
+
+    def inc(self, amount: float = 1) -> None:
+        return None
+
+    def dec(self, amount: float = 1) -> None:
+        return None
+
+    def observe(self, amount: float, exemplar: dict[str, str] | None = None) -> None:
+        return None
+
+
+_DISCARD: Final = _Discard()
+_M = TypeVar("_M", Gauge, Counter, Histogram)
+
+
+class _SourceCollector:
+    """Parse-cache counters and upstream pool gauges, read from callables at scrape time."""
+
+    def __init__(self) -> None:
+        self.cache_source: CacheSource | None = None
+        self.upstream_source: UpstreamSource | None = None
+
+    def describe(self) -> Iterator[Metric]:
+        return iter(self._families(0, 0, {}))
+
+    def collect(self) -> Iterator[Metric]:
+        hits = misses = 0
+        if self.cache_source is not None:
+            try:
+                hits, misses = self.cache_source()
+            except Exception:  # a scrape must never fail because of a source
+                log.exception("parse cache metrics source failed")
+        states: Mapping[str, int] = {}
+        if self.upstream_source is not None:
+            try:
+                states = self.upstream_source()
+            except Exception:
+                log.exception("upstream connection metrics source failed")
+        return iter(self._families(hits, misses, states))
+
+    @staticmethod
+    def _families(hits: int, misses: int, states: Mapping[str, int]) -> list[Metric]:
+        hit_family = CounterMetricFamily(
+            "tenantgate_parse_cache_hits",
+            "Statements whose analysis came from the parse cache.",
+            value=hits,
+        )
+        miss_family = CounterMetricFamily(
+            "tenantgate_parse_cache_misses",
+            "Statements that had to be parsed and analysed.",
+            value=misses,
+        )
+        upstream = GaugeMetricFamily(
+            "tenantgate_upstream_connections",
+            "Connections from the proxy to the upstream database, by state.",
+            labels=["state"],
+        )
+        for state in UPSTREAM_STATES:
+            upstream.add_metric([state], states.get(state, 0))
+        return [hit_family, miss_family, upstream]
+
+
+class Metrics:
+    """All tenantgate metrics, in a registry of their own."""
+
+    def __init__(self, tenants: Iterable[str], registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        reg = self.registry
+        self._client_connections = Gauge(
+            "tenantgate_client_connections",
+            "Client connections currently open, by tenant.",
+            ["tenant"],
+            registry=reg,
+        )
+        self._statements = Counter(
+            "tenantgate_statements",
+            "Statements received from clients, by tenant, command and outcome.",
+            ["tenant", "command", "outcome"],
+            registry=reg,
+        )
+        self._statement_duration = Histogram(
+            "tenantgate_statement_duration_seconds",
+            "Time from the client's message to the upstream's completion of the statement.",
+            ["tenant", "command"],
+            buckets=DURATION_BUCKETS,
+            registry=reg,
+        )
+        self._rejections = Counter(
+            "tenantgate_rejections",
+            "Statements rejected (or that would be in dry_run), by tenant and rule.",
+            ["tenant", "reason"],
+            registry=reg,
+        )
+        self._auth_failures = Counter(
+            "tenantgate_auth_failures",
+            "Failed client logins, by reason.",
+            ["reason"],
+            registry=reg,
+        )
+        self._bytes = Counter(
+            "tenantgate_bytes",
+            "Protocol bytes between clients and the proxy (in: from the client).",
+            ["tenant", "direction"],
+            registry=reg,
+        )
+        self._rows = Counter(
+            "tenantgate_rows",
+            "Rows returned or affected by completed statements, by tenant.",
+            ["tenant"],
+            registry=reg,
+        )
+        self._config_reloads = Counter(
+            "tenantgate_config_reloads",
+            "Policy reloads, by outcome.",
+            ["outcome"],
+            registry=reg,
+        )
+        self._audit_dropped = Counter(
+            "tenantgate_audit_dropped",
+            "Audit log events dropped because the audit queue was full or a write failed.",
+            registry=reg,
+        )
+        self._rate_limited = Counter(
+            "tenantgate_rate_limited",
+            "Statements delayed by the tenant's queries_per_second token bucket.",
+            ["tenant"],
+            registry=reg,
+        )
+        self._sources = _SourceCollector()
+        reg.register(self._sources)
+        for outcome in sorted(RELOAD_OUTCOMES):
+            self._config_reloads.labels(outcome)
+        self._tenant_metrics: tuple[Gauge | Counter | Histogram, ...] = (
+            self._client_connections,
+            self._statements,
+            self._statement_duration,
+            self._rejections,
+            self._bytes,
+            self._rows,
+            self._rate_limited,
+        )
+        # Every label tuple created per tenant-labelled metric, so a removed
+        # tenant's series can be removed from each of them.
+        self._series: dict[Gauge | Counter | Histogram, set[tuple[str, ...]]] = {
+            metric: set() for metric in self._tenant_metrics
+        }
+        self._tenants: frozenset[str] = frozenset()
+        self.set_tenants(tenants)
+
+    # --- tenants ---------------------------------------------------------------------
+
+    @property
+    def tenants(self) -> frozenset[str]:
+        return self._tenants
+
+    def tenant_label(self, tenant: str | None) -> str:
+        """``tenant`` if it is configured, else ``unknown``."""
+        if tenant is not None and tenant in self._tenants:
+            return tenant
+        return UNKNOWN_TENANT
+
+    def set_tenants(self, tenants: Iterable[str]) -> None:
+        """Adopt the tenant list of a (re)loaded policy.
+
+        Every series of a tenant no longer listed is removed from every
+        tenant-labelled metric; sessions still bound to it record nothing more.
+        New tenants get their always-present series (connections, bytes, rows)
+        at zero so dashboards show them before their first connection.
+        """
+        new = frozenset(tenants)
+        removed = self._tenants - new
+        self._tenants = new
+        if removed:
+            for metric, series in self._series.items():
+                gone = {labels for labels in series if labels[0] in removed}
+                for labels in gone:
+                    with contextlib.suppress(KeyError):
+                        metric.remove(*labels)
+                series.difference_update(gone)
+        for tenant in sorted(new | {UNKNOWN_TENANT}):
+            self._child(self._client_connections, tenant)
+            self._child(self._rows, tenant)
+            self._child(self._bytes, tenant, "in")
+            self._child(self._bytes, tenant, "out")
+
+    def _child(self, metric: _M, *labels: str) -> _M | _Discard:
+        """The labelled child (created and remembered), or a discard sink for a removed tenant."""
+        tenant = labels[0]
+        if tenant != UNKNOWN_TENANT and tenant not in self._tenants:
+            return _DISCARD
+        self._series[metric].add(labels)
+        return metric.labels(*labels)
+
+    # --- sessions ----------------------------------------------------------------------
+
+    def session(self, tenant: str | None) -> SessionMetrics:
+        """Children bound for one client session of ``tenant`` (unknown tenants -> ``unknown``)."""
+        return SessionMetrics(self, self.tenant_label(tenant))
+
+    # --- process-wide ------------------------------------------------------------------
+
+    def auth_failure(self, reason: str) -> None:
+        """A failed login; ``reason`` must come from a small fixed set (e.g. ``password``)."""
+        self._auth_failures.labels(reason).inc()
+
+    def config_reload(self, outcome: str) -> None:
+        if outcome not in RELOAD_OUTCOMES:
+            raise ValueError(f"reload outcome must be one of {sorted(RELOAD_OUTCOMES)}")
+        self._config_reloads.labels(outcome).inc()
+
+    def audit_dropped(self, n: int = 1) -> None:
+        """``n`` audit events were dropped (pass as ``AuditLog(on_drop=...)``)."""
+        if n > 0:
+            self._audit_dropped.inc(n)
+
+    def set_cache_source(self, source: CacheSource | None) -> None:
+        """``source()`` returns the parse cache's cumulative ``(hits, misses)``."""
+        self._sources.cache_source = source
+
+    def set_upstream_source(self, source: UpstreamSource | None) -> None:
+        """``source()`` returns ``{"active": n, "idle": m}`` for the upstream pool."""
+        self._sources.upstream_source = source
+
+    def render(self) -> bytes:
+        """The registry in Prometheus text format 0.0.4."""
+        return generate_latest(self.registry)
+
+
+class SessionMetrics:
+    """One session's labelled children; every method is O(1) after first use."""
+
+    __slots__ = (
+        "_bytes_in",
+        "_bytes_out",
+        "_connections",
+        "_durations",
+        "_metrics",
+        "_rate_limited",
+        "_rejections",
+        "_rows",
+        "_statements",
+        "tenant",
+    )
+
+    def __init__(self, metrics: Metrics, tenant: str) -> None:
+        self._metrics = metrics
+        self.tenant = tenant
+        self._connections = metrics._child(metrics._client_connections, tenant)
+        self._bytes_in = metrics._child(metrics._bytes, tenant, "in")
+        self._bytes_out = metrics._child(metrics._bytes, tenant, "out")
+        self._rows = metrics._child(metrics._rows, tenant)
+        self._rate_limited: Counter | _Discard | None = None
+        self._statements: dict[tuple[str, str], Counter | _Discard] = {}
+        self._durations: dict[str, Histogram | _Discard] = {}
+        self._rejections: dict[str, Counter | _Discard] = {}
+
+    def opened(self) -> None:
+        self._connections.inc()
+
+    def closed(self) -> None:
+        self._connections.dec()
+
+    def statement(self, command: str, outcome: str, duration_s: float | None) -> None:
+        """One statement: count it; observe its duration when it ran upstream."""
+        key = (command, outcome)
+        counter = self._statements.get(key)
+        if counter is None:
+            counter = self._statements[key] = self._bind_statement(command, outcome)
+        counter.inc()
+        if duration_s is not None:
+            histogram = self._durations.get(command)
+            if histogram is None:
+                histogram = self._durations[command] = self._metrics._child(
+                    self._metrics._statement_duration, self.tenant, _command(command)
+                )
+            histogram.observe(duration_s)
+
+    def _bind_statement(self, command: str, outcome: str) -> Counter | _Discard:
+        if outcome not in OUTCOMES:
+            raise ValueError(f"statement outcome must be one of {sorted(OUTCOMES)}")
+        return self._metrics._child(
+            self._metrics._statements, self.tenant, _command(command), outcome
+        )
+
+    def rejected(self, reason: str) -> None:
+        """A rejection by rule ``reason`` (a rule id: a small fixed set, never message text)."""
+        counter = self._rejections.get(reason)
+        if counter is None:
+            counter = self._rejections[reason] = self._metrics._child(
+                self._metrics._rejections, self.tenant, reason
+            )
+        counter.inc()
+
+    def rate_limited(self) -> None:
+        """A statement had to wait for the tenant's token bucket."""
+        if self._rate_limited is None:
+            self._rate_limited = self._metrics._child(self._metrics._rate_limited, self.tenant)
+        self._rate_limited.inc()
+
+    def bytes_in(self, n: int) -> None:
+        self._bytes_in.inc(n)
+
+    def bytes_out(self, n: int) -> None:
+        self._bytes_out.inc(n)
+
+    def rows(self, n: int) -> None:
+        self._rows.inc(n)
+
+
+def _command(command: str) -> str:
+    command = command.lower()
+    return command if command in COMMANDS else "other"
+
+
+# --- HTTP endpoints ----------------------------------------------------------------------
+
+MAX_REQUEST_HEAD: Final = 8192
+REQUEST_TIMEOUT_S: Final = 5.0
+READY_TIMEOUT_S: Final = 2.0
+_REASONS: Final = {
+    200: "OK",
+    400: "Bad Request",
+    404: "Not Found",
+    405: "Method Not Allowed",
+    408: "Request Timeout",
+    431: "Request Header Fields Too Large",
+    500: "Internal Server Error",
+    503: "Service Unavailable",
+}
+_TEXT: Final = "text/plain; charset=utf-8"
+
+
+class MetricsServer:
+    """A running metrics endpoint; :meth:`close` stops it."""
+
+    def __init__(self, server: asyncio.Server) -> None:
+        self._server = server
+        sockets = server.sockets
+        self.port: int = int(sockets[0].getsockname()[1]) if sockets else 0
+
+    async def close(self) -> None:
+        self._server.close()
+        await self._server.wait_closed()
+
+
+async def start_http(
+    host: str, port: int, metrics: Metrics, ready: Callable[[], Awaitable[bool]]
+) -> MetricsServer:
+    """Serve ``GET /metrics``, ``/healthz`` and ``/readyz`` on ``host:port`` (0: any port).
+
+    A deliberately tiny HTTP/1.1 server: one request per connection (``Connection:
+    close``), the request head capped at 8 KiB and 5 s; request bodies are ignored.
+    ``/readyz`` is 200 only when ``await ready()`` returns True within 2 s.
+    """
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            status, content_type, body, head_only = await _respond(reader, metrics, ready)
+            reason = _REASONS.get(status, "")
+            headers = [
+                f"HTTP/1.1 {status} {reason}",
+                f"Content-Type: {content_type}",
+                f"Content-Length: {len(body)}",
+                "Connection: close",
+            ]
+            if status == 405:
+                headers.append("Allow: GET, HEAD")
+            writer.write(("\r\n".join(headers) + "\r\n\r\n").encode("ascii"))
+            if not head_only:
+                writer.write(body)
+            async with asyncio.timeout(REQUEST_TIMEOUT_S):
+                await writer.drain()
+        except (ConnectionError, TimeoutError):
+            pass
+        except Exception:  # the endpoint must never take the proxy down
+            log.exception("metrics endpoint failed")
+        finally:
+            writer.close()
+            with contextlib.suppress(Exception):
+                await writer.wait_closed()
+
+    server = await asyncio.start_server(handle, host, port, limit=MAX_REQUEST_HEAD)
+    return MetricsServer(server)
+
+
+async def _respond(
+    reader: asyncio.StreamReader, metrics: Metrics, ready: Callable[[], Awaitable[bool]]
+) -> tuple[int, str, bytes, bool]:
+    """(status, content type, body, head-only) for the request on ``reader``."""
+    try:
+        async with asyncio.timeout(REQUEST_TIMEOUT_S):
+            head = await reader.readuntil(b"\r\n\r\n")
+    except TimeoutError:
+        return 408, _TEXT, b"request timeout\n", False
+    except asyncio.LimitOverrunError:
+        return 431, _TEXT, b"request head too large\n", False
+    except asyncio.IncompleteReadError:
+        return 400, _TEXT, b"bad request\n", False
+    request_line = head.split(b"\r\n", 1)[0].decode("latin-1")
+    parts = request_line.split(" ")
+    if len(parts) != 3 or not parts[2].startswith("HTTP/"):
+        return 400, _TEXT, b"bad request\n", False
+    method, target, _version = parts
+    path = target.split("?", 1)[0]
+    if method not in ("GET", "HEAD"):
+        return 405, _TEXT, b"method not allowed\n", False
+    head_only = method == "HEAD"
+    if path == "/metrics":
+        return 200, CONTENT_TYPE_PLAIN_0_0_4, metrics.render(), head_only
+    if path == "/healthz":
+        return 200, _TEXT, b"ok", head_only
+    if path == "/readyz":
+        try:
+            async with asyncio.timeout(READY_TIMEOUT_S):
+                is_ready = await ready()
+        except Exception:
+            log.warning("readiness check failed", exc_info=True)
+            is_ready = False
+        if is_ready:
+            return 200, _TEXT, b"ready", head_only
+        return 503, _TEXT, b"not ready", head_only
+    return 404, _TEXT, b"not found\n", head_only
