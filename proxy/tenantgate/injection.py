@@ -30,6 +30,7 @@ from tenantgate.protocol.frontend import Bind, Close, Execute, Parse, Sync
 INTERNAL_STATEMENT = "__tenantgate_set_tenant"
 INTERNAL_PORTAL = "__tenantgate_set_tenant_portal"
 INTERNAL_PREFIX = "__tenantgate"
+REWRITE_CACHE_ENTRIES = 256
 _SAFE_VALUE = re.compile(r"^[A-Za-z0-9_.:@$-]+$")
 
 
@@ -55,13 +56,22 @@ def _literal(value: str) -> str:
 class TenantInjector:
     """Per-session injection state for one tenant."""
 
-    __slots__ = ("_bind", "_execute", "_needs_injection", "_query_injection", "prepare_messages")
+    __slots__ = (
+        "_bind",
+        "_execute",
+        "_needs_injection",
+        "_query_injection",
+        "_rewritten",
+        "prepare_messages",
+    )
 
     def __init__(self, tenant_setting: str, tenant: str) -> None:
         self._query_injection = (
             f"SELECT pg_catalog.set_config({_literal(tenant_setting)}, {_literal(tenant)}, true)"
         ).encode()
         self._needs_injection = True
+        # Rewrites depend only on the text (boundaries come from its cached analysis).
+        self._rewritten: dict[bytes, tuple[bytes, frozenset[int]]] = {}
         # Sent once at session start: Parse of the internal statement + Sync.
         self.prepare_messages = (
             Parse(
@@ -89,6 +99,18 @@ class TenantInjector:
         very start, or at the end of the previous statement (before its ';').
         """
         self._needs_injection = True  # whatever the string does, the next Execute re-checks
+        cached = self._rewritten.get(sql)
+        if cached is not None:
+            return cached
+        result = self._rewrite(sql, statements)
+        if len(self._rewritten) >= REWRITE_CACHE_ENTRIES:
+            self._rewritten.clear()
+        self._rewritten[sql] = result
+        return result
+
+    def _rewrite(
+        self, sql: bytes, statements: Sequence[StatementShape]
+    ) -> tuple[bytes, frozenset[int]]:
         out = bytearray()
         copied = 0
         previous_end: int | None = None

@@ -27,7 +27,7 @@ from tenantgate.errors import (
 from tenantgate.hooks import Inspector, NullObserver, SessionObserver
 from tenantgate.injection import TenantInjector, is_internal_name
 from tenantgate.protocol.backend import ErrorResponse, ParameterDescription, ParameterStatus
-from tenantgate.protocol.framing import MessageReader, frame
+from tenantgate.protocol.framing import MessageReader, frame, scan_frames
 from tenantgate.protocol.frontend import Bind, Close, Describe, Execute, Parse, Query
 from tenantgate.tracker import Action, Kind, Pending, ResponseTracker
 from tenantgate.upstream import LEXING_PINS, UpstreamConnection
@@ -43,6 +43,8 @@ CLIENT_READ = 256 * 1024
 UPSTREAM_READ = 256 * 1024
 UPSTREAM_MAX_MESSAGE = 1024 * 1024 * 1024 + 64
 _PARSE_REJECT = Parse(REJECT_STATEMENT, REJECT_SQL).encode()
+# Backend messages whose payload the proxy reads (errors, status, tags, settings, types).
+_READ_PAYLOAD = frozenset(b"EZCSt")
 _QUERY_REJECT = Query(REJECT_SQL).encode()
 _FUNCTION_CALL_REJECTION = rejected(
     "function_call",
@@ -95,7 +97,6 @@ class Session:
         self.injector = injector
         self.tracker = ResponseTracker()
         self._client_messages = MessageReader(max_message_bytes)
-        self._upstream_messages = MessageReader(UPSTREAM_MAX_MESSAGE)
         self._closing_error: PgError | None = None
         self._fatal_forwarded = False
         self.observer: SessionObserver = NullObserver()
@@ -278,9 +279,10 @@ class Session:
     # --- upstream -> client ---------------------------------------------------------
 
     async def _pump_upstream(self) -> None:
-        reader, messages = self.upstream.reader, self._upstream_messages
+        reader = self.upstream.reader
         client = self._client_writer
-        tracker = self.tracker
+        route = self.tracker.route
+        buffer = bytearray()
         while True:
             try:
                 data = await reader.read(UPSTREAM_READ)
@@ -290,21 +292,32 @@ class Session:
                 raise SessionEnded(
                     self._closing_error or (None if self._fatal_forwarded else upstream_lost())
                 )
-            messages.feed(data)
+            buffer += data
+            frames, consumed = scan_frames(buffer, UPSTREAM_MAX_MESSAGE)
+            if not frames:
+                continue
+            # Runs of frames the client sees unchanged are forwarded as one slice.
             out: list[bytes] = []
-            while (item := messages.next_message()) is not None:
-                msg_type, payload = item
+            run_start = 0
+            for msg_type, start, end in frames:
+                payload = bytes(buffer[start:end]) if msg_type in _READ_PAYLOAD else b""
                 if msg_type == 0x53:  # ParameterStatus
                     self._check_pinned(payload)
-                action, replacement = tracker.route(msg_type, payload)
+                action, replacement = route(msg_type, payload)
                 if action is Action.FORWARD:
-                    out.append(frame(bytes((msg_type,)), payload))
                     if msg_type == 0x45 and _is_fatal(payload):
                         self._fatal_forwarded = True
-                elif action is Action.REPLACE and replacement is not None:
+                    continue
+                if run_start < start - 5:
+                    out.append(bytes(buffer[run_start : start - 5]))
+                if replacement is not None:
                     out.append(replacement)
+                run_start = end
+            if run_start < consumed:
+                out.append(bytes(buffer[run_start:consumed]))
+            del buffer[:consumed]
             if out:
-                chunk = b"".join(out)
+                chunk = out[0] if len(out) == 1 else b"".join(out)
                 self.observer.traffic(0, len(chunk))
                 client.write(chunk)
                 await client.drain()

@@ -110,3 +110,30 @@ def frame(msg_type: bytes, payload: bytes = b"") -> bytes:
 def frame_first_packet(body: bytes) -> bytes:
     """Encode an untyped first packet."""
     return _INT32.pack(len(body) + 4) + body
+
+
+def scan_frames(
+    buffer: bytes | bytearray, max_size: int = DEFAULT_MAX_MESSAGE
+) -> tuple[list[tuple[int, int, int]], int]:
+    """Locate the complete typed messages in ``buffer`` without copying them.
+
+    Returns ``([(type, payload_start, end), ...], consumed)``: the forwarding
+    loop slices only the payloads it must read and forwards runs of untouched
+    frames as one slice.  Same length checks as :class:`MessageReader`.
+    """
+    frames: list[tuple[int, int, int]] = []
+    pos = 0
+    size = len(buffer)
+    unpack = _HEADER.unpack_from
+    while size - pos >= 5:
+        msg_type, length = unpack(buffer, pos)
+        if length < 4 or length - 4 > max_size:
+            raise RemoteProtocolError(
+                f"message {msg_type!r} has invalid length {length} (limit {max_size + 4})"
+            )
+        end = pos + 1 + length
+        if end > size:
+            break
+        frames.append((msg_type[0], pos + 5, end))
+        pos = end
+    return frames, pos
