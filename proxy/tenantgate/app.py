@@ -1,9 +1,11 @@
-"""Wiring of a running proxy: policy -> analysis cache -> inspectors -> server.
+"""Wiring of a running proxy: policy -> analysis cache -> inspectors -> server,
+plus metrics, the audit log, rate limits, reload and shutdown.
 
 Owns the objects that live as long as the process (the analysis cache of the
-current policy, the server), policy reload (validate fully, then swap), and
-the signal handlers (SIGHUP reload, SIGTERM/SIGINT drain).  Kept thin: each
-piece it wires has its own module.
+current policy, the server, the metrics registry and HTTP endpoint, the audit
+writer, the per-tenant rate limiter), policy reload (validate fully, then
+swap), and the signal handlers (SIGHUP reload, SIGTERM/SIGINT drain).  Kept
+thin: each piece it wires has its own module.
 """
 
 from __future__ import annotations
@@ -13,13 +15,17 @@ import logging
 import signal
 from pathlib import Path
 
-from tenantgate.analysis import AnalysisCache
+from tenantgate.analysis import AnalysisCache, Rejection
+from tenantgate.audit import AuditLog
 from tenantgate.config import Policy, load_policy
 from tenantgate.enforcement import PolicyInspector, analysis_policy
 from tenantgate.errors import ConfigError
 from tenantgate.hooks import Inspector
+from tenantgate.limits import TenantLimiter
+from tenantgate.metrics import Metrics, MetricsServer, start_http
 from tenantgate.server import InspectorFactory, ProxyServer
-from tenantgate.session import SessionInfo
+from tenantgate.session import Session, SessionInfo
+from tenantgate.telemetry import SessionTelemetry, command_of
 
 log = logging.getLogger("tenantgate")
 CACHE_ENTRIES = 10000
@@ -37,14 +43,64 @@ class ProxyApp:
         self.policy_path = policy_path
         self.policy = policy
         self.cache = AnalysisCache(analysis_policy(policy), CACHE_ENTRIES)
+        self.metrics = Metrics(policy.tenants)
+        self.metrics.set_cache_source(lambda: (self.cache.hits, self.cache.misses))
+        self.limiter = TenantLimiter(policy)
+        self.audit: AuditLog | None = None
+        self.metrics_server: MetricsServer | None = None
         # Tests of the bare protocol path may pass their own inspector; serve never does.
         self.server = ProxyServer(policy, inspector_factory or self._inspector)
-        self.reloads = {"success": 0, "failure": 0}
+        self.server.on_session_start = self._session_started
+        self.server.on_session_end = self._session_ended
+        self.server.on_auth_failure = self.metrics.auth_failure
+        self.server.rate_limit = self._rate_limit
+        self.metrics.set_upstream_source(self._upstream_counts)
+        self._telemetry: dict[str, SessionTelemetry] = {}
+        self._audit_task: asyncio.Task[None] | None = None
         self._stopped = asyncio.Event()
+
+    # --- per session -----------------------------------------------------------------
+
+    def _telemetry_for(self, info: SessionInfo) -> SessionTelemetry:
+        telemetry = self._telemetry.get(info.session_id)
+        if telemetry is None:
+            telemetry = SessionTelemetry(info, self.metrics.session(info.tenant), self.audit)
+            self._telemetry[info.session_id] = telemetry
+        return telemetry
 
     def _inspector(self, policy: Policy, info: SessionInfo) -> Inspector:
         limits = policy.tenants[info.tenant].limits
-        return PolicyInspector(self.cache, info.tenant, limits.statement_timeout_ms, policy.dry_run)
+        telemetry = self._telemetry_for(info)
+
+        def rejected(rejection: Rejection, sql: str, dry_run: bool) -> None:
+            telemetry.rejected(rejection.rule, sql, command_of(sql), dry_run)
+
+        return PolicyInspector(
+            self.cache, info.tenant, limits.statement_timeout_ms, policy.dry_run, rejected
+        )
+
+    def _session_started(self, session: Session) -> None:
+        session.observer = self._telemetry_for(session.info)
+
+    def _session_ended(self, session: Session) -> None:
+        telemetry = self._telemetry.pop(session.info.session_id, None)
+        if telemetry is not None:
+            telemetry.closed()
+
+    def _rate_limit(self, session: Session) -> float | None:
+        delay = self.limiter.reserve(session.info.tenant)
+        if delay:
+            telemetry = self._telemetry.get(session.info.session_id)
+            if telemetry is not None:
+                telemetry.rate_limited()
+        return delay
+
+    def _upstream_counts(self) -> dict[str, int]:
+        sessions = list(self.server.sessions.values())
+        active = sum(1 for s in sessions if s.busy)
+        return {"active": active, "idle": len(sessions) - active}
+
+    # --- lifecycle -------------------------------------------------------------------
 
     async def start(self) -> None:
         for user in self.policy.plaintext_users():
@@ -54,11 +110,28 @@ class ProxyApp:
             )
         if self.policy.dry_run:
             log.warning("DRY RUN: statements that violate the policy are logged and FORWARDED")
+        audit = self.policy.audit
+        self.audit = AuditLog(
+            audit.output, audit.queue_size, audit.statements, self.metrics.audit_dropped
+        )
+        self._audit_task = asyncio.create_task(self.audit.run(), name="tenantgate-audit")
         await self.server.start()
+        if self.policy.metrics.enabled:
+            self.metrics_server = await start_http(
+                self.policy.metrics.host, self.policy.metrics.port, self.metrics, self._ready
+            )
+            log.info("metrics on http://%s:%d/metrics", self.policy.metrics.host, self.metrics_port)
+
+    async def _ready(self) -> bool:
+        return self.server.accepting and await self.server.upstream_reachable()
 
     @property
     def port(self) -> int:
         return self.server.port
+
+    @property
+    def metrics_port(self) -> int | None:
+        return self.metrics_server.port if self.metrics_server is not None else None
 
     def reload(self) -> bool:
         """Re-read the policy file; swap only if the whole file is valid."""
@@ -67,18 +140,33 @@ class ProxyApp:
         try:
             policy = load_policy(self.policy_path)
         except ConfigError as exc:
-            self.reloads["failure"] += 1
+            self.metrics.config_reload("failure")
             log.error("reload failed, keeping the current policy: %s", exc)
             return False
-        self.policy = policy
-        self.cache = AnalysisCache(analysis_policy(policy), CACHE_ENTRIES)
-        self.server.swap_policy(policy)
-        self.reloads["success"] += 1
+        self.apply_policy(policy)
         log.info("policy reloaded from %s", self.policy_path)
         return True
 
+    def apply_policy(self, policy: Policy) -> None:
+        """Swap to an already validated policy (what a good reload does)."""
+        self.policy = policy
+        self.cache = AnalysisCache(analysis_policy(policy), CACHE_ENTRIES)
+        self.metrics.set_tenants(policy.tenants)
+        self.limiter.update(policy)
+        if self.audit is not None:
+            self.audit.statements = policy.audit.statements
+            self.audit.reopen()
+        self.server.swap_policy(policy)
+        self.metrics.config_reload("success")
+
     async def drain(self) -> None:
         await self.server.shutdown(self.policy.limits.shutdown_timeout_s)
+        if self.metrics_server is not None:
+            await self.metrics_server.close()
+        if self.audit is not None:
+            await self.audit.close()
+        if self._audit_task is not None:
+            await asyncio.gather(self._audit_task, return_exceptions=True)
         self._stopped.set()
 
     def install_signal_handlers(self) -> None:

@@ -58,9 +58,9 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("--config", required=True, type=Path)
 
     demo = commands.add_parser("demo", help="embedded PostgreSQL + demo schema + proxy")
-    demo.add_argument("--upstream", help="use this existing server (superuser DSN) instead")
-    demo.add_argument("--port", type=int, default=6432, help="proxy port (default 6432)")
-    demo.add_argument("--metrics-port", type=int, default=9187)
+    from tenantgate.demo import configure_parser  # noqa: PLC0415 - no heavy imports inside
+
+    configure_parser(demo)
     return parser
 
 
@@ -100,6 +100,11 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         print(generate_rls_sql(load_policy(args.config)))
         return EXIT_OK
+    if args.command == "demo":
+        from tenantgate.demo import run_demo  # noqa: PLC0415
+
+        setup_logging(args.log_level or "warning", args.log_format or "text")
+        return run_demo(args)
     print(f"tenantgate: {args.command} is not available yet", file=sys.stderr)
     return EXIT_USAGE
 

@@ -181,3 +181,12 @@ def timeout(message: str, sqlstate: str = "08P01") -> PgError:
 def internal_error() -> PgError:
     """What a client sees instead of a traceback."""
     return PgError("XX000", "tenantgate: internal error; the session was closed", "FATAL")
+
+
+def idle_client_timeout() -> PgError:
+    return PgError(
+        "57P05",
+        "tenantgate: terminating connection due to idle client timeout",
+        "FATAL",
+        hint="Raise limits.idle_client_timeout_s or close idle connections in the client pool.",
+    )

@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import threading
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
 from typing import Final, TypeVar
 
@@ -77,17 +78,23 @@ _DISCARD: Final = _Discard()
 _M = TypeVar("_M", Gauge, Counter, Histogram)
 
 
+_SourceValues = tuple[int, int, Mapping[str, int]]
+
+
 class _SourceCollector:
-    """Parse-cache counters and upstream pool gauges, read from callables at scrape time."""
+    """Parse-cache counters and upstream pool gauges, read from callables at scrape time.
+
+    :meth:`Metrics.render_async` samples the callables on the event loop and pins
+    the values for the worker thread that renders, so the callables never run
+    off the loop (they may read structures the loop mutates).
+    """
 
     def __init__(self) -> None:
         self.cache_source: CacheSource | None = None
         self.upstream_source: UpstreamSource | None = None
+        self._pinned = threading.local()
 
-    def describe(self) -> Iterator[Metric]:
-        return iter(self._families(0, 0, {}))
-
-    def collect(self) -> Iterator[Metric]:
+    def sample(self) -> _SourceValues:
         hits = misses = 0
         if self.cache_source is not None:
             try:
@@ -97,13 +104,29 @@ class _SourceCollector:
         states: Mapping[str, int] = {}
         if self.upstream_source is not None:
             try:
-                states = self.upstream_source()
+                states = dict(self.upstream_source())
             except Exception:
                 log.exception("upstream connection metrics source failed")
-        return iter(self._families(hits, misses, states))
+        return hits, misses, states
+
+    @contextlib.contextmanager
+    def pinned(self, values: _SourceValues) -> Iterator[None]:
+        self._pinned.values = values
+        try:
+            yield
+        finally:
+            self._pinned.values = None
+
+    def describe(self) -> Iterable[Metric]:
+        return self._families((0, 0, {}))
+
+    def collect(self) -> Iterable[Metric]:
+        values: _SourceValues | None = getattr(self._pinned, "values", None)
+        return self._families(values if values is not None else self.sample())
 
     @staticmethod
-    def _families(hits: int, misses: int, states: Mapping[str, int]) -> list[Metric]:
+    def _families(values: _SourceValues) -> list[Metric]:
+        hits, misses, states = values
         hit_family = CounterMetricFamily(
             "tenantgate_parse_cache_hits",
             "Statements whose analysis came from the parse cache.",
@@ -122,6 +145,27 @@ class _SourceCollector:
         for state in UPSTREAM_STATES:
             upstream.add_metric([state], states.get(state, 0))
         return [hit_family, miss_family, upstream]
+
+
+class _Exposition:
+    """What ``/metrics`` serves: the registry without ``*_created`` samples.
+
+    prometheus_client adds a ``<name>_created`` timestamp per counter and
+    histogram child; Prometheus does not use it from the text format, and it
+    would double the payload and add names outside the contract.
+    """
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self._registry = registry
+
+    def collect(self) -> Iterable[Metric]:
+        for family in self._registry.collect():
+            if family.type in _HAS_CREATED:
+                family.samples = [s for s in family.samples if not s.name.endswith("_created")]
+            yield family
+
+
+_HAS_CREATED: Final = frozenset({"counter", "histogram", "summary", "gaugehistogram"})
 
 
 class Metrics:
@@ -192,6 +236,7 @@ class Metrics:
         )
         self._sources = _SourceCollector()
         reg.register(self._sources)
+        self._exposition = _Exposition(reg)
         for outcome in sorted(RELOAD_OUTCOMES):
             self._config_reloads.labels(outcome)
         self._tenant_metrics: tuple[Gauge | Counter | Histogram, ...] = (
@@ -286,8 +331,20 @@ class Metrics:
         self._sources.upstream_source = source
 
     def render(self) -> bytes:
-        """The registry in Prometheus text format 0.0.4."""
-        return generate_latest(self.registry)
+        """The exposition in Prometheus text format 0.0.4 (runs the sources inline)."""
+        return generate_latest(self._exposition)
+
+    async def render_async(self) -> bytes:
+        """:meth:`render` in a worker thread, so a large scrape never stalls the event loop.
+
+        The source callables are sampled here, on the loop.
+        """
+        values = self._sources.sample()
+        return await asyncio.to_thread(self._render_pinned, values)
+
+    def _render_pinned(self, values: _SourceValues) -> bytes:
+        with self._sources.pinned(values):
+            return generate_latest(self._exposition)
 
 
 class SessionMetrics:
@@ -381,6 +438,7 @@ def _command(command: str) -> str:
 MAX_REQUEST_HEAD: Final = 8192
 REQUEST_TIMEOUT_S: Final = 5.0
 READY_TIMEOUT_S: Final = 2.0
+MAX_HTTP_CONNECTIONS: Final = 32
 _REASONS: Final = {
     200: "OK",
     400: "Bad Request",
@@ -413,11 +471,19 @@ async def start_http(
     """Serve ``GET /metrics``, ``/healthz`` and ``/readyz`` on ``host:port`` (0: any port).
 
     A deliberately tiny HTTP/1.1 server: one request per connection (``Connection:
-    close``), the request head capped at 8 KiB and 5 s; request bodies are ignored.
+    close``), the request head capped at 8 KiB and 5 s, at most 32 connections at
+    a time; request bodies are ignored.
     ``/readyz`` is 200 only when ``await ready()`` returns True within 2 s.
     """
 
+    active = 0
+
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal active
+        if active >= MAX_HTTP_CONNECTIONS:  # scrapers are few; refuse a flood outright
+            writer.close()
+            return
+        active += 1
         try:
             status, content_type, body, head_only = await _respond(reader, metrics, ready)
             reason = _REASONS.get(status, "")
@@ -439,6 +505,7 @@ async def start_http(
         except Exception:  # the endpoint must never take the proxy down
             log.exception("metrics endpoint failed")
         finally:
+            active -= 1
             writer.close()
             with contextlib.suppress(Exception):
                 await writer.wait_closed()
@@ -470,7 +537,12 @@ async def _respond(
         return 405, _TEXT, b"method not allowed\n", False
     head_only = method == "HEAD"
     if path == "/metrics":
-        return 200, CONTENT_TYPE_PLAIN_0_0_4, metrics.render(), head_only
+        try:
+            body = await metrics.render_async()
+        except Exception:
+            log.exception("rendering metrics failed")
+            return 500, _TEXT, b"internal error\n", head_only
+        return 200, CONTENT_TYPE_PLAIN_0_0_4, body, head_only
     if path == "/healthz":
         return 200, _TEXT, b"ok", head_only
     if path == "/readyz":

@@ -89,6 +89,8 @@ class ProxyServer:
         self.on_session_start: Callable[[Session], None] | None = None
         self.on_session_end: Callable[[Session], None] | None = None
         self.on_auth_failure: Callable[[str], None] | None = None
+        # Per-statement rate limit: seconds to wait, or None to refuse (53400).
+        self.rate_limit: Callable[[Session], float | None] | None = None
 
     # --- lifecycle -------------------------------------------------------------------
 
@@ -121,6 +123,18 @@ class ProxyServer:
             await asyncio.wait(set(self._connections), timeout=max(grace_s, 5.0))
         if self._server is not None:
             await self._server.wait_closed()
+
+    async def upstream_reachable(self) -> bool:
+        """Whether a TCP connection to the upstream succeeds (for /readyz)."""
+        upstream = self.policy.upstream
+        try:
+            _, writer = await asyncio.wait_for(
+                asyncio.open_connection(upstream.host, upstream.port), upstream.connect_timeout_s
+            )
+        except (OSError, TimeoutError):
+            return False
+        writer.close()
+        return True
 
     def _any_in_transaction(self) -> bool:
         return any(s.tracker.status != "I" or not s.tracker.idle for s in self.sessions.values())
@@ -260,6 +274,9 @@ class ProxyServer:
         ]
         greeting.append(BackendKeyData(pid, key).encode())
         greeting.append(ReadyForQuery("I").encode())
+        session.rate_limit = self.rate_limit
+        session.rate = policy.tenants[tenant].limits.queries_per_second
+        session.idle_timeout_s = policy.limits.idle_client_timeout_s
         self.sessions[pid] = session
         if self.on_session_start is not None:
             self.on_session_start(session)

@@ -16,11 +16,16 @@ import secrets
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from time import perf_counter
+from typing import cast
 
 from tenantgate.errors import (
     PgError,
+    ProtocolError,
     RemoteProtocolError,
+    idle_client_timeout,
+    internal_error,
     protocol_violation,
+    rate_limited,
     rejected,
     upstream_lost,
 )
@@ -39,10 +44,10 @@ log = logging.getLogger("tenantgate.session")
 # rest of a pipeline) at exactly the position the client expects it.
 REJECT_SQL = "tenantgate: statement rejected by policy"
 REJECT_STATEMENT = "__tenantgate_rejected"
-CLIENT_READ = 256 * 1024
-UPSTREAM_READ = 256 * 1024
 UPSTREAM_MAX_MESSAGE = 1024 * 1024 * 1024 + 64
 _PARSE_REJECT = Parse(REJECT_STATEMENT, REJECT_SQL).encode()
+# Client messages that start a statement (counted by the rate limit).
+_STATEMENT_STARTS = frozenset(b"QE")
 # Backend messages whose payload the proxy reads (errors, status, tags, settings, types).
 _READ_PAYLOAD = frozenset(b"EZCSt")
 _QUERY_REJECT = Query(REJECT_SQL).encode()
@@ -99,6 +104,16 @@ class Session:
         self._client_messages = MessageReader(max_message_bytes)
         self._closing_error: PgError | None = None
         self._fatal_forwarded = False
+        self._upstream_buffer = bytearray()
+        self._deferred: tuple[int, bytes] | None = None
+        self.rate_limit: Callable[[Session], float | None] | None = None
+        self.rate: float | None = None
+        self.idle_timeout_s: float | None = None
+        self._loop = asyncio.get_running_loop()
+        self._last_activity = self._loop.time()
+        self._finished: asyncio.Future[SessionEnded | None]
+        self._client_transport: asyncio.Transport
+        self._upstream_transport: asyncio.Transport
         self.observer: SessionObserver = NullObserver()
         self.tracker.on_complete = self._request_done
 
@@ -118,62 +133,150 @@ class Session:
         return self.tracker.busy_with_client_work
 
     async def run(self) -> None:
-        """Forward until either side ends; always closes both connections."""
+        """Forward until either side ends; always closes the upstream connection.
+
+        After the handshake the stream transports get plain protocol callbacks:
+        each chunk is handled synchronously in ``data_received`` (no coroutine
+        switch per message) and backpressure pauses the other side's reading.
+        Raises :class:`SessionEnded` when the client must be told why.
+        """
+        self._loop = loop = asyncio.get_running_loop()
+        self._finished = loop.create_future()
+        if self.idle_timeout_s is not None:
+            loop.call_later(self.idle_timeout_s, self._check_idle)
+        client_left = bytes(getattr(self._client_reader, "_buffer", b""))
+        upstream_left = bytes(getattr(self.upstream.reader, "_buffer", b""))
+        self._client_transport = cast(asyncio.Transport, self._client_writer.transport)
+        self._upstream_transport = cast(asyncio.Transport, self.upstream.writer.transport)
+        self._client_transport.set_protocol(_Side(self, client=True))
+        self._upstream_transport.set_protocol(_Side(self, client=False))
         if self.injector is not None:
             # The internal set_config statement, prepared once per upstream session.
             self.tracker.expect(Pending(Kind.PARSE, injected=True))
             self.tracker.expect(Pending(Kind.SYNC, injected=True))
-            self.upstream.writer.write(self.injector.prepare_messages)
-        to_upstream = asyncio.create_task(
-            self._pump_client(), name=f"client-{self.info.session_id}"
-        )
-        to_client = asyncio.create_task(
-            self._pump_upstream(), name=f"upstream-{self.info.session_id}"
-        )
+            self._upstream_transport.write(self.injector.prepare_messages)
+        if upstream_left:
+            self.upstream_data(upstream_left)
+        if client_left:
+            self.client_data(client_left)
+        # Reading resumes only now: the stream protocol may have paused it.
+        for transport in (self._client_transport, self._upstream_transport):
+            if not transport.is_closing() and not transport.is_reading():
+                transport.resume_reading()
         try:
-            done, _ = await asyncio.wait(
-                {to_upstream, to_client}, return_when=asyncio.FIRST_COMPLETED
-            )
-            for task in done:
-                exc = task.exception()
-                if exc is not None:
-                    raise exc
+            ended = await self._finished
         finally:
-            for task in (to_upstream, to_client):
-                task.cancel()
-            await asyncio.gather(to_upstream, to_client, return_exceptions=True)
             self.tracker.fail_all()
             self.upstream.close()
+        if ended is not None:
+            raise ended
 
     def end(self, error: PgError | None) -> None:
         """Ask the session to end (reload removed the tenant, shutdown...)."""
         self._closing_error = error
         self.upstream.close()
 
+    def _finish(self, ended: SessionEnded | None) -> None:
+        if not self._finished.done():
+            self._finished.set_result(ended)
+
+    def _guard(self, handler: Callable[[bytes], None], data: bytes) -> None:
+        """Run a data handler; any failure ends the session (never the proxy)."""
+        if self._finished.done():
+            return
+        try:
+            handler(data)
+        except SessionEnded as ended:
+            self._finish(ended)
+        except ProtocolError as exc:
+            log.info("session %s: protocol error: %s", self.info.session_id, exc)
+            self._finish(SessionEnded(protocol_violation(str(exc))))
+        except Exception:
+            log.exception("session %s: unexpected error", self.info.session_id)
+            self._finish(SessionEnded(internal_error()))
+
+    def side_closed(self, client: bool) -> None:
+        if client:
+            self._finish(None)
+        else:
+            error = self._closing_error or (None if self._fatal_forwarded else upstream_lost())
+            self._finish(SessionEnded(error))
+
+    def side_paused(self, client: bool, paused: bool) -> None:
+        """The ``client`` (or upstream) transport's write buffer is full/drained."""
+        other = self._upstream_transport if client else self._client_transport
+        if other.is_closing():
+            return
+        if paused:
+            other.pause_reading()
+        else:
+            other.resume_reading()
+
     # --- client -> upstream ---------------------------------------------------------
 
-    async def _pump_client(self) -> None:
-        reader, messages = self._client_reader, self._client_messages
-        upstream = self.upstream.writer
+    def client_data(self, data: bytes) -> None:
+        self._guard(self._client_chunk, data)
+
+    def _client_chunk(self, data: bytes) -> None:
+        self.observer.traffic(len(data), 0)
+        self._last_activity = self._loop.time()
+        self._client_messages.feed(data)
+        if self._deferred is None:
+            self._drain_client()
+
+    def _drain_client(self) -> None:
+        """Handle every complete client message, unless the rate limit defers one."""
+        messages = self._client_messages
+        out: list[bytes] = []
         while True:
-            data = await reader.read(CLIENT_READ)
-            if not data:
+            item = self._deferred
+            if item is not None:
+                self._deferred = None  # its token is already reserved
+            else:
+                item = messages.next_message()
+                if item is None:
+                    break
+                if item[0] in _STATEMENT_STARTS and self.rate_limit is not None:
+                    delay = self.rate_limit(self)
+                    if delay is None:
+                        out.append(self._rate_rejection(item[0]))
+                        continue
+                    if delay > 0:
+                        self._deferred = item
+                        self._client_transport.pause_reading()
+                        self._loop.call_later(delay, self._resume_deferred)
+                        break
+            msg_type, payload = item
+            if msg_type == 0x58:  # Terminate
+                out.append(frame(b"X"))
+                self._upstream_transport.write(b"".join(out))
+                self._finish(None)
                 return
-            self.observer.traffic(len(data), 0)
-            messages.feed(data)
-            out: list[bytes] = []
-            while (item := messages.next_message()) is not None:
-                msg_type, payload = item
-                if msg_type == 0x58:  # Terminate
-                    if out:
-                        upstream.write(b"".join(out))
-                    upstream.write(frame(b"X"))
-                    await upstream.drain()
-                    return
-                out.append(self._client_message(msg_type, payload))
-            if out:
-                upstream.write(b"".join(out))
-                await upstream.drain()
+            out.append(self._client_message(msg_type, payload))
+        if out:
+            self._upstream_transport.write(out[0] if len(out) == 1 else b"".join(out))
+
+    def _resume_deferred(self) -> None:
+        if self._finished.done():
+            return
+        if not self._client_transport.is_closing():
+            self._client_transport.resume_reading()
+        self._guard(lambda _: self._drain_client(), b"")
+
+    def _rate_rejection(self, msg_type: int) -> bytes:
+        error = rate_limited(self.rate or 0.0)
+        self.observer.rejected("rate_limit", "", "other", False)
+        return self._reject_query(error) if msg_type == 0x51 else self._reject_extended(error)
+
+    def _check_idle(self) -> None:
+        timeout = self.idle_timeout_s
+        if timeout is None or self._finished.done():
+            return
+        idle_for = self._loop.time() - self._last_activity
+        if idle_for >= timeout and self.tracker.idle and self.tracker.status == "I":
+            self._finish(SessionEnded(idle_client_timeout()))
+            return
+        self._loop.call_later(max(timeout - idle_for, 0.05), self._check_idle)
 
     def _client_message(self, msg_type: int, payload: bytes) -> bytes:
         """Inspect one client message; return the bytes to send upstream."""
@@ -278,49 +381,40 @@ class Session:
 
     # --- upstream -> client ---------------------------------------------------------
 
-    async def _pump_upstream(self) -> None:
-        reader = self.upstream.reader
-        client = self._client_writer
+    def upstream_data(self, data: bytes) -> None:
+        self._guard(self._upstream_chunk, data)
+
+    def _upstream_chunk(self, data: bytes) -> None:
+        buffer = self._upstream_buffer
+        buffer += data
+        frames, consumed = scan_frames(buffer, UPSTREAM_MAX_MESSAGE)
+        if not frames:
+            return
         route = self.tracker.route
-        buffer = bytearray()
-        while True:
-            try:
-                data = await reader.read(UPSTREAM_READ)
-            except (ConnectionError, OSError):
-                data = b""
-            if not data:
-                raise SessionEnded(
-                    self._closing_error or (None if self._fatal_forwarded else upstream_lost())
-                )
-            buffer += data
-            frames, consumed = scan_frames(buffer, UPSTREAM_MAX_MESSAGE)
-            if not frames:
+        # Runs of frames the client sees unchanged are forwarded as one slice.
+        out: list[bytes] = []
+        run_start = 0
+        for msg_type, start, end in frames:
+            payload = bytes(buffer[start:end]) if msg_type in _READ_PAYLOAD else b""
+            if msg_type == 0x53:  # ParameterStatus
+                self._check_pinned(payload)
+            action, replacement = route(msg_type, payload)
+            if action is Action.FORWARD:
+                if msg_type == 0x45 and _is_fatal(payload):
+                    self._fatal_forwarded = True
                 continue
-            # Runs of frames the client sees unchanged are forwarded as one slice.
-            out: list[bytes] = []
-            run_start = 0
-            for msg_type, start, end in frames:
-                payload = bytes(buffer[start:end]) if msg_type in _READ_PAYLOAD else b""
-                if msg_type == 0x53:  # ParameterStatus
-                    self._check_pinned(payload)
-                action, replacement = route(msg_type, payload)
-                if action is Action.FORWARD:
-                    if msg_type == 0x45 and _is_fatal(payload):
-                        self._fatal_forwarded = True
-                    continue
-                if run_start < start - 5:
-                    out.append(bytes(buffer[run_start : start - 5]))
-                if replacement is not None:
-                    out.append(replacement)
-                run_start = end
-            if run_start < consumed:
-                out.append(bytes(buffer[run_start:consumed]))
-            del buffer[:consumed]
-            if out:
-                chunk = out[0] if len(out) == 1 else b"".join(out)
-                self.observer.traffic(0, len(chunk))
-                client.write(chunk)
-                await client.drain()
+            if run_start < start - 5:
+                out.append(bytes(buffer[run_start : start - 5]))
+            if replacement is not None:
+                out.append(replacement)
+            run_start = end
+        if run_start < consumed:
+            out.append(bytes(buffer[run_start:consumed]))
+        del buffer[:consumed]
+        if out:
+            chunk = out[0] if len(out) == 1 else b"".join(out)
+            self.observer.traffic(0, len(chunk))
+            self._client_transport.write(chunk)
 
     def _check_pinned(self, payload: bytes) -> None:
         status = ParameterStatus.decode(payload)
@@ -331,6 +425,35 @@ class Session:
                     f"the server reported {status.name}={status.value!r}; session ended"
                 )
             )
+
+
+class _Side(asyncio.Protocol):
+    """Transport callbacks of one side of a session, delegated to the session."""
+
+    __slots__ = ("_client", "_session")
+
+    def __init__(self, session: Session, client: bool) -> None:
+        self._session = session
+        self._client = client
+
+    def data_received(self, data: bytes) -> None:
+        if self._client:
+            self._session.client_data(data)
+        else:
+            self._session.upstream_data(data)
+
+    def eof_received(self) -> bool:
+        self._session.side_closed(self._client)
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._session.side_closed(self._client)
+
+    def pause_writing(self) -> None:
+        self._session.side_paused(self._client, paused=True)
+
+    def resume_writing(self) -> None:
+        self._session.side_paused(self._client, paused=False)
 
 
 def _reserved(*names: str) -> PgError | None:
