@@ -32,7 +32,7 @@ from tenantgate.errors import (
 from tenantgate.hooks import Inspector, NullObserver, SessionObserver
 from tenantgate.injection import TenantInjector, is_internal_name
 from tenantgate.protocol.backend import ErrorResponse, ParameterDescription, ParameterStatus
-from tenantgate.protocol.framing import MessageReader, frame, scan_frames
+from tenantgate.protocol.framing import frame, scan_frames
 from tenantgate.protocol.frontend import Bind, Close, Describe, Execute, Parse, Query
 from tenantgate.tracker import Action, Kind, Pending, ResponseTracker
 from tenantgate.upstream import LEXING_PINS, UpstreamConnection
@@ -46,6 +46,8 @@ REJECT_SQL = "tenantgate: statement rejected by policy"
 REJECT_STATEMENT = "__tenantgate_rejected"
 UPSTREAM_MAX_MESSAGE = 1024 * 1024 * 1024 + 64
 _PARSE_REJECT = Parse(REJECT_STATEMENT, REJECT_SQL).encode()
+# Client messages forwarded without a look: Flush, CopyData, CopyDone, CopyFail.
+_CLIENT_PASSTHROUGH = frozenset(b"Hdcf")
 # Client messages that start a statement (counted by the rate limit).
 _STATEMENT_STARTS = frozenset(b"QE")
 # Backend messages whose payload the proxy reads (errors, status, tags, settings, types).
@@ -101,11 +103,12 @@ class Session:
         self.inspector = inspector
         self.injector = injector
         self.tracker = ResponseTracker()
-        self._client_messages = MessageReader(max_message_bytes)
         self._closing_error: PgError | None = None
         self._fatal_forwarded = False
         self._upstream_buffer = bytearray()
-        self._deferred: tuple[int, bytes] | None = None
+        self._deferred = False  # a message waits for the rate limit (token reserved)
+        self._client_buffer = bytearray()
+        self._max_message = max_message_bytes
         self.rate_limit: Callable[[Session], float | None] | None = None
         self.rate: float | None = None
         self.idle_timeout_s: float | None = None
@@ -220,39 +223,56 @@ class Session:
     def _client_chunk(self, data: bytes) -> None:
         self.observer.traffic(len(data), 0)
         self._last_activity = self._loop.time()
-        self._client_messages.feed(data)
-        if self._deferred is None:
+        self._client_buffer += data
+        if not self._deferred:
             self._drain_client()
 
     def _drain_client(self) -> None:
-        """Handle every complete client message, unless the rate limit defers one."""
-        messages = self._client_messages
+        """Handle every complete client message, unless the rate limit defers one.
+
+        Messages the proxy does not change are forwarded as runs of raw bytes.
+        """
+        buffer = self._client_buffer
+        frames, consumed = scan_frames(buffer, self._max_message)
         out: list[bytes] = []
-        while True:
-            item = self._deferred
-            if item is not None:
-                self._deferred = None  # its token is already reserved
-            else:
-                item = messages.next_message()
-                if item is None:
-                    break
-                if item[0] in _STATEMENT_STARTS and self.rate_limit is not None:
+        run_start = 0
+        stop = consumed
+        for msg_type, start, end in frames:
+            if msg_type in _CLIENT_PASSTHROUGH:
+                continue
+            header = start - 5
+            if msg_type in _STATEMENT_STARTS and self.rate_limit is not None:
+                if self._deferred:
+                    self._deferred = False  # this message's token is already reserved
+                else:
                     delay = self.rate_limit(self)
-                    if delay is None:
-                        out.append(self._rate_rejection(item[0]))
-                        continue
-                    if delay > 0:
-                        self._deferred = item
+                    if delay is not None and delay > 0:
+                        self._deferred = True
                         self._client_transport.pause_reading()
                         self._loop.call_later(delay, self._resume_deferred)
+                        stop = header
                         break
-            msg_type, payload = item
+                    if delay is None:
+                        if run_start < header:
+                            out.append(bytes(buffer[run_start:header]))
+                        out.append(self._rate_rejection(msg_type))
+                        run_start = end
+                        continue
             if msg_type == 0x58:  # Terminate
-                out.append(frame(b"X"))
+                out.append(bytes(buffer[run_start:end]))
                 self._upstream_transport.write(b"".join(out))
                 self._finish(None)
                 return
-            out.append(self._client_message(msg_type, payload))
+            replacement = self._client_message(msg_type, bytes(buffer[start:end]))
+            if replacement is None:
+                continue
+            if run_start < header:
+                out.append(bytes(buffer[run_start:header]))
+            out.append(replacement)
+            run_start = end
+        if run_start < stop:
+            out.append(bytes(buffer[run_start:stop]))
+        del buffer[:stop]
         if out:
             self._upstream_transport.write(out[0] if len(out) == 1 else b"".join(out))
 
@@ -278,8 +298,8 @@ class Session:
             return
         self._loop.call_later(max(timeout - idle_for, 0.05), self._check_idle)
 
-    def _client_message(self, msg_type: int, payload: bytes) -> bytes:
-        """Inspect one client message; return the bytes to send upstream."""
+    def _client_message(self, msg_type: int, payload: bytes) -> bytes | None:
+        """Inspect one client message; return what to send upstream instead, or None."""
         tracker, inspector, injector = self.tracker, self.inspector, self.injector
         match msg_type:
             case 0x51:  # Query
@@ -296,6 +316,7 @@ class Session:
                         payload[:-1], inspector.last_statements()
                     )
                     return frame(b"Q", text + b"\x00")
+                return None
             case 0x50:  # Parse
                 parse = Parse.decode(payload)
                 error = _reserved(parse.name) or inspector.inspect_parse(parse)
@@ -356,13 +377,11 @@ class Session:
                 if injector is not None:
                     injector.after_sync()
                 tracker.expect(Pending(Kind.SYNC))
-            case 0x48 | 0x64 | 0x63 | 0x66:  # Flush, CopyData, CopyDone, CopyFail
-                pass
             case 0x46:  # FunctionCall: calls any function by OID, bypassing SQL analysis
                 return self._reject_query(_FUNCTION_CALL_REJECTION)
             case _:
                 raise SessionEnded(protocol_violation(f"unexpected message type {msg_type:#04x}"))
-        return frame(bytes((msg_type,)), payload)
+        return None
 
     def _described(self, name: str) -> Callable[[bytes], None]:
         def record(payload: bytes) -> None:

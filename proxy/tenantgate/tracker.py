@@ -16,21 +16,22 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from enum import Enum
+from enum import Enum, IntEnum
 
 from tenantgate.errors import PgError, RemoteProtocolError
 from tenantgate.protocol.backend import ErrorResponse
 
 
-class Kind(Enum):
-    QUERY = "query"  # simple Query or a substituted FunctionCall: ends with 'Z'
-    PARSE = "parse"  # '1'
-    BIND = "bind"  # '2'
-    EXECUTE = "execute"  # 'C', 'I' or 's' (after rows / copy)
-    DESCRIBE_STATEMENT = "describe_statement"  # 't' then 'T' or 'n'
-    DESCRIBE_PORTAL = "describe_portal"  # 'T' or 'n'
-    CLOSE = "close"  # '3'
-    SYNC = "sync"  # 'Z'
+class Kind(IntEnum):
+    # An IntEnum: routing hashes kinds per message, and int hashing is C-level.
+    QUERY = 1  # simple Query or a substituted FunctionCall: ends with 'Z'
+    PARSE = 2  # '1'
+    BIND = 3  # '2'
+    EXECUTE = 4  # 'C', 'I' or 's' (after rows / copy)
+    DESCRIBE_STATEMENT = 5  # 't' then 'T' or 'n'
+    DESCRIBE_PORTAL = 6  # 'T' or 'n'
+    CLOSE = 7  # '3'
+    SYNC = 8  # 'Z'
 
 
 # What ends each kind of entry (besides an ErrorResponse).
@@ -92,6 +93,21 @@ class Action(Enum):
     REPLACE = 2
 
 
+_FORWARD: tuple[Action, bytes | None] = (Action.FORWARD, None)
+_DROP: tuple[Action, bytes | None] = (Action.DROP, None)
+
+
+def _count_rows(entry: Pending, payload: bytes) -> None:
+    """Add the row count of a CommandComplete tag (SELECT n, INSERT 0 n, COPY n ...)."""
+    tag = payload[:-1] if payload.endswith(b"\x00") else payload
+    entry.tags.append(tag.decode("ascii", "replace"))
+    space = tag.rfind(b" ")
+    if space > 0:
+        count = tag[space + 1 :]
+        if count.isdigit():
+            entry.rows += int(count)
+
+
 class ResponseTracker:
     """Routes backend messages to outstanding requests."""
 
@@ -124,57 +140,63 @@ class ResponseTracker:
         """Decide what the client sees of one backend message.
 
         Returns (FORWARD, None), (DROP, None) or (REPLACE, replacement frame).
+        Called once per backend message: the common cases come first.
         """
-        if msg_type in ASYNC_TYPES:
-            return Action.FORWARD, None
-        if not self._pending:
-            if msg_type == 0x45:  # an unsolicited error, e.g. FATAL at admin shutdown
-                return Action.FORWARD, None
+        pending = self._pending
+        if not pending:
+            if msg_type in ASYNC_TYPES or msg_type == 0x45:  # e.g. FATAL at admin shutdown
+                return _FORWARD
             raise RemoteProtocolError(f"unexpected {chr(msg_type)!r} from the server")
-        head = self._pending[0]
+        head = pending[0]
+        kind = head.kind
+        if msg_type == 0x44 and (kind is Kind.EXECUTE or kind is Kind.QUERY):  # DataRow
+            if head.injected or head.statement_index in head.hidden_statements:
+                return _DROP
+            return _FORWARD
+        if msg_type in ASYNC_TYPES:
+            return _FORWARD
         if msg_type == 0x45:  # ErrorResponse
             return self._error(head, payload)
         if msg_type == 0x5A:  # ReadyForQuery
-            if head.kind not in (Kind.QUERY, Kind.SYNC):
-                raise RemoteProtocolError(f"ReadyForQuery while awaiting {head.kind.value}")
-            self.status = chr(payload[0]) if payload else "?"
-            if self.status not in ("I", "T", "E"):
+            if kind is not Kind.QUERY and kind is not Kind.SYNC:
+                raise RemoteProtocolError(f"ReadyForQuery while awaiting {kind.name.lower()}")
+            status = chr(payload[0]) if len(payload) == 1 else "?"
+            if status not in ("I", "T", "E"):
                 raise RemoteProtocolError("ReadyForQuery: invalid status")
-            self._finish(head, ok=not head.failed)
+            self.status = status
+            pending.popleft()
+            self._done(head, not head.failed)
             # ReadyForQuery belongs to the whole request, never to a hidden statement.
-            return (Action.DROP, None) if head.injected else (Action.FORWARD, None)
-        if head.kind is Kind.QUERY and msg_type in _STATEMENT_END:
+            return _DROP if head.injected else _FORWARD
+        visible = not (head.injected or head.statement_index in head.hidden_statements)
+        if kind is Kind.QUERY and msg_type in _STATEMENT_END:
             # C or I ends one statement of a (multi-statement) simple Query.
-            action = self._visibility(head)
             if msg_type == 0x43:
-                self._count_rows(head, payload)
+                _count_rows(head, payload)
             head.statement_index += 1
-            return action
-        if msg_type in _COMPLETES[head.kind]:
-            action = self._visibility(head)
+            return _FORWARD if visible else _DROP
+        if msg_type in _COMPLETES[kind]:
             if msg_type == 0x43:
-                self._count_rows(head, payload)
-            self._finish(head, ok=True)
-            return action
-        if msg_type in _INTERMEDIATE.get(head.kind, _EMPTY):
+                _count_rows(head, payload)
+            pending.popleft()
+            self._done(head, True)
+            return _FORWARD if visible else _DROP
+        if msg_type in _INTERMEDIATE.get(kind, _EMPTY):
             if msg_type == 0x74 and head.on_parameter_description is not None:
                 head.on_parameter_description(payload)
-            return self._visibility(head)
-        raise RemoteProtocolError(f"unexpected {chr(msg_type)!r} while awaiting {head.kind.value}")
-
-    def _visibility(self, head: Pending) -> tuple[Action, bytes | None]:
-        if head.injected or head.statement_index in head.hidden_statements:
-            return Action.DROP, None
-        return Action.FORWARD, None
+            return _FORWARD if visible else _DROP
+        raise RemoteProtocolError(
+            f"unexpected {chr(msg_type)!r} while awaiting {kind.name.lower()}"
+        )
 
     def _error(self, head: Pending, payload: bytes) -> tuple[Action, bytes | None]:
-        action: tuple[Action, bytes | None] = (Action.FORWARD, None)
+        action = _FORWARD
         if head.rejection is not None:
             error = ErrorResponse.decode(payload)
             if error.sqlstate == SYNTAX_ERROR:
                 action = (Action.REPLACE, ErrorResponse.from_error(head.rejection).encode())
         elif head.injected and head.kind is Kind.SYNC:
-            action = (Action.DROP, None)
+            action = _DROP
         head.failed = True
         if head.kind in (Kind.QUERY, Kind.SYNC):
             # The rest of a string is skipped, or the commit at Sync failed:
@@ -189,23 +211,11 @@ class ResponseTracker:
             self._done(skipped, ok=False)
         return action
 
-    def _finish(self, head: Pending, ok: bool) -> None:
-        self._pending.popleft()
-        self._done(head, ok)
-
     def _done(self, entry: Pending, ok: bool) -> None:
         if entry.on_done is not None:
             entry.on_done(ok)
         if self.on_complete is not None and not entry.injected:
             self.on_complete(entry, ok)
-
-    @staticmethod
-    def _count_rows(entry: Pending, payload: bytes) -> None:
-        tag = payload.rstrip(b"\x00").decode("ascii", "replace")
-        entry.tags.append(tag)
-        last = tag.rsplit(" ", 1)[-1]
-        if " " in tag and last.isdigit():
-            entry.rows += int(last)
 
     def fail_all(self) -> None:
         """The upstream is gone: resolve every entry as failed."""
