@@ -88,7 +88,11 @@ def _dispatch(args: argparse.Namespace) -> int:
         setup_logging(
             args.log_level or policy.logging.level, args.log_format or policy.logging.format
         )
+        if policy.injects_tenant and not _startup_check(policy, args.skip_check):
+            return EXIT_FAILED
         return _run(serve(args.config))
+    if args.command == "check":
+        return _check(args.config)
     if args.command == "explain":
         from tenantgate.explain import explain  # noqa: PLC0415
 
@@ -119,6 +123,53 @@ def _run(coro: Coroutine[Any, Any, int]) -> int:
         pass
     with asyncio.Runner(loop_factory=loop_factory) as runner:
         return runner.run(coro)
+
+
+def _check(config: Path) -> int:
+    from tenantgate.config import load_policy  # noqa: PLC0415
+    from tenantgate.dbcheck import check_exit_code, format_findings, run_check  # noqa: PLC0415
+    from tenantgate.errors import UpstreamError  # noqa: PLC0415
+
+    policy = load_policy(config)
+    try:
+        findings = run_check(policy)
+    except UpstreamError as exc:
+        print(f"tenantgate: cannot check the database: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    print(format_findings(findings))
+    return check_exit_code(findings)
+
+
+def _startup_check(policy: Any, skip: bool) -> bool:
+    """rls/both mode relies on the database's RLS setup: refuse to serve when it is unsound."""
+    import logging  # noqa: PLC0415
+
+    from tenantgate.dbcheck import check_exit_code, format_findings, run_check  # noqa: PLC0415
+    from tenantgate.errors import UpstreamError  # noqa: PLC0415
+
+    log = logging.getLogger("tenantgate")
+    try:
+        findings = run_check(policy)
+    except UpstreamError as exc:
+        # The proxy fails closed per connection (FATAL 08006) while the database is down.
+        log.warning("could not check the database's isolation setup at startup: %s", exc)
+        return True
+    if check_exit_code(findings) == EXIT_OK:
+        return True
+    report = format_findings(findings)
+    if skip:
+        log.error(
+            "STARTING ANYWAY (--skip-check): the database's isolation setup is NOT sound:\n%s",
+            report,
+        )
+        return True
+    log.error(
+        "refusing to start in %s mode: the database's isolation setup is not sound "
+        "(fix it, or start with --skip-check in an emergency):\n%s",
+        policy.mode,
+        report,
+    )
+    return False
 
 
 def _hash_password(password: str | None) -> int:

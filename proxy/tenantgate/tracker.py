@@ -111,15 +111,24 @@ def _count_rows(entry: Pending, payload: bytes) -> None:
 class ResponseTracker:
     """Routes backend messages to outstanding requests."""
 
-    __slots__ = ("_pending", "on_complete", "status")
+    __slots__ = ("_pending", "_skipping", "on_complete", "status")
 
     def __init__(self) -> None:
         self._pending: deque[Pending] = deque()
+        # An extended-protocol error arrived before the client sent its Sync.
+        self._skipping = False
         self.status = "I"
         # Called with each client-visible completed entry (for metrics); may be None.
         self.on_complete: Callable[[Pending, bool], None] | None = None
 
     def expect(self, entry: Pending) -> None:
+        if self._skipping:
+            if entry.kind is not Kind.SYNC:
+                # The server discards everything up to the next Sync: no response will come.
+                entry.failed = True
+                self._done(entry, False)
+                return
+            self._skipping = False
         self._pending.append(entry)
 
     @property
@@ -209,6 +218,8 @@ class ResponseTracker:
             skipped = self._pending.popleft()
             skipped.failed = True
             self._done(skipped, ok=False)
+        if not self._pending:
+            self._skipping = True
         return action
 
     def _done(self, entry: Pending, ok: bool) -> None:

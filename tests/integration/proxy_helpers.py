@@ -409,7 +409,8 @@ def rows_of(messages: list[tuple[bytes, bytes]]) -> list[list[str | None]]:
         if kind != b"D":
             continue
         (count,) = struct.unpack_from("!H", payload)
-        pos, row = 2, []
+        pos = 2
+        row: list[str | None] = []
         for _ in range(count):
             (length,) = struct.unpack_from("!i", payload, pos)
             pos += 4

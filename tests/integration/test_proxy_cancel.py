@@ -15,8 +15,6 @@ from pathlib import Path
 import asyncpg
 import psycopg
 import pytest
-from psycopg import errors
-
 from proxy_helpers import (
     PROTOCOL_3_0,
     PROTOCOL_3_2,
@@ -30,6 +28,8 @@ from proxy_helpers import (
     start_proxy,
     stop_when_idle,
 )
+from psycopg import errors
+
 from support.db import TenantDb
 
 pytestmark = pytest.mark.postgres
@@ -75,11 +75,25 @@ def test_psycopg_cancel(proxy: Proxy) -> None:
 def test_psql_ctrl_c_cancels(proxy: Proxy) -> None:
     """psql sends the classic PQcancel from its SIGINT handler."""
     env = {**os.environ, "PGPASSWORD": PASSWORD, "PGCONNECT_TIMEOUT": "10"}
-    command = ["psql", "-X", "-At", "-h", proxy.host, "-p", str(proxy.port), "-U", USER,
-               "-d", "app", "-c", SLEEP]
+    command = [
+        "psql",
+        "-X",
+        "-At",
+        "-h",
+        proxy.host,
+        "-p",
+        str(proxy.port),
+        "-U",
+        USER,
+        "-d",
+        "app",
+        "-c",
+        SLEEP,
+    ]
     start = time.monotonic()
-    with subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                          text=True) as psql:
+    with subprocess.Popen(
+        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    ) as psql:
         time.sleep(1.0)
         psql.send_signal(signal.SIGINT)
         _, stderr = psql.communicate(timeout=20)
@@ -122,9 +136,12 @@ async def test_asyncpg_timeout_cancels(proxy: Proxy) -> None:
         assert time.monotonic() - start < 5
         assert await conn.fetchval("SELECT 'usable'") == "usable"
         # nothing running upstream any more
-        assert await conn.fetchval(
-            "SELECT count(*) FROM pg_stat_activity WHERE query = $1 AND state = 'active'", SLEEP
-        ) == 0
+        assert (
+            await conn.fetchval(
+                "SELECT count(*) FROM pg_stat_activity WHERE query = $1 AND state = 'active'", SLEEP
+            )
+            == 0
+        )
     finally:
         await conn.close()
 

@@ -14,6 +14,7 @@ import datetime as dt
 import decimal
 import json
 import struct
+import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
@@ -22,8 +23,6 @@ import asyncpg
 import pg8000.native
 import psycopg
 import pytest
-from psycopg import errors, pq
-
 from proxy_helpers import (
     Proxy,
     RawClient,
@@ -42,6 +41,8 @@ from proxy_helpers import (
     sync,
     wait_for,
 )
+from psycopg import errors, pq
+
 from support.db import TenantDb
 
 pytestmark = pytest.mark.postgres
@@ -102,6 +103,16 @@ def transcript(raw: RawClient, data: bytes, syncs: int) -> list[tuple[bytes, byt
     for _ in range(syncs):
         out.extend(raw.read_until_ready())
     return out
+
+
+def without_schema(messages: list[tuple[bytes, bytes]]) -> list[tuple[bytes, Any]]:
+    """Messages with ErrorResponse fields minus the schema (pg_temp_N differs per backend)."""
+    return [
+        (kind, {k: v for k, v in error_fields(payload).items() if k != "s"})
+        if kind == b"E"
+        else (kind, payload)
+        for kind, payload in messages
+    ]
 
 
 def both_transcripts(
@@ -174,17 +185,10 @@ def test_extended_pipeline_transcript(proxy: Proxy, tenant_db: TenantDb) -> None
     assert [e["C"] for e in errors_of(via)] == ["22012"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: an ErrorResponse while the Sync entry is at the head pops the Sync; "
-    "its ReadyForQuery is then 'unexpected' and the session ends (tracker.py _error)",
-)
 def test_deferred_constraint_error_at_sync(proxy: Proxy, tenant_db: TenantDb) -> None:
     """An error raised while the server processes Sync (implicit COMMIT) is answered
     by ErrorResponse + ReadyForQuery after the Execute already completed."""
-    setup = query(
-        "CREATE TEMP TABLE deferred (id int UNIQUE DEFERRABLE INITIALLY DEFERRED)"
-    )
+    setup = query("CREATE TEMP TABLE deferred (id int UNIQUE DEFERRABLE INITIALLY DEFERRED)")
     data = b"".join(
         [
             parse("", "INSERT INTO deferred VALUES (1), (1)"),
@@ -200,12 +204,9 @@ def test_deferred_constraint_error_at_sync(proxy: Proxy, tenant_db: TenantDb) ->
         expected = transcript(ref, data, 2)
         got = transcript(via, data, 2)
     assert [e["C"] for e in errors_of(expected)] == ["23505"]
-    assert got == expected
+    assert without_schema(got) == without_schema(expected)
 
 
-@pytest.mark.xfail(
-    strict=True, reason="BUG: error at Sync time ends the session (see above)"
-)
 def test_psycopg_deferred_constraint_in_autocommit(conn: Conn) -> None:
     conn.execute("CREATE TEMP TABLE deferred2 (id int UNIQUE DEFERRABLE INITIALLY DEFERRED)")
     with pytest.raises(errors.UniqueViolation):
@@ -234,6 +235,10 @@ def _pipeline_outcomes(connection: Conn) -> tuple[dict[int, Any], set[str], Any]
                     cursors[i] = connection.cursor().execute(sql, params, prepare=i % 7 == 0)
                 except psycopg.Error as exc:
                     raised.add(type(exc).__name__)
+                if i == 30:
+                    # let the error come back before the rest of the segment is sent
+                    # (what a busy client does by chance; here every time)
+                    time.sleep(0.3)
                 if i % 10 == 9:
                     try:
                         pipeline.sync()
@@ -256,11 +261,6 @@ def _pipeline_outcomes(connection: Conn) -> tuple[dict[int, Any], set[str], Any]
     return outcomes, raised, after
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: tracker forgets the skip-until-Sync state when the error arrives "
-    "before the rest of the segment (tracker.py ResponseTracker._error)",
-)
 def test_psycopg_pipeline_error_in_the_middle(conn: Conn, direct: Conn) -> None:
     ref_outcomes, ref_raised, ref_after = _pipeline_outcomes(direct)
     assert ref_outcomes[29] == [(58, "stmt 29")]
@@ -271,12 +271,6 @@ def test_psycopg_pipeline_error_in_the_middle(conn: Conn, direct: Conn) -> None:
     assert _pipeline_outcomes(conn) == (ref_outcomes, ref_raised, ref_after)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: messages received after an extended-protocol error and before the "
-    "next Sync are queued as pending although the server skips them; the Sync's "
-    "ReadyForQuery then ends the session (tracker.py ResponseTracker._error)",
-)
 def test_error_before_rest_of_segment_arrives(proxy: Proxy, tenant_db: TenantDb) -> None:
     """The server's ErrorResponse reaches the proxy before the client sent the rest
     of the segment (a client that Flushes and reads, like libpq pipeline mode)."""
@@ -286,9 +280,9 @@ def test_error_before_rest_of_segment_arrives(proxy: Proxy, tenant_db: TenantDb)
     with raw_proxy(proxy) as via, raw_direct(tenant_db) as ref:
         for raw in (ref, via):
             raw.send(first)
-            kind, payload = raw.read() or (b"", b"")
-            assert kind == b"E"
-            assert error_fields(payload)["C"] == "22012"
+            head = [raw.read() or (b"", b"") for _ in range(2)]
+            assert [kind for kind, _ in head] == [b"1", b"E"]  # 1/0 fails while planning
+            assert error_fields(head[1][1])["C"] == "22012"
             results.append(transcript(raw, rest, 2))
     expected, got = results
     assert [k for k, _ in expected] == [b"Z", b"T", b"D", b"C", b"Z"]
@@ -356,11 +350,17 @@ def test_psycopg_copy_in_and_out(conn: Conn, direct: Conn) -> None:
     with conn.cursor() as cur, cur.copy("COPY copied FROM STDIN") as copy:
         for row in rows:
             copy.write_row(row)
-    with conn.cursor() as cur, cur.copy("COPY copied (id, payload, raw) FROM STDIN (FORMAT binary)") as copy:
+    with (
+        conn.cursor() as cur,
+        cur.copy("COPY copied (id, payload, raw) FROM STDIN (FORMAT binary)") as copy,
+    ):
         copy.set_types(["int4", "text", "bytea"])
         for row in rows:
             copy.write_row(row)
-    assert conn.execute("SELECT count(*), sum(id) FROM copied").fetchone() == (10000, 2 * sum(range(5000)))
+    assert conn.execute("SELECT count(*), sum(id) FROM copied").fetchone() == (
+        10000,
+        2 * sum(range(5000)),
+    )
 
     out = "COPY (SELECT g, md5(g::text) FROM generate_series(1, 20000) g) TO STDOUT"
     chunks = {}
@@ -373,19 +373,25 @@ def test_psycopg_copy_in_and_out(conn: Conn, direct: Conn) -> None:
 
 def test_psycopg_copy_fail(conn: Conn) -> None:
     conn.execute("CREATE TEMP TABLE copy_fail (id int)")
-    with pytest.raises(RuntimeError, match="gives up"), conn.cursor() as cur:  # noqa: PT012
-        with cur.copy("COPY copy_fail FROM STDIN") as copy:
-            copy.write_row((1,))
-            raise RuntimeError("client gives up")  # psycopg sends CopyFail
+    with (  # noqa: PT012
+        pytest.raises(RuntimeError, match="gives up"),
+        conn.cursor() as cur,
+        cur.copy("COPY copy_fail FROM STDIN") as copy,
+    ):
+        copy.write_row((1,))
+        raise RuntimeError("client gives up")  # psycopg sends CopyFail
     assert conn.info.transaction_status == pq.TransactionStatus.IDLE
     assert conn.execute("SELECT count(*) FROM copy_fail").fetchone() == (0,)
 
 
 def test_copy_error_from_server(conn: Conn) -> None:
     conn.execute("CREATE TEMP TABLE copy_bad (id int)")
-    with pytest.raises(errors.InvalidTextRepresentation), conn.cursor() as cur:  # noqa: PT012
-        with cur.copy("COPY copy_bad FROM STDIN") as copy:
-            copy.write(b"1\nnot a number\n3\n")
+    with (
+        pytest.raises(errors.InvalidTextRepresentation),
+        conn.cursor() as cur,
+        cur.copy("COPY copy_bad FROM STDIN") as copy,
+    ):
+        copy.write(b"1\nnot a number\n3\n")
     assert conn.execute("SELECT 1").fetchone() == (1,)
 
 
@@ -411,8 +417,12 @@ async def test_asyncpg_listen_notify(proxy: Proxy, apg: asyncpg.Connection) -> N
     got: asyncio.Queue[str] = asyncio.Queue()
     await apg.add_listener("tg_async", lambda *args: got.put_nowait(args[3]))
     sender = await asyncpg.connect(
-        host=proxy.host, port=proxy.port, user="initech_app", password="initech-pw",
-        database="app", ssl=False,
+        host=proxy.host,
+        port=proxy.port,
+        user="initech_app",
+        password="initech-pw",
+        database="app",
+        ssl=False,
     )
     try:
         await sender.execute("SELECT pg_notify('tg_async', 'from initech')")
@@ -449,21 +459,21 @@ def test_changing_a_lexing_pin_ends_the_session(proxy: Proxy, conn: Conn, statem
 
 
 def test_transaction_status_tracking(proxy: Proxy, conn: Conn) -> None:
-    TS = pq.TransactionStatus  # noqa: N806
+    status = pq.TransactionStatus
     pid = conn.info.backend_pid
     session = proxy_server(proxy).sessions[pid]
-    assert conn.info.transaction_status == TS.IDLE
+    assert conn.info.transaction_status == status.IDLE
     conn.execute("BEGIN")
-    assert conn.info.transaction_status == TS.INTRANS
+    assert conn.info.transaction_status == status.INTRANS
     assert session.tracker.status == "T"
     with pytest.raises(errors.DivisionByZero):
         conn.execute("SELECT 1/0")
-    assert conn.info.transaction_status == TS.INERROR
+    assert conn.info.transaction_status == status.INERROR
     assert session.tracker.status == "E"
     with pytest.raises(errors.InFailedSqlTransaction):
         conn.execute("SELECT 1")
     conn.execute("ROLLBACK")
-    assert conn.info.transaction_status == TS.IDLE
+    assert conn.info.transaction_status == status.IDLE
     assert session.tracker.status == "I"
     assert session.tracker.idle
 

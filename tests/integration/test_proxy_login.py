@@ -16,7 +16,6 @@ import asyncpg
 import pg8000.native
 import psycopg
 import pytest
-
 from proxy_helpers import (
     PROTOCOL_3_0,
     PROTOCOL_3_2,
@@ -28,9 +27,10 @@ from proxy_helpers import (
     rows_of,
     ssl_request,
     start_proxy,
-    stop_when_idle,
     startup_packet,
+    stop_when_idle,
 )
+
 from support.db import TenantDb, TenantUser
 
 pytestmark = pytest.mark.postgres
@@ -60,7 +60,9 @@ def raw_login_error(proxy: Proxy, user: str, password: str, **params: str) -> di
     return info.value.fields
 
 
-def raw_startup_error(proxy: Proxy, params: dict[str, str], protocol: int = PROTOCOL_3_0) -> dict[str, str]:
+def raw_startup_error(
+    proxy: Proxy, params: dict[str, str], protocol: int = PROTOCOL_3_0
+) -> dict[str, str]:
     """Send a startup packet; the FATAL ErrorResponse the proxy answers with."""
     with RawClient(proxy.host, proxy.port) as raw:
         raw.send(startup_packet(params, protocol))
@@ -82,17 +84,19 @@ def test_psycopg_sync_login(proxy: Proxy, login: TenantUser) -> None:
 
 
 async def test_psycopg_async_login(proxy: Proxy, login: TenantUser) -> None:
-    async with await psycopg.AsyncConnection.connect(
-        proxy.dsn(login.name, login.password)
-    ) as conn:
+    async with await psycopg.AsyncConnection.connect(proxy.dsn(login.name, login.password)) as conn:
         cur = await conn.execute("SELECT current_user, %s::text", ("async",))
         assert await cur.fetchone() == ("app_tenant", "async")
 
 
 async def test_asyncpg_login(proxy: Proxy, login: TenantUser) -> None:
     conn = await asyncpg.connect(
-        host=proxy.host, port=proxy.port, user=login.name, password=login.password,
-        database="app", ssl=False,
+        host=proxy.host,
+        port=proxy.port,
+        user=login.name,
+        password=login.password,
+        database="app",
+        ssl=False,
     )
     try:
         assert await conn.fetchval("SELECT current_user") == "app_tenant"
@@ -115,11 +119,29 @@ def test_psql_login(proxy: Proxy, login: TenantUser) -> None:
     env = {**os.environ, "PGPASSWORD": login.password, "PGCONNECT_TIMEOUT": "10"}
     result = subprocess.run(
         [
-            "psql", "-X", "-At", "-v", "ON_ERROR_STOP=1",
-            "-h", proxy.host, "-p", str(proxy.port), "-U", login.name, "-d", "app",
-            "-c", "SELECT current_user", "-c", "SELECT count(*) FROM generate_series(1, 10)",
+            "psql",
+            "-X",
+            "-At",
+            "-v",
+            "ON_ERROR_STOP=1",
+            "-h",
+            proxy.host,
+            "-p",
+            str(proxy.port),
+            "-U",
+            login.name,
+            "-d",
+            "app",
+            "-c",
+            "SELECT current_user",
+            "-c",
+            "SELECT count(*) FROM generate_series(1, 10)",
         ],
-        env=env, capture_output=True, text=True, timeout=30, check=False,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["app_tenant", "10"]
@@ -128,9 +150,26 @@ def test_psql_login(proxy: Proxy, login: TenantUser) -> None:
 def test_psql_wrong_password(proxy: Proxy, tenant_db: TenantDb) -> None:
     env = {**os.environ, "PGPASSWORD": "nope", "PGCONNECT_TIMEOUT": "10"}
     result = subprocess.run(
-        ["psql", "-X", "-At", "-h", proxy.host, "-p", str(proxy.port), "-U", "acme_app",
-         "-d", "app", "-c", "SELECT 1"],
-        env=env, capture_output=True, text=True, timeout=30, check=False,
+        [
+            "psql",
+            "-X",
+            "-At",
+            "-h",
+            proxy.host,
+            "-p",
+            str(proxy.port),
+            "-U",
+            "acme_app",
+            "-d",
+            "app",
+            "-c",
+            "SELECT 1",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
     )
     assert result.returncode == 2
     assert 'password authentication failed for user "acme_app"' in result.stderr
@@ -157,8 +196,12 @@ async def test_asyncpg_wrong_password_sqlstate(proxy: Proxy) -> None:
     for user in ("acme_app", "ghost"):
         with pytest.raises(asyncpg.InvalidPasswordError) as info:
             await asyncpg.connect(
-                host=proxy.host, port=proxy.port, user=user, password="bad",
-                database="app", ssl=False,
+                host=proxy.host,
+                port=proxy.port,
+                user=user,
+                password="bad",
+                database="app",
+                ssl=False,
             )
         assert info.value.sqlstate == "28P01"
         assert str(info.value) == f'password authentication failed for user "{user}"'
@@ -188,8 +231,12 @@ def test_other_database_refused(proxy: Proxy) -> None:
 async def test_asyncpg_other_database(proxy: Proxy) -> None:
     with pytest.raises(asyncpg.InvalidCatalogNameError):
         await asyncpg.connect(
-            host=proxy.host, port=proxy.port, user="acme_app", password="acme-pw",
-            database="postgres", ssl=False,
+            host=proxy.host,
+            port=proxy.port,
+            user="acme_app",
+            password="acme-pw",
+            database="postgres",
+            ssl=False,
         )
 
 
@@ -201,9 +248,7 @@ def test_no_database_defaults_to_user_name(proxy: Proxy) -> None:
 
 @pytest.mark.parametrize("value", ["database", "true", "on", "1"])
 def test_replication_refused(proxy: Proxy, value: str) -> None:
-    fields = raw_startup_error(
-        proxy, {"user": "acme_app", "database": "app", "replication": value}
-    )
+    fields = raw_startup_error(proxy, {"user": "acme_app", "database": "app", "replication": value})
     assert fields["S"] == "FATAL"
     assert fields["M"].startswith("tenantgate:")
     assert "replication" in fields["M"]

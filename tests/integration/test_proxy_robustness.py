@@ -14,11 +14,10 @@ from typing import Any
 
 import psycopg
 import pytest
-from psycopg import errors
-
 from proxy_helpers import (
     Proxy,
     RawClient,
+    RssSampler,
     ServerError,
     error_fields,
     first_packet,
@@ -32,12 +31,15 @@ from proxy_helpers import (
     stop_when_idle,
     wait_for,
 )
+from psycopg import errors
+
 from support.db import TenantDb
 
 pytestmark = pytest.mark.postgres
 
 USER, PASSWORD = "acme_app", "acme-pw"
-MAX_MESSAGE = 1024 * 1024
+MB = 1024 * 1024
+MAX_MESSAGE = MB
 
 
 @pytest.fixture(scope="module")
@@ -233,7 +235,9 @@ def test_bad_scram_messages(proxy: Proxy, heartbeat: Heartbeat) -> None:
         pytest.param(b"Q" + struct.pack("!I", 0x7FFFFFFF) + b"SELECT", id="2GiB-length"),
         pytest.param(b"Q" + struct.pack("!I", 0xFFFFFFFF), id="4GiB-length"),
         pytest.param(b"Q" + struct.pack("!I", 3), id="length-below-4"),
-        pytest.param(query("SELECT '" + "x" * (MAX_MESSAGE + 10) + "'"), id="over-max_message_bytes"),
+        pytest.param(
+            query("SELECT '" + "x" * (MAX_MESSAGE + 10) + "'"), id="over-max_message_bytes"
+        ),
         pytest.param(msg(b"z", b"what"), id="unknown-type"),
         pytest.param(msg(b"p", b"late password\x00"), id="password-after-login"),
         pytest.param(msg(b"Q", b"SELECT 1"), id="query-without-terminator"),
@@ -276,15 +280,19 @@ def test_stalled_half_message_does_not_block_others(proxy: Proxy, heartbeat: Hea
 
 
 def test_client_not_reading_a_big_result(proxy: Proxy, heartbeat: Heartbeat) -> None:
-    """Backpressure: a client that stops reading stalls only its own session."""
+    """Backpressure: a client that stops reading stalls only its own session, and
+    the proxy does not buffer the result meanwhile."""
     with logged_in(proxy) as slow:
-        slow.send(query("SELECT repeat('x', 100000) FROM generate_series(1, 500)"))  # 50 MB
-        time.sleep(0.5)
-        assert heartbeat.beats_during(0.5) > 0
+        with RssSampler() as rss:
+            slow.send(query("SELECT repeat('x', 100000) FROM generate_series(1, 1000)"))  # 100 MB
+            time.sleep(1.0)
+            assert heartbeat.beats_during(0.5) > 0
+        assert rss.growth < 40 * MB, f"RSS grew by {rss.growth / MB:.0f} MB while stalled"
         received = 0
+        slow.sock.settimeout(30)
         while (item := slow.read()) is not None and item[0] != b"Z":
             received += item[0] == b"D"
-        assert received == 500
+        assert received == 1000
 
 
 def test_abandoning_a_big_result(proxy: Proxy, heartbeat: Heartbeat) -> None:
@@ -317,9 +325,7 @@ def _closed_port() -> int:
 
 
 def test_upstream_unreachable(tenant_db: TenantDb) -> None:
-    policy = tenant_db.policy(
-        "enforce", upstream={"port": _closed_port(), "connect_timeout_s": 2}
-    )
+    policy = tenant_db.policy("enforce", upstream={"port": _closed_port(), "connect_timeout_s": 2})
     running = start_proxy(policy)
     try:
         for _ in range(3):

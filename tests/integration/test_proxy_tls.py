@@ -11,7 +11,6 @@ from pathlib import Path
 import asyncpg
 import psycopg
 import pytest
-
 from proxy_helpers import (
     Proxy,
     RawClient,
@@ -21,9 +20,10 @@ from proxy_helpers import (
     self_signed_cert,
     ssl_request,
     start_proxy,
-    stop_when_idle,
     startup_packet,
+    stop_when_idle,
 )
+
 from support.db import TenantDb
 
 pytestmark = pytest.mark.postgres
@@ -165,8 +165,12 @@ def test_channel_binding_wrong_password(tls_proxy: Proxy) -> None:
 
 async def test_asyncpg_tls(tls_proxy: Proxy, cert: tuple[Path, Path]) -> None:
     conn = await asyncpg.connect(
-        host=tls_proxy.host, port=tls_proxy.port, user="globex_app", password="globex-pw",
-        database="app", ssl=client_context(cert[0]),
+        host=tls_proxy.host,
+        port=tls_proxy.port,
+        user="globex_app",
+        password="globex-pw",
+        database="app",
+        ssl=client_context(cert[0]),
     )
     try:
         assert await conn.fetchval("SELECT $1::text", "tls") == "tls"

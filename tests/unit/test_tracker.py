@@ -584,3 +584,25 @@ def test_error_at_injected_sync() -> None:
     msgs: list[BackendMessage] = [done("SELECT 1"), error("40001"), rfq("I")]
     assert actions(tracker, msgs) == [DROP, DROP, DROP]
     assert tracker.idle
+
+
+def test_messages_sent_after_an_error_and_before_sync_are_skipped() -> None:
+    """The error arrives before the client sent the rest of its segment (libpq pipelines)."""
+    tracker, seen = ResponseTracker(), Outcomes()
+    for kind, name in [(Kind.PARSE, "p1"), (Kind.BIND, "b1"), (Kind.EXECUTE, "e1")]:
+        tracker.expect(seen.entry(kind, name))
+    assert actions(tracker, [PARSE_OK, error("22012")]) == [FORWARD, FORWARD]
+    # The rest of the segment arrives now: the server will answer none of it.
+    for kind, name in [(Kind.PARSE, "p2"), (Kind.BIND, "b2"), (Kind.EXECUTE, "e2")]:
+        tracker.expect(seen.entry(kind, name))
+    tracker.expect(seen.entry(Kind.QUERY, "q"))
+    tracker.expect(seen.entry(Kind.SYNC, "s"))
+    assert actions(tracker, [rfq("I")]) == [FORWARD]
+    assert tracker.idle
+    outcomes = dict(seen.results)
+    assert outcomes["p1"] is True
+    assert [outcomes[n] for n in ("b1", "e1", "p2", "b2", "e2", "q")] == [False] * 6
+    # After the Sync, requests are paired with responses again.
+    tracker.expect(seen.entry(Kind.QUERY, "q2"))
+    assert actions(tracker, [done("SELECT 1"), rfq("I")]) == [FORWARD, FORWARD]
+    assert dict(seen.results)["q2"] is True
