@@ -20,13 +20,13 @@ from tenantgate.analysis import (
     AnalysisCache,
     AnalysisPolicy,
     Rejection,
-    StatementAnalysis,
     check_tenant,
     tenant_param_matches,
 )
 from tenantgate.config import Policy
 from tenantgate.errors import PgError, rejected
 from tenantgate.hooks import UNKNOWN_PORTAL, PortalInfo
+from tenantgate.injection import StatementShape
 from tenantgate.protocol.frontend import Bind, Parse
 
 log = logging.getLogger("tenantgate.enforcement")
@@ -53,11 +53,21 @@ def _asyncpg_reset_queries() -> frozenset[str]:
 DRIVER_RESET_QUERIES = _asyncpg_reset_queries()
 
 
-def _command(statements: Sequence[StatementAnalysis]) -> str:
+@dataclass(frozen=True, slots=True)
+class _Rest:
+    """The unanalysed remainder of a refused string, as one statement for injection."""
+
+    location: int
+    length: int = 0
+    transaction: str | None = None
+    command: str = "other"
+
+
+def _command(statements: Sequence[StatementShape]) -> str:
     """The metric label of a string: its first statement that is not transaction control."""
     for statement in statements:
         if statement.transaction is None:
-            return statement.command
+            return getattr(statement, "command", "other")
     return "other"
 
 
@@ -95,7 +105,18 @@ class _Slot:
     confirmed: Prepared | None = None
     pending: list[Prepared] = field(default_factory=list)
 
-    def candidates(self) -> list[Prepared]:
+    def candidates(self, unnamed: bool) -> list[Prepared]:
+        """What a Bind of this name may run.
+
+        The unnamed statement is dropped by every Parse (even one that fails)
+        and by every simple Query, so only the latest can run.  A named one
+        keeps its old text if a new Parse fails (duplicate name), so until the
+        server answers, a Bind must satisfy every candidate.
+        """
+        if unnamed:
+            if self.pending:
+                return [self.pending[-1]]
+            return [self.confirmed] if self.confirmed else []
         return ([self.confirmed] if self.confirmed else []) + self.pending
 
 
@@ -169,6 +190,9 @@ class PolicyInspector:
         if rejection is not None:
             error = self._refuse(rejection, parse.query)
             if error is not None:
+                if parse.name == "":
+                    # The failing Parse still drops the server's unnamed statement.
+                    self._statements.pop("", None)
                 return error
         self._statements.setdefault(parse.name, _Slot()).pending.append(Prepared(parse, analysis))
         return None
@@ -177,7 +201,7 @@ class PolicyInspector:
         slot = self._statements.get(bind.statement)
         if slot is None:
             return None  # unknown to the server too: it answers "does not exist"
-        candidates = slot.candidates()
+        candidates = slot.candidates(unnamed=bind.statement == "")
         for prepared in candidates:
             rejection = self._check_params(prepared, bind)
             if rejection is not None:
@@ -202,7 +226,7 @@ class PolicyInspector:
                     value, bind.param_is_binary(index), type_oid, self._tenant
                 ):
                     return Rejection(
-                        "wrong_tenant",
+                        "wrong_tenant_param",
                         f"parameter ${number} must be this session's tenant id",
                         f"bind ${number} to the tenant id you logged in as",
                     )
@@ -234,8 +258,17 @@ class PolicyInspector:
             if not slot.pending:
                 del self._statements[name]
 
-    def last_statements(self) -> Sequence[StatementAnalysis]:
-        return self.last_analysis.statements if self.last_analysis is not None else ()
+    def last_statements(self) -> Sequence[StatementShape]:
+        analysis = self.last_analysis
+        if analysis is None:
+            return ()
+        if analysis.rejection is not None:
+            # Dry run forwards refused strings; their analysis stops before the refused
+            # statement, so let the tenant be injected before it and what follows.
+            done = analysis.statements
+            end = done[-1].location + done[-1].length if done else 0
+            return (*done, _Rest(end))
+        return analysis.statements
 
     def portal_info(self, portal: str) -> PortalInfo:
         return self._portals.get(portal, UNKNOWN_PORTAL)

@@ -330,3 +330,21 @@ def test_deep_nesting_fails_closed() -> None:
         "parse_error", "unsupported_construct")
     deep = "SELECT 1 FROM orders WHERE tenant_id = 'acme' AND id IN (" * 60 + "SELECT 1" + ")" * 60
     assert analyse_sql(deep, POLICY).rejection is None
+
+
+@pytest.mark.parametrize(
+    ("sql", "kind"),
+    [
+        ("SET TRANSACTION ISOLATION LEVEL SERIALIZABLE", "set_transaction"),
+        ("SET TRANSACTION READ ONLY", "set_transaction"),
+        ("SET transaction_isolation = 'repeatable read'", "set_transaction"),
+        ("SET LOCAL transaction_read_only = on", "set_transaction"),
+        ("SET SESSION CHARACTERISTICS AS TRANSACTION READ ONLY", None),
+        ("SET application_name = 'x'", None),
+    ],
+)
+def test_set_transaction_is_reported_for_injection(sql: str, kind: str | None) -> None:
+    """rls injection must not precede these: they must be the transaction's first query."""
+    analysis = analyse_sql(sql, POLICY)
+    assert analysis.rejection is None
+    assert analysis.statements[0].transaction == kind

@@ -158,7 +158,7 @@ def classify(stmt: Node, walker: Walker) -> Classified:
         return Classified("other", entry[0], entry[1])
     if kind == "VariableSetStmt":
         tag, timeout = check_set(body, walker.policy.tenant_setting)
-        return Classified("other", tag, None, timeout)
+        return Classified("other", tag, _set_transaction_kind(body), timeout)
     if kind == "VariableShowStmt":
         return Classified("other", "SHOW")
     if kind == "ConstraintsSetStmt":
@@ -243,3 +243,18 @@ def _copy(body: Node, walker: Walker) -> Classified:
     if body.get("whereClause") is not None:
         walker.walk(body["whereClause"], frozenset())
     return Classified("other", "COPY")
+
+
+_TRANSACTION_SETTINGS = frozenset(
+    {"transaction_isolation", "transaction_read_only", "transaction_deferrable"}
+)
+
+
+def _set_transaction_kind(body: Node) -> TransactionKind | None:
+    """``SET TRANSACTION ...`` (and its GUC forms) must precede any query of the
+    transaction, so the proxy's rls injection must not go before it."""
+    if body.get("kind") == "VAR_SET_MULTI" and body.get("name") == "TRANSACTION":
+        return "set_transaction"
+    if str(body.get("name", "")).lower() in _TRANSACTION_SETTINGS:
+        return "set_transaction"
+    return None

@@ -15,7 +15,14 @@ from typing import Literal
 
 Command = Literal["select", "insert", "update", "delete", "other"]
 TransactionKind = Literal[
-    "begin", "commit", "rollback", "savepoint", "release", "rollback_to", "prepare"
+    "begin",
+    "commit",
+    "rollback",
+    "savepoint",
+    "release",
+    "rollback_to",
+    "prepare",
+    "set_transaction",
 ]
 
 
