@@ -25,8 +25,11 @@ from tenantgate.analysis import (
 )
 
 POLICY = AnalysisPolicy(
-    scoped_tables={"orders": "tenant_id", "customers": "tenant_id",
-                   "billing.invoices": "tenant_id"},
+    scoped_tables={
+        "orders": "tenant_id",
+        "customers": "tenant_id",
+        "billing.invoices": "tenant_id",
+    },
     shared_tables=frozenset({"plans"}),
 )
 
@@ -35,13 +38,16 @@ STATEMENTS = {
     "join_page": (
         "SELECT o.id, o.item, c.name FROM orders o JOIN customers c ON c.id = o.customer_id "
         "AND c.tenant_id = $1 WHERE o.tenant_id = $1 AND o.status = $2 "
-        "ORDER BY o.created_at DESC LIMIT $3 OFFSET $4"),
+        "ORDER BY o.created_at DESC LIMIT $3 OFFSET $4"
+    ),
     "cte_agg": (
         "WITH t AS (SELECT customer_id, sum(amount) AS s FROM orders WHERE tenant_id = $1 "
         "GROUP BY customer_id) SELECT c.name, t.s FROM t JOIN customers c ON c.id = "
-        "t.customer_id WHERE c.tenant_id = $1 ORDER BY t.s DESC LIMIT 10"),
-    "insert": ("INSERT INTO orders (tenant_id, item, amount) VALUES ($1, $2, $3) "
-               "RETURNING id, created_at"),
+        "t.customer_id WHERE c.tenant_id = $1 ORDER BY t.s DESC LIMIT 10"
+    ),
+    "insert": (
+        "INSERT INTO orders (tenant_id, item, amount) VALUES ($1, $2, $3) RETURNING id, created_at"
+    ),
     "update": "UPDATE orders SET status = $2 WHERE tenant_id = $1 AND id = $3",
     "begin": "BEGIN",
 }

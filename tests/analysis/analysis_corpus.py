@@ -17,12 +17,16 @@ from tenantgate.analysis import (
 )
 
 POLICY = AnalysisPolicy(
-    scoped_tables={"orders": "tenant_id", "customers": "tenant_id",
-                   "billing.invoices": "tenant_id"},
+    scoped_tables={
+        "orders": "tenant_id",
+        "customers": "tenant_id",
+        "billing.invoices": "tenant_id",
+    },
     shared_tables=frozenset({"plans"}),
 )
 RLS_POLICY = AnalysisPolicy(
-    scoped_tables=POLICY.scoped_tables, shared_tables=POLICY.shared_tables,
+    scoped_tables=POLICY.scoped_tables,
+    shared_tables=POLICY.shared_tables,
     check_predicates=False,
 )
 CORPUS_DIR = Path(__file__).resolve().parents[1] / "corpus"
@@ -53,12 +57,18 @@ def load_cases() -> list[Case]:
         for index, raw in enumerate(doc["cases"]):
             item = {**defaults, **raw}
             params = item.get("params")
-            cases.append(Case(
-                file=path.name, index=index, sql=str(item["sql"]),
-                verdict=str(item["verdict"]), rule=item.get("rule"),
-                note=str(item.get("note", "")),
-                params=tuple(params) if params is not None else None,
-                mode=str(item.get("mode", "enforce"))))
+            cases.append(
+                Case(
+                    file=path.name,
+                    index=index,
+                    sql=str(item["sql"]),
+                    verdict=str(item["verdict"]),
+                    rule=item.get("rule"),
+                    note=str(item.get("note", "")),
+                    params=tuple(params) if params is not None else None,
+                    mode=str(item.get("mode", "enforce")),
+                )
+            )
     return cases
 
 

@@ -32,9 +32,23 @@ def test_corpus_shape() -> None:
 
 def test_every_rule_has_corpus_cases() -> None:
     rules = {c.rule for c in CASES if c.verdict == "rejected"}
-    expected = {"parse_error", "statement_class", "setting_change", "setting_value",
-                "denied_function", "catalog_view", "catalog_write", "temp_schema",
-                "unknown_table", "shared_table_write", "missing_tenant_predicate",
-                "alias_column_list", "insert_tenant_column", "tenant_column_update",
-                "unproven_on_conflict", "wrong_tenant", "wrong_tenant_param"}
+    expected = {
+        "parse_error",
+        "statement_class",
+        "setting_change",
+        "setting_value",
+        "denied_function",
+        "catalog_view",
+        "catalog_write",
+        "temp_schema",
+        "unknown_table",
+        "shared_table_write",
+        "missing_tenant_predicate",
+        "alias_column_list",
+        "insert_tenant_column",
+        "tenant_column_update",
+        "unproven_on_conflict",
+        "wrong_tenant",
+        "wrong_tenant_param",
+    }
     assert expected <= rules, expected - rules

@@ -31,12 +31,55 @@ def test_never_raises_on_text(text: str) -> None:
     assert analysis.rejection is None or analysis.rejection.rule
 
 
-_SQLISH = st.lists(st.sampled_from([
-    "SELECT", "*", "FROM", "orders", "o", "WHERE", "tenant_id", "=", "'acme'", "OR", "AND",
-    "true", "(", ")", ",", ";", "UNION", "WITH", "x", "AS", "JOIN", "LEFT", "ON", "$1",
-    "o.tenant_id", "set_config", "'globex'", "::text", "--", "/*", "*/", "E'\\x41'", "$$",
-    "INSERT", "INTO", "VALUES", "UPDATE", "SET", "DELETE", "LATERAL", "EXISTS", "SELECT 1",
-]), max_size=30).map(" ".join)
+_SQLISH = st.lists(
+    st.sampled_from(
+        [
+            "SELECT",
+            "*",
+            "FROM",
+            "orders",
+            "o",
+            "WHERE",
+            "tenant_id",
+            "=",
+            "'acme'",
+            "OR",
+            "AND",
+            "true",
+            "(",
+            ")",
+            ",",
+            ";",
+            "UNION",
+            "WITH",
+            "x",
+            "AS",
+            "JOIN",
+            "LEFT",
+            "ON",
+            "$1",
+            "o.tenant_id",
+            "set_config",
+            "'globex'",
+            "::text",
+            "--",
+            "/*",
+            "*/",
+            "E'\\x41'",
+            "$$",
+            "INSERT",
+            "INTO",
+            "VALUES",
+            "UPDATE",
+            "SET",
+            "DELETE",
+            "LATERAL",
+            "EXISTS",
+            "SELECT 1",
+        ]
+    ),
+    max_size=30,
+).map(" ".join)
 
 
 @given(_SQLISH)
@@ -94,8 +137,12 @@ class Builder:
             return f"WITH {name} AS ({body}) {main}"
         return self.level(depth)
 
-    def from_item(self, depth: int, entries: list[Entry], joins: list[JoinInfo],
-                  ) -> tuple[object, list[Entry]]:
+    def from_item(
+        self,
+        depth: int,
+        entries: list[Entry],
+        joins: list[JoinInfo],
+    ) -> tuple[object, list[Entry]]:
         kinds = ["scoped", "scoped", "shared", "sub", "join", "join"]
         choice = self.draw(st.sampled_from(kinds if depth else ["scoped", "shared"]))
         if choice == "scoped":
@@ -115,8 +162,11 @@ class Builder:
             return Sub(f"{'LATERAL ' if lateral else ''}({inner}) {alias}", alias), [entries[-1]]
         left, left_entries = self.from_item(depth - 1, entries, joins)
         right, right_entries = self.from_item(depth - 1, entries, joins)
-        join = Join(self.draw(st.sampled_from(["JOIN", "LEFT JOIN", "RIGHT JOIN", "FULL JOIN"])),
-                    left, right)
+        join = Join(
+            self.draw(st.sampled_from(["JOIN", "LEFT JOIN", "RIGHT JOIN", "FULL JOIN"])),
+            left,
+            right,
+        )
         joins.append((join, left_entries, right_entries))
         return join, left_entries + right_entries
 
@@ -126,20 +176,36 @@ class Builder:
         if isinstance(item, Sub):
             return item.sql
         assert isinstance(item, Join)
-        return (f"({self.render(item.left)} {item.kind} {self.render(item.right)} "
-                f"ON {' AND '.join(item.quals)})")
+        return (
+            f"({self.render(item.left)} {item.kind} {self.render(item.right)} "
+            f"ON {' AND '.join(item.quals)})"
+        )
 
     def level(self, depth: int, extra_from: list[str] | None = None) -> str:
         entries: list[Entry] = []
         joins: list[JoinInfo] = []
-        items = [self.from_item(depth, entries, joins)[0]
-                 for _ in range(self.draw(st.integers(1, 2)))]
+        items = [
+            self.from_item(depth, entries, joins)[0] for _ in range(self.draw(st.integers(1, 2)))
+        ]
         where: list[str] = []
         others = [e for e in entries if not e.scoped]
         for entry in [e for e in entries if e.scoped]:
-            placement = self.draw(st.sampled_from(
-                ["where", "where", "param", "on", "on", "none", "wrong", "or", "sub",
-                 "other_alias"]))
+            placement = self.draw(
+                st.sampled_from(
+                    [
+                        "where",
+                        "where",
+                        "param",
+                        "on",
+                        "on",
+                        "none",
+                        "wrong",
+                        "or",
+                        "sub",
+                        "other_alias",
+                    ]
+                )
+            )
             pred = f"{entry.alias}.tenant_id = 'acme'"
             if placement == "where":
                 where.append(pred)
@@ -161,8 +227,12 @@ class Builder:
                 if holders:
                     join, left, right = self.draw(st.sampled_from(holders))
                     join.quals.append(pred)
-                    constrained = {"JOIN": left + right, "LEFT JOIN": right,
-                                   "RIGHT JOIN": left, "FULL JOIN": []}[join.kind]
+                    constrained = {
+                        "JOIN": left + right,
+                        "LEFT JOIN": right,
+                        "RIGHT JOIN": left,
+                        "FULL JOIN": [],
+                    }[join.kind]
                     entry.proven = any(e is entry for e in constrained)
         if depth and self.draw(st.booleans()):
             where.append(f"EXISTS ({self.statement(depth - 1)})")

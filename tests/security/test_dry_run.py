@@ -38,7 +38,6 @@ def _client(proxy: RunningProxy, db: TenantDb) -> LibpqClient:
     return LibpqClient(proxy.dsn(user.name, user.password))
 
 
-
 @pytest.mark.parametrize("protocol", ["simple", "extended"])
 def test_dry_run_both_forwards_and_rls_confines(
     dry_both: RunningProxy, clean_tenant_db: TenantDb, protocol: str
