@@ -24,8 +24,8 @@ from tenantgate.hooks import Inspector
 from tenantgate.limits import TenantLimiter
 from tenantgate.metrics import Metrics, MetricsServer, start_http
 from tenantgate.server import InspectorFactory, ProxyServer
-from tenantgate.session import Session, SessionInfo
-from tenantgate.telemetry import SessionTelemetry, command_of
+from tenantgate.session import Session, SessionInfo, command_of
+from tenantgate.telemetry import SessionTelemetry
 
 log = logging.getLogger("tenantgate")
 CACHE_ENTRIES = 10000
@@ -76,7 +76,12 @@ class ProxyApp:
             telemetry.rejected(rejection.rule, sql, command_of(sql), dry_run)
 
         return PolicyInspector(
-            self.cache, info.tenant, limits.statement_timeout_ms, policy.dry_run, rejected
+            self.cache,
+            info.tenant,
+            limits.statement_timeout_ms,
+            policy.dry_run,
+            rejected,
+            limits.idle_in_transaction_timeout_ms,
         )
 
     def _session_started(self, session: Session) -> None:

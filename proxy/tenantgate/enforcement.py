@@ -134,7 +134,11 @@ class PolicyInspector:
         statement_timeout_limit_ms: int | None,
         dry_run: bool,
         on_rejection: RejectionListener | None = None,
+        idle_in_transaction_limit_ms: int | None = None,
     ) -> None:
+        self._idle_limit = idle_in_transaction_limit_ms
+        # Whether the Query/Parse just inspected would have been refused (dry run).
+        self.last_would_reject = False
         self._cache = cache
         self._tenant = tenant
         self._timeout_limit = statement_timeout_limit_ms
@@ -151,20 +155,34 @@ class PolicyInspector:
         analysis = self._cache.get_or_analyse(sql)
         self.last_analysis = analysis
         rejection = analysis.rejection or check_tenant(analysis, self._tenant)
-        if rejection is None and self._timeout_limit is not None:
-            rejection = self._check_timeout(analysis)
+        if rejection is None:
+            rejection = self._check_timeouts(analysis)
+        self.last_would_reject = rejection is not None and self._dry_run
         return analysis, rejection
 
-    def _check_timeout(self, analysis: Analysis) -> Rejection | None:
-        limit = self._timeout_limit
+    def _check_timeouts(self, analysis: Analysis) -> Rejection | None:
+        """The tenant's timeouts are upstream session defaults: lowering is fine, raising not."""
         for statement in analysis.statements:
-            value = statement.statement_timeout_ms
-            if value is not None and limit is not None and (value == 0 or value > limit):
-                return Rejection(
+            for rule, setting, value, limit in (
+                (
                     "statement_timeout_limit",
-                    f"statement_timeout may not exceed this tenant's limit of {limit} ms",
-                    f"use a value between 1 and {limit} ms",
-                )
+                    "statement_timeout",
+                    statement.statement_timeout_ms,
+                    self._timeout_limit,
+                ),
+                (
+                    "idle_in_transaction_timeout_limit",
+                    "idle_in_transaction_session_timeout",
+                    statement.idle_in_transaction_timeout_ms,
+                    self._idle_limit,
+                ),
+            ):
+                if value is not None and limit is not None and (value == 0 or value > limit):
+                    return Rejection(
+                        rule,
+                        f"{setting} may not exceed this tenant's limit of {limit} ms",
+                        f"use a value between 1 and {limit} ms",
+                    )
         return None
 
     def _refuse(self, rejection: Rejection, sql: str) -> PgError | None:
@@ -202,10 +220,15 @@ class PolicyInspector:
         if slot is None:
             return None  # unknown to the server too: it answers "does not exist"
         candidates = slot.candidates(unnamed=bind.statement == "")
+        would_reject = any(p.analysis.rejection is not None for p in candidates)
         for prepared in candidates:
             rejection = self._check_params(prepared, bind)
             if rejection is not None:
-                return self._refuse(rejection, prepared.parse.query)
+                error = self._refuse(rejection, prepared.parse.query)
+                if error is not None:
+                    self._portals.pop(bind.portal, None)
+                    return error
+                would_reject = True
         if len(self._portals) > MAX_TRACKED_PORTALS:
             self._portals.clear()
         latest = candidates[-1].analysis.statements if candidates else ()
@@ -213,6 +236,8 @@ class PolicyInspector:
             bool(latest) and latest[0].transaction is not None,
             _command(latest),
             candidates[-1].parse.query if candidates else None,
+            would_reject,
+            any(s.tag == "DEALLOCATE ALL" for s in latest),
         )
         return None
 

@@ -26,7 +26,7 @@ def explain_text(sql: str, policy_path: Path, tenant: str) -> tuple[str, bool]:
     lines = [f"mode: {policy.mode}", explain_verdict(analysis, tenant)]
     if rejection is None and policy.injects_tenant:
         injector = TenantInjector(policy.tenant_setting, tenant)
-        text, _ = injector.rewrite_query(sql.encode(), analysis.statements)
+        text = injector.rewrite_query(sql.encode(), analysis.statements).text
         lines.append("sent upstream as a simple Query:")
         lines.append("  " + text.decode())
         lines.append(

@@ -24,6 +24,8 @@ class PortalInfo:
     transaction_control: bool
     command: str
     sql: str | None
+    would_reject: bool = False  # dry run: already counted as would_reject at Parse/Bind
+    deallocates_all: bool = False  # DEALLOCATE ALL: drops the proxy's internal statement too
 
 
 UNKNOWN_PORTAL = PortalInfo(False, "other", None)

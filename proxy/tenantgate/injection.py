@@ -23,9 +23,10 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Protocol
 
-from tenantgate.protocol.frontend import Bind, Close, Execute, Parse, Sync
+from tenantgate.protocol.frontend import Bind, Close, Execute, Parse
 
 INTERNAL_STATEMENT = "__tenantgate_set_tenant"
 INTERNAL_PORTAL = "__tenantgate_set_tenant_portal"
@@ -45,6 +46,31 @@ class StatementShape(Protocol):
     def length(self) -> int: ...
 
 
+@dataclass(frozen=True, slots=True)
+class Rewrite:
+    """A simple Query with the tenant spliced in."""
+
+    text: bytes
+    hidden_statements: frozenset[int]
+    # (character position in ``text``, characters inserted there): to map error positions back.
+    shifts: tuple[tuple[int, int], ...]
+
+
+def original_position(position: int, shifts: tuple[tuple[int, int], ...]) -> int | None:
+    """Map a 1-based error position in the rewritten text to the client's text.
+
+    None when it points into the proxy's own inserted text.
+    """
+    offset = position - 1
+    moved = 0
+    for start, size in shifts:
+        if offset >= start + size:
+            moved += size
+        elif offset >= start:
+            return None
+    return offset - moved + 1
+
+
 def _literal(value: str) -> str:
     # Tenant ids and setting names are validated by the policy model; check again
     # because this text goes into SQL (standard_conforming_strings is pinned on).
@@ -57,12 +83,14 @@ class TenantInjector:
     """Per-session injection state for one tenant."""
 
     __slots__ = (
-        "_bind",
         "_execute",
+        "_generation",
         "_needs_injection",
         "_query_injection",
         "_rewritten",
-        "prepare_messages",
+        "_setting",
+        "_tenant",
+        "prepared",
     )
 
     def __init__(self, tenant_setting: str, tenant: str) -> None:
@@ -71,28 +99,30 @@ class TenantInjector:
         ).encode()
         self._needs_injection = True
         # Rewrites depend only on the text (boundaries come from its cached analysis).
-        self._rewritten: dict[bytes, tuple[bytes, frozenset[int]]] = {}
-        # Sent once at session start: Parse of the internal statement + Sync.
-        self.prepare_messages = (
-            Parse(
-                INTERNAL_STATEMENT, "SELECT pg_catalog.set_config($1, $2, true)", (25, 25)
-            ).encode()
-            + Sync().encode()
-        )
-        self._bind = Bind(
-            INTERNAL_PORTAL,
-            INTERNAL_STATEMENT,
-            (0,),
-            (tenant_setting.encode(), tenant.encode()),
-            (),
-        ).encode()
+        self._rewritten: dict[bytes, Rewrite] = {}
+        self._setting = tenant_setting.encode()
+        self._tenant = tenant.encode()
+        # The internal statement is parsed lazily with the first injection, and again
+        # under a new name after the client's DEALLOCATE ALL dropped it.
+        self._generation = 0
+        self.prepared = False
         self._execute = Execute(INTERNAL_PORTAL, 0).encode() + Close("P", INTERNAL_PORTAL).encode()
+
+    @property
+    def statement_name(self) -> str:
+        return f"{INTERNAL_STATEMENT}_{self._generation}"
+
+    def statements_dropped(self) -> None:
+        """The client ran DEALLOCATE ALL: prepare the internal statement afresh.
+
+        A new name, because the DEALLOCATE may not have run (an error before it).
+        """
+        self._generation += 1
+        self.prepared = False
 
     # --- simple Query -----------------------------------------------------------------
 
-    def rewrite_query(
-        self, sql: bytes, statements: Sequence[StatementShape]
-    ) -> tuple[bytes, frozenset[int]]:
+    def rewrite_query(self, sql: bytes, statements: Sequence[StatementShape]) -> Rewrite:
         """The Query text with set_config spliced in, and the indices of the injected statements.
 
         ``statements`` carry byte offsets into ``sql``; an injection goes at the
@@ -108,10 +138,9 @@ class TenantInjector:
         self._rewritten[sql] = result
         return result
 
-    def _rewrite(
-        self, sql: bytes, statements: Sequence[StatementShape]
-    ) -> tuple[bytes, frozenset[int]]:
+    def _rewrite(self, sql: bytes, statements: Sequence[StatementShape]) -> Rewrite:
         out = bytearray()
+        inserted: list[tuple[int, int]] = []  # (byte offset in the result, byte length)
         copied = 0
         previous_end: int | None = None
         hidden: list[int] = []
@@ -122,9 +151,12 @@ class TenantInjector:
                 pending = True
             elif pending:
                 if previous_end is None:
+                    inserted.append((0, len(self._query_injection) + 1))
                     out += self._query_injection + b";"
                 else:
-                    out += sql[copied:previous_end] + b";" + self._query_injection
+                    out += sql[copied:previous_end]
+                    inserted.append((len(out), len(self._query_injection) + 1))
+                    out += b";" + self._query_injection
                     copied = previous_end
                 hidden.append(index)
                 index += 1
@@ -132,19 +164,34 @@ class TenantInjector:
             index += 1
             previous_end = statement.location + statement.length if statement.length else len(sql)
         out += sql[copied:]
-        return bytes(out), frozenset(hidden)
+        text = bytes(out)
+        # Error positions ('P') count characters of the text the server saw.
+        shifts = tuple((len(text[:at].decode("utf-8", "replace")), size) for at, size in inserted)
+        return Rewrite(text, frozenset(hidden), shifts)
 
     # --- extended protocol --------------------------------------------------------------
 
     def before_execute(self, transaction_control: bool) -> bytes | None:
-        """Messages to send before a client Execute (Bind+Execute+Close), or None."""
+        """Messages to send before a client Execute ([Parse+]Bind+Execute+Close), or None.
+
+        When :attr:`prepared` is False the bytes start with the Parse of the
+        internal statement, and it counts as prepared from now on (later
+        injections in the same pipeline must not Parse it again); the caller
+        resets :attr:`prepared` if the server refuses or skips that Parse.
+        """
         if transaction_control:
             self._needs_injection = True
             return None
         if not self._needs_injection:
             return None
         self._needs_injection = False
-        return self._bind + self._execute
+        name = self.statement_name
+        bind = Bind(INTERNAL_PORTAL, name, (0,), (self._setting, self._tenant), ()).encode()
+        if self.prepared:
+            return bind + self._execute
+        parse = Parse(name, "SELECT pg_catalog.set_config($1, $2, true)", (25, 25)).encode()
+        self.prepared = True
+        return parse + bind + self._execute
 
     def after_sync(self) -> None:
         self._needs_injection = True

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -121,6 +122,10 @@ class Session:
         self.tracker.on_complete = self._request_done
 
     def _request_done(self, entry: Pending, ok: bool) -> None:
+        # Rejections were reported when inspected; statements the server skipped
+        # after an earlier error never ran.
+        if entry.rejection is not None or entry.skipped:
+            return
         if entry.kind is Kind.QUERY or entry.kind is Kind.EXECUTE:
             self.observer.request_done(entry, ok)
 
@@ -153,11 +158,6 @@ class Session:
         self._upstream_transport = cast(asyncio.Transport, self.upstream.writer.transport)
         self._client_transport.set_protocol(_Side(self, client=True))
         self._upstream_transport.set_protocol(_Side(self, client=False))
-        if self.injector is not None:
-            # The internal set_config statement, prepared once per upstream session.
-            self.tracker.expect(Pending(Kind.PARSE, injected=True))
-            self.tracker.expect(Pending(Kind.SYNC, injected=True))
-            self._upstream_transport.write(self.injector.prepare_messages)
         if upstream_left:
             self.upstream_data(upstream_left)
         if client_left:
@@ -255,7 +255,7 @@ class Session:
                     if delay is None:
                         if run_start < header:
                             out.append(bytes(buffer[run_start:header]))
-                        out.append(self._rate_rejection(msg_type))
+                        out.append(self._rate_rejection(msg_type, bytes(buffer[start:end])))
                         run_start = end
                         continue
             if msg_type == 0x58:  # Terminate
@@ -283,9 +283,15 @@ class Session:
             self._client_transport.resume_reading()
         self._guard(lambda _: self._drain_client(), b"")
 
-    def _rate_rejection(self, msg_type: int) -> bytes:
+    def _rate_rejection(self, msg_type: int, payload: bytes) -> bytes:
         error = rate_limited(self.rate or 0.0)
-        self.observer.rejected("rate_limit", "", "other", False)
+        if msg_type == 0x51:
+            sql: str | None = Query.decode(payload).query
+            command = command_of(sql or "")
+        else:
+            info = self.inspector.portal_info(Execute.decode(payload).portal)
+            sql, command = info.sql, info.command
+        self.observer.rejected("rate_limit", sql or "", command, False)
         return self._reject_query(error) if msg_type == 0x51 else self._reject_extended(error)
 
     def _check_idle(self) -> None:
@@ -308,14 +314,22 @@ class Session:
                 if error is not None:
                     return self._reject_query(error)
                 inspector.query_sent()
-                entry = Pending(Kind.QUERY, command=inspector.last_command(), sql=sql)
+                entry = Pending(
+                    Kind.QUERY,
+                    command=inspector.last_command(),
+                    sql=sql,
+                    would_reject=getattr(inspector, "last_would_reject", False),
+                )
                 entry.started = perf_counter()
                 tracker.expect(entry)
                 if injector is not None:
-                    text, entry.hidden_statements = injector.rewrite_query(
-                        payload[:-1], inspector.last_statements()
-                    )
-                    return frame(b"Q", text + b"\x00")
+                    statements = inspector.last_statements()
+                    if any(getattr(s, "tag", "") == "DEALLOCATE ALL" for s in statements):
+                        injector.statements_dropped()
+                    rewrite = injector.rewrite_query(payload[:-1], statements)
+                    entry.hidden_statements = rewrite.hidden_statements
+                    entry.position_shifts = rewrite.shifts
+                    return frame(b"Q", rewrite.text + b"\x00")
                 return None
             case 0x50:  # Parse
                 parse = Parse.decode(payload)
@@ -339,12 +353,21 @@ class Session:
                 info = inspector.portal_info(portal)
                 injection = None
                 if injector is not None:
+                    parsing = not injector.prepared
                     injection = injector.before_execute(info.transaction_control)
                     if injection is not None:
+                        if parsing:
+                            tracker.expect(
+                                Pending(Kind.PARSE, injected=True, on_done=self._prepared(injector))
+                            )
                         tracker.expect(Pending(Kind.BIND, injected=True))
                         tracker.expect(Pending(Kind.EXECUTE, injected=True))
                         tracker.expect(Pending(Kind.CLOSE, injected=True))
-                entry = Pending(Kind.EXECUTE, command=info.command, sql=info.sql)
+                if info.deallocates_all and injector is not None:
+                    injector.statements_dropped()
+                entry = Pending(
+                    Kind.EXECUTE, command=info.command, sql=info.sql, would_reject=info.would_reject
+                )
                 entry.started = perf_counter()
                 tracker.expect(entry)
                 if injection is not None:
@@ -382,6 +405,16 @@ class Session:
             case _:
                 raise SessionEnded(protocol_violation(f"unexpected message type {msg_type:#04x}"))
         return None
+
+    @staticmethod
+    def _prepared(injector: TenantInjector) -> Callable[[bool], None]:
+        name = injector.statement_name
+
+        def done(ok: bool) -> None:
+            if not ok and injector.statement_name == name:
+                injector.prepared = False  # refused or skipped: Parse it again next time
+
+        return done
 
     def _described(self, name: str) -> Callable[[bytes], None]:
         def record(payload: bytes) -> None:
@@ -473,6 +506,17 @@ class _Side(asyncio.Protocol):
 
     def resume_writing(self) -> None:
         self._session.side_paused(self._client, paused=False)
+
+
+_LEADING_KEYWORD = re.compile(r"\s*(\w+)")
+_COMMANDS = frozenset({"select", "insert", "update", "delete"})
+
+
+def command_of(sql: str) -> str:
+    """Cheap metric label for a statement the analyser did not describe (it may not parse)."""
+    match = _LEADING_KEYWORD.match(sql)
+    word = match.group(1).lower() if match else ""
+    return word if word in _COMMANDS else "other"
 
 
 def _reserved(*names: str) -> PgError | None:

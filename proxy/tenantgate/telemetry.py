@@ -8,23 +8,12 @@ once per session and builds audit events only when someone will read them
 
 from __future__ import annotations
 
-import re
 from time import perf_counter
 
 from tenantgate.audit import AuditEvent, AuditLog, event_for
 from tenantgate.metrics import SessionMetrics
 from tenantgate.session import SessionInfo
 from tenantgate.tracker import Pending
-
-_LEADING_KEYWORD = re.compile(r"\s*(\w+)")
-_COMMANDS = frozenset({"select", "insert", "update", "delete"})
-
-
-def command_of(sql: str) -> str:
-    """Cheap metric label for a refused statement (it may not even parse)."""
-    match = _LEADING_KEYWORD.match(sql)
-    word = match.group(1).lower() if match else ""
-    return word if word in _COMMANDS else "other"
 
 
 class SessionTelemetry:
@@ -39,11 +28,13 @@ class SessionTelemetry:
         metrics.opened()
 
     def request_done(self, entry: Pending, ok: bool) -> None:
+        if entry.rows:
+            self._metrics.rows(entry.rows)
+        if entry.would_reject:
+            return  # dry run: its one outcome, would_reject, was counted when inspected
         duration = perf_counter() - entry.started if entry.started else None
         outcome = "allowed" if ok else "error"
         self._metrics.statement(entry.command, outcome, duration)
-        if entry.rows:
-            self._metrics.rows(entry.rows)
         audit = self._audit
         if audit is not None and audit.wants_statements and entry.sql is not None:
             audit.record(

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from enum import Enum, IntEnum
 
 from tenantgate.errors import PgError, RemoteProtocolError
+from tenantgate.injection import original_position
 from tenantgate.protocol.backend import ErrorResponse
 
 
@@ -81,6 +82,12 @@ class Pending:
     command: str = "other"
     started: float = 0.0
     sql: str | None = None
+    # Counted at inspection already (dry run): not again when it completes.
+    would_reject: bool = False
+    # Never ran: the server skipped it after an earlier error before Sync.
+    skipped: bool = False
+    # Text the proxy inserted into a simple Query (see injection.Rewrite.shifts).
+    position_shifts: tuple[tuple[int, int], ...] = ()
     statement_index: int = 0
     failed: bool = False
     rows: int = 0
@@ -108,6 +115,21 @@ def _count_rows(entry: Pending, payload: bytes) -> None:
             entry.rows += int(count)
 
 
+def _shift_position(payload: bytes, shifts: tuple[tuple[int, int], ...]) -> bytes:
+    """The ErrorResponse with its position ('P') in the client's own query text."""
+    error = ErrorResponse.decode(payload)
+    fields: list[tuple[str, str]] = []
+    for code, value in error.fields:
+        if code == "P" and value.isdigit():
+            position = original_position(int(value), shifts)
+            if position is None:
+                continue  # it points into the proxy's own statement
+            fields.append((code, str(position)))
+        else:
+            fields.append((code, value))
+    return ErrorResponse(tuple(fields)).encode()
+
+
 class ResponseTracker:
     """Routes backend messages to outstanding requests."""
 
@@ -125,7 +147,7 @@ class ResponseTracker:
         if self._skipping:
             if entry.kind is not Kind.SYNC:
                 # The server discards everything up to the next Sync: no response will come.
-                entry.failed = True
+                entry.failed = entry.skipped = True
                 self._done(entry, False)
                 return
             self._skipping = False
@@ -180,12 +202,12 @@ class ResponseTracker:
         visible = not (head.injected or head.statement_index in head.hidden_statements)
         if kind is Kind.QUERY and msg_type in _STATEMENT_END:
             # C or I ends one statement of a (multi-statement) simple Query.
-            if msg_type == 0x43:
+            if msg_type == 0x43 and visible:
                 _count_rows(head, payload)
             head.statement_index += 1
             return _FORWARD if visible else _DROP
         if msg_type in _COMPLETES[kind]:
-            if msg_type == 0x43:
+            if msg_type == 0x43 and visible:
                 _count_rows(head, payload)
             pending.popleft()
             self._done(head, True)
@@ -206,6 +228,8 @@ class ResponseTracker:
                 action = (Action.REPLACE, ErrorResponse.from_error(head.rejection).encode())
         elif head.injected and head.kind is Kind.SYNC:
             action = _DROP
+        elif head.position_shifts:
+            action = (Action.REPLACE, _shift_position(payload, head.position_shifts))
         head.failed = True
         if head.kind in (Kind.QUERY, Kind.SYNC):
             # The rest of a string is skipped, or the commit at Sync failed:
@@ -216,7 +240,7 @@ class ResponseTracker:
         self._done(head, ok=False)
         while self._pending and self._pending[0].kind is not Kind.SYNC:
             skipped = self._pending.popleft()
-            skipped.failed = True
+            skipped.failed = skipped.skipped = True
             self._done(skipped, ok=False)
         if not self._pending:
             self._skipping = True

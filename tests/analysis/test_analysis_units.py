@@ -271,17 +271,20 @@ def test_tenant_setting_from_policy() -> None:
         ("'100ms'", 100),
         ("0", 0),
         ("1.5", 2),
-        ("DEFAULT", 0),
+        ("DEFAULT", None),
     ],
 )
-def test_statement_timeout_values(value: str, ms: int) -> None:
+def test_statement_timeout_values(value: str, ms: int | None) -> None:
     analysis = analyse_sql(f"SET statement_timeout = {value}", POLICY)
     assert analysis.rejection is None
     assert analysis.statements[0].statement_timeout_ms == ms
 
 
-def test_reset_statement_timeout_reports_zero() -> None:
-    assert analyse_sql("RESET statement_timeout", POLICY).statements[0].statement_timeout_ms == 0
+def test_reset_statement_timeout_reports_nothing() -> None:
+    # RESET returns to the session default (the tenant limit from the startup packet).
+    assert analyse_sql("RESET statement_timeout", POLICY).statements[0].statement_timeout_ms is None
+    idle = analyse_sql("SET idle_in_transaction_session_timeout = 0", POLICY).statements[0]
+    assert idle.idle_in_transaction_timeout_ms == 0
     assert analyse_sql("SET lock_timeout = 5", POLICY).statements[0].statement_timeout_ms is None
 
 

@@ -65,6 +65,7 @@ def analyse_sql(sql: str, policy: AnalysisPolicy | CompiledPolicy) -> Analysis:
                     tenant_constants=frozenset(walker.constants),
                     tenant_params=frozenset(walker.params),
                     statement_timeout_ms=result.timeout,
+                    idle_in_transaction_timeout_ms=result.idle_timeout,
                     param_count=walker.max_param,
                 )
             )

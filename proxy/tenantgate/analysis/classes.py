@@ -53,7 +53,6 @@ _NAMES: dict[str, str] = {
     "CreateFunctionStmt": "CREATE FUNCTION/PROCEDURE",
     "PrepareStmt": "PREPARE (SQL-level)",
     "ExecuteStmt": "EXECUTE (SQL-level)",
-    "DeallocateStmt": "DEALLOCATE",
     "ListenStmt": "LISTEN",
     "NotifyStmt": "NOTIFY",
     "UnlistenStmt": "UNLISTEN",
@@ -125,7 +124,7 @@ def refuse(kind: str) -> Rejected:
 class Classified:
     """Result of classifying one top-level statement."""
 
-    __slots__ = ("command", "tag", "timeout", "transaction")
+    __slots__ = ("command", "idle_timeout", "tag", "timeout", "transaction")
 
     def __init__(
         self,
@@ -133,11 +132,13 @@ class Classified:
         tag: str,
         transaction: TransactionKind | None = None,
         timeout: int | None = None,
+        idle_timeout: int | None = None,
     ) -> None:
         self.command = command
         self.tag = tag
         self.transaction = transaction
         self.timeout = timeout
+        self.idle_timeout = idle_timeout
 
 
 def classify(stmt: Node, walker: Walker) -> Classified:
@@ -156,9 +157,27 @@ def classify(stmt: Node, walker: Walker) -> Classified:
                 "use BEGIN/COMMIT/ROLLBACK",
             )
         return Classified("other", entry[0], entry[1])
+    if kind == "DeallocateStmt":
+        # Only protocol-level statements exist (SQL PREPARE is refused): the session's own.
+        if body.get("isall"):
+            return Classified("other", "DEALLOCATE ALL")
+        if str(body.get("name", "")).startswith("__tenantgate"):
+            raise Rejected(
+                "reserved_name",
+                "statement names starting with __tenantgate are reserved",
+                "deallocate your own prepared statements only",
+            )
+        return Classified("other", "DEALLOCATE")
     if kind == "VariableSetStmt":
-        tag, timeout = check_set(body, walker.policy.tenant_setting)
-        return Classified("other", tag, _set_transaction_kind(body), timeout)
+        tag, capped = check_set(body, walker.policy.tenant_setting)
+        timeouts = dict([capped]) if capped else {}
+        return Classified(
+            "other",
+            tag,
+            _set_transaction_kind(body),
+            timeouts.get("statement_timeout"),
+            timeouts.get("idle_in_transaction_session_timeout"),
+        )
     if kind == "VariableShowStmt":
         return Classified("other", "SHOW")
     if kind == "ConstraintsSetStmt":

@@ -73,6 +73,7 @@ class StatementAnalysis:
     tenant_params: frozenset[int] = frozenset()
     statement_timeout_ms: int | None = None
     param_count: int = 0
+    idle_in_transaction_timeout_ms: int | None = None
 
 
 @dataclass(frozen=True, slots=True)

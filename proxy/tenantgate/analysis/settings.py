@@ -62,8 +62,17 @@ _TIME_RE = re.compile(r"\s*([+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?)\s*([a-z]*
 _INT_MAX = 2147483647
 
 
-def check_set(node: Node, tenant_setting: str) -> tuple[str, int | None]:
-    """Check a VariableSetStmt; returns (tag, statement_timeout_ms or None)."""
+#: Settings the tenant limits cap: reported so the proxy can refuse raising them.
+CAPPED_SETTINGS = frozenset({"statement_timeout", "idle_in_transaction_session_timeout"})
+
+
+def check_set(node: Node, tenant_setting: str) -> tuple[str, tuple[str, int] | None]:
+    """Check a VariableSetStmt; returns (tag, (capped setting, new value in ms) or None).
+
+    RESET and ``TO DEFAULT`` report nothing: they return to the session
+    default, which for capped settings is the tenant limit the proxy put in
+    the upstream startup packet.  An explicit 0 ("no limit") is reported.
+    """
     kind = node.get("kind", "")
     name = str(node.get("name", "")).lower()
     tag = "RESET" if kind in ("VAR_RESET", "VAR_RESET_ALL") else "SET"
@@ -104,14 +113,12 @@ def check_set(node: Node, tenant_setting: str) -> tuple[str, int | None]:
         raise Rejected(
             "setting_change", "SET ... FROM CURRENT is not allowed", "set an explicit value instead"
         )
-    if name != "statement_timeout":
+    if name not in CAPPED_SETTINGS or kind in ("VAR_SET_DEFAULT", "VAR_RESET"):
         return tag, None
-    if kind in ("VAR_SET_DEFAULT", "VAR_RESET"):
-        return tag, 0
     args = node.get("args") or []
     if kind != "VAR_SET_VALUE" or len(args) != 1:
         raise _bad_timeout()
-    return tag, parse_timeout(args[0])
+    return tag, (name, parse_timeout(args[0]))
 
 
 def parse_timeout(arg: Node) -> int:

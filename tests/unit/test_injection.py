@@ -1,0 +1,104 @@
+"""injection: where the tenant goes into simple Queries and extended pipelines."""
+
+from __future__ import annotations
+
+import pytest
+
+from tenantgate.analysis import AnalysisPolicy, analyse_sql
+from tenantgate.injection import TenantInjector, is_internal_name, original_position
+from tenantgate.protocol.framing import MessageReader
+
+POLICY = AnalysisPolicy(scoped_tables={"orders": "tenant_id"}, check_predicates=False)
+SET = b"SELECT pg_catalog.set_config('app.tenant_id', 'acme', true)"
+
+
+def rewrite(sql: str) -> tuple[bytes, frozenset[int], tuple[tuple[int, int], ...]]:
+    analysis = analyse_sql(sql, POLICY)
+    assert analysis.rejection is None
+    result = TenantInjector("app.tenant_id", "acme").rewrite_query(
+        sql.encode(), analysis.statements
+    )
+    return result.text, result.hidden_statements, result.shifts
+
+
+def test_single_statement_gets_a_prefix() -> None:
+    text, hidden, _ = rewrite("SELECT * FROM orders")
+    assert text == SET + b";SELECT * FROM orders"
+    assert hidden == {0}
+
+
+def test_reinjected_after_commit_and_not_before_transaction_control() -> None:
+    text, hidden, _ = rewrite("BEGIN; SELECT 1; COMMIT; SELECT 2")
+    assert text == b"BEGIN;" + SET + b"; SELECT 1; COMMIT;" + SET + b"; SELECT 2"
+    assert hidden == {1, 4}
+
+
+@pytest.mark.parametrize("sql", ["COMMIT", "ROLLBACK", "BEGIN", "SET TRANSACTION READ ONLY", ""])
+def test_transaction_control_alone_is_left_alone(sql: str) -> None:
+    text, hidden, shifts = rewrite(sql)
+    assert text == sql.encode()
+    assert hidden == frozenset()
+    assert shifts == ()
+
+
+def test_error_positions_map_back_to_the_client_text() -> None:
+    sql = "SELECT 'é'; COMMIT; SELECT nocolumn FROM orders"
+    text, _, shifts = rewrite(sql)
+    server_text = text.decode()
+    # The server reports 1-based character positions in the text it received.
+    server_position = server_text.index("nocolumn") + 1
+    assert original_position(server_position, shifts) == sql.index("nocolumn") + 1
+    inside_injection = server_text.index("set_config") + 1
+    assert original_position(inside_injection, shifts) is None
+    assert original_position(1 + len(SET) + 1, shifts) == 1  # first char of the client text
+
+
+def test_extended_injection_parses_once_then_binds() -> None:
+    injector = TenantInjector("app.tenant_id", "acme")
+    first = injector.before_execute(transaction_control=False)
+    assert first is not None
+    assert [m[0] for m in _messages(first)] == [ord("P"), ord("B"), ord("E"), ord("C")]
+    assert injector.prepared
+    assert injector.before_execute(transaction_control=False) is None  # same transaction
+    injector.after_sync()
+    again = injector.before_execute(transaction_control=False)
+    assert again is not None
+    assert [m[0] for m in _messages(again)] == [ord("B"), ord("E"), ord("C")]
+
+
+def test_no_injection_before_transaction_control_but_after_it() -> None:
+    injector = TenantInjector("app.tenant_id", "acme")
+    assert injector.before_execute(transaction_control=True) is None
+    assert injector.before_execute(transaction_control=False) is not None
+    assert injector.before_execute(transaction_control=True) is None
+    assert injector.before_execute(transaction_control=False) is not None
+
+
+def test_deallocate_all_prepares_under_a_new_name() -> None:
+    injector = TenantInjector("app.tenant_id", "acme")
+    assert injector.before_execute(transaction_control=False) is not None
+    old = injector.statement_name
+    injector.statements_dropped()
+    injector.after_sync()
+    messages = _messages(injector.before_execute(transaction_control=False) or b"")
+    assert messages[0][0] == ord("P")
+    assert injector.statement_name != old
+    assert injector.statement_name.encode() in messages[0][1]
+    assert is_internal_name(injector.statement_name)
+
+
+def test_tenant_never_appears_in_the_extended_statement_text() -> None:
+    injector = TenantInjector("app.tenant_id", "acme")
+    parse = _messages(injector.before_execute(transaction_control=False) or b"")[0]
+    assert b"acme" not in parse[1]  # bound as a parameter: pg_stat_statements never sees it
+
+
+def test_unsafe_values_are_refused() -> None:
+    with pytest.raises(ValueError, match="unsafe"):
+        TenantInjector("app.tenant_id", "x'; DROP TABLE orders; --")
+
+
+def _messages(data: bytes) -> list[tuple[int, bytes]]:
+    reader = MessageReader()
+    reader.feed(data)
+    return reader.drain()
