@@ -162,12 +162,16 @@ def int32(value: int) -> bytes:
         pytest.param(b"Q", b"SELECT 1\x00x", "trailing", id="query-trailing"),
         pytest.param(b"Q", b"\xc3\x28\x00", "UTF-8", id="query-bad-utf8"),
         pytest.param(b"Q", b"", "terminator", id="query-empty-payload"),
-        pytest.param(b"P", b"s\x00q\x00" + int16(-1), "truncated", id="parse-count-65535-truncated"),
+        pytest.param(
+            b"P", b"s\x00q\x00" + int16(-1), "truncated", id="parse-count-65535-truncated"
+        ),
         pytest.param(b"P", b"s\x00q\x00" + int16(2) + int32(23), "truncated", id="parse-short"),
         pytest.param(b"P", b"s\x00q\x00", "truncated", id="parse-no-count"),
         pytest.param(b"P", b"s\x00q", "terminator", id="parse-query-no-nul"),
         pytest.param(b"P", b"s\x00q\x00" + int16(0) + b"!", "trailing", id="parse-trailing"),
-        pytest.param(b"B", b"\x00s\x00" + int16(-1), "truncated", id="bind-formats-65535-truncated"),
+        pytest.param(
+            b"B", b"\x00s\x00" + int16(-1), "truncated", id="bind-formats-65535-truncated"
+        ),
         pytest.param(
             b"B", b"\x00s\x00" + int16(0) + int16(-3), "truncated", id="bind-params-65533-truncated"
         ),
