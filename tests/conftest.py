@@ -22,11 +22,10 @@ from collections.abc import Generator, Iterator
 import pytest
 
 from support.db import TenantDb, create_tenant_db
-from support.loopguard import GuardedEventLoopPolicy, LoopGuard
+from support.loopguard import LOOP_GUARD, GuardedEventLoopPolicy
 from support.pg import cluster_from_env, describe
 from tenantgate.cluster import Cluster, ClusterError
 
-LOOP_GUARD = LoopGuard()
 _PG_FIXTURES = frozenset({"pg", "tenant_db", "clean_tenant_db"})
 
 

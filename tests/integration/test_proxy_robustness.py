@@ -34,6 +34,7 @@ from proxy_helpers import (
 from psycopg import errors
 
 from support.db import TenantDb
+from support.loopguard import LOOP_GUARD
 
 pytestmark = pytest.mark.postgres
 
@@ -401,9 +402,7 @@ def test_upstream_backend_killed_during_query(
 def test_stop_with_open_connections(tenant_db: TenantDb) -> None:
     """Shutdown ends open sessions with 57P01 and handshakes in flight, without an
     unhandled loop exception (cancelled start_server tasks are one on Python 3.11)."""
-    import conftest  # noqa: PLC0415 - the session's loop guard
-
-    conftest.LOOP_GUARD.take(collect=True)
+    LOOP_GUARD.take(collect=True)
     running = start_proxy(tenant_db.policy("enforce", limits={"shutdown_timeout_s": 1}))
     idle = RawClient(running.host, running.port)
     half = RawClient(running.host, running.port)
@@ -414,7 +413,7 @@ def test_stop_with_open_connections(tenant_db: TenantDb) -> None:
         running.stop()
         idle.sock.settimeout(5)
         shutdown_errors = [error_fields(p) for k, p in idle.read_to_eof() if k == b"E"]
-        loop_errors: list[Any] = conftest.LOOP_GUARD.take(collect=True)
+        loop_errors: list[Any] = LOOP_GUARD.take(collect=True)
         assert loop_errors == []
         assert [f["C"] for f in shutdown_errors] == ["57P01"]
     finally:

@@ -73,3 +73,7 @@ class GuardedEventLoopPolicy(asyncio.DefaultEventLoopPolicy):
         # Task included), and survives the code under test replacing the handler.
         loop.call_exception_handler = call_exception_handler  # type: ignore[method-assign]
         return loop
+
+
+# The one guard of the test session (tests/conftest.py installs it).
+LOOP_GUARD = LoopGuard()

@@ -1,0 +1,250 @@
+"""Medians of the interleaved rounds, target verdicts, and the three outputs."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from workloads import CASES, TARGETS, Case, Measurement, median
+
+P99_ADDED_LIMIT_MS = 0.5
+IDLE_RSS_LIMIT_MIB = 150.0
+CLIENTS_TARGET = 5000
+TARGET_CLIENTS = 8  # the issue's targets are stated for 8 clients
+
+CASE_BY_KEY: dict[str, Case] = {c.key: c for c in CASES}
+
+
+def summarize(runs: list[Measurement]) -> list[dict[str, Any]]:
+    groups: dict[tuple[str, str, int], list[Measurement]] = {}
+    for run in runs:
+        groups.setdefault((run.case, run.protocol, run.clients), []).append(run)
+    rows: list[dict[str, Any]] = []
+    for (case_key, protocol, clients), items in groups.items():
+        row: dict[str, Any] = {"case": case_key, "protocol": protocol, "clients": clients}
+        for target in TARGETS:
+            mine = [m for m in items if m.target == target]
+            good = [m for m in mine if m.ok]
+            row[target] = {
+                "tps": median([m.tps for m in good]),
+                "p50_ms": median([m.p50_ms for m in good]),
+                "p99_ms": median([m.p99_ms for m in good]),
+                "rounds": len(good),
+                "failed_rounds": len(mine) - len(good),
+                "tps_rounds": [round(m.tps, 1) for m in mine],
+            }
+        tg, pgb, direct = row["tenantgate"], row["pgbouncer"], row["direct"]
+        row["ratio_pgbouncer"] = _ratio(tg["tps"], pgb["tps"])
+        row["ratio_direct"] = _ratio(tg["tps"], direct["tps"])
+        row["p99_added_ms"] = tg["p99_ms"] - direct["p99_ms"]
+        case = CASE_BY_KEY[case_key]
+        row["target_ratio"] = case.target_ratio
+        row["meets_ratio"] = row["ratio_pgbouncer"] >= case.target_ratio
+        row["meets_p99"] = row["p99_added_ms"] <= P99_ADDED_LIMIT_MS
+        rows.append(row)
+    order = {c.key: i for i, c in enumerate(CASES)}
+    protocols = {"simple": 0, "extended": 1, "prepared": 2}
+    rows.sort(key=lambda r: (r["clients"], order[r["case"]], protocols[r["protocol"]]))
+    return rows
+
+
+def _ratio(a: float, b: float) -> float:
+    if not (a == a and b == b) or b <= 0:  # NaN or zero
+        return float("nan")
+    return a / b
+
+
+def _f(value: float, digits: int = 2) -> str:
+    return "n/a" if value != value else f"{value:.{digits}f}"
+
+
+def _tps(value: float) -> str:
+    return "n/a" if value != value else f"{value:,.0f}"
+
+
+def markdown(result: dict[str, Any]) -> str:
+    rows = result["summary"]
+    machine = result["machine"]
+    out: list[str] = []
+    out.append(f"Command: `{result['command']}`  ")
+    out.append(
+        f"Machine: {machine['nproc']} cores, {machine['cpu']}; PostgreSQL "
+        f"{machine['postgres']}; {machine['pgbouncer']}; Python {machine['python']}; "
+        f"{machine['pgbench']}  "
+    )
+    cfg = result["config"]
+    out.append(
+        f"Rounds {cfg['rounds']} (interleaved direct / PgBouncer / tenantgate), "
+        f"{cfg['duration']} s each, `-j 2`; medians of the rounds. "
+        f"Started {result['started']}, took {result['elapsed_s']:.0f} s."
+    )
+    load = result.get("load_average") or {}
+    if load:
+        out.append(
+            "Load average (1/5/15 min) at start "
+            + "/".join(f"{x:.1f}" for x in load["start"])
+            + ", at end "
+            + "/".join(f"{x:.1f}" for x in load["end"])
+            + " (the box is shared; each run's 1-min load is in results.json)."
+        )
+    out.append("")
+    out.append(
+        "| case | proto | clients | direct TPS | PgBouncer TPS | tenantgate TPS | "
+        "tg/PgB | tg/direct | p50 ms d / PgB / tg | p99 ms d / PgB / tg | p99 added ms | "
+        "target |"
+    )
+    out.append("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        d, p, t = r["direct"], r["pgbouncer"], r["tenantgate"]
+        verdict = "n/a (64 cl.)"
+        if r["clients"] == TARGET_CLIENTS:
+            ok = r["meets_ratio"] and r["meets_p99"]
+            verdict = ("met" if ok else "**missed**") + f" (>= {r['target_ratio']:.1f}x)"
+        failed = sum(r[x]["failed_rounds"] for x in TARGETS)
+        note = f" ({failed} failed runs)" if failed else ""
+        out.append(
+            f"| {r['case']} | {r['protocol']} | {r['clients']} | {_tps(d['tps'])} | "
+            f"{_tps(p['tps'])} | {_tps(t['tps'])}{note} | {_f(r['ratio_pgbouncer'])} | "
+            f"{_f(r['ratio_direct'])} | {_f(d['p50_ms'], 3)} / {_f(p['p50_ms'], 3)} / "
+            f"{_f(t['p50_ms'], 3)} | {_f(d['p99_ms'], 3)} / {_f(p['p99_ms'], 3)} / "
+            f"{_f(t['p99_ms'], 3)} | {_f(r['p99_added_ms'], 3)} | {verdict} |"
+        )
+    conn = result.get("connections")
+    if conn:
+        out.append("")
+        out.append(
+            f"tenantgate RSS: {conn['rss_start_mib']:.1f} MiB at start, "
+            f"{conn['rss_idle_mib']:.1f} MiB with {conn['idle_opened']}/{conn['idle_clients']} "
+            f"idle authenticated clients ({conn['rss_per_client_kib']:.0f} KiB per client; "
+            f"opened in {conn['idle_open_seconds']:.1f} s). Largest client count held: "
+            f"{conn['max_held']} of {conn['max_attempted']} attempted "
+            f"(RSS {conn['rss_at_max_mib']:.1f} MiB"
+            + (f", opened in {conn['max_open_seconds']:.1f} s" if conn["max_open_seconds"] else "")
+            + ")."
+            + (f" First error: `{conn['first_error']}`." if conn["first_error"] else "")
+        )
+    out.append("")
+    out.append("Targets (issue 6; 8 clients, medians):")
+    out.append("")
+    for line in result["targets"]:
+        out.append(f"- {line}")
+    if result.get("incidents"):
+        out.append("")
+        out.append("Incidents:")
+        out.append("")
+        for line in result["incidents"]:
+            out.append(f"- {line}")
+    return "\n".join(out) + "\n"
+
+
+def target_lines(rows: list[dict[str, Any]], conn: dict[str, Any] | None) -> list[str]:
+    lines: list[str] = []
+    eight = [r for r in rows if r["clients"] == TARGET_CLIENTS]
+    for case in CASES:
+        mine = [r for r in eight if r["case"] == case.key]
+        if not mine:
+            continue
+        parts = ", ".join(
+            f"{r['protocol']} "
+            + (
+                f"{r['ratio_pgbouncer']:.2f}x"
+                if r["ratio_pgbouncer"] == r["ratio_pgbouncer"]
+                else "n/a: every tenantgate run failed"
+            )
+            for r in mine
+        )
+        ok = all(r["meets_ratio"] for r in mine)
+        lines.append(
+            f"{case.key} >= {case.target_ratio:.1f}x PgBouncer: "
+            f"{'MET' if ok else 'NOT MET'} ({parts})"
+        )
+    if eight:
+        worst = max(
+            eight, key=lambda r: r["p99_added_ms"] if r["p99_added_ms"] == r["p99_added_ms"] else -1
+        )
+        ok = all(r["meets_p99"] for r in eight)
+        lines.append(
+            f"p99 added over direct <= {P99_ADDED_LIMIT_MS} ms: {'MET' if ok else 'NOT MET'} "
+            f"(worst {_f(worst['p99_added_ms'], 3)} ms in {worst['case']} {worst['protocol']}; "
+            f"met in {sum(r['meets_p99'] for r in eight)}/{len(eight)})"
+        )
+    if conn:
+        ok = conn["idle_opened"] >= 1000 and conn["rss_idle_mib"] <= IDLE_RSS_LIMIT_MIB
+        lines.append(
+            f"1,000 idle clients <= {IDLE_RSS_LIMIT_MIB:.0f} MB RSS: "
+            f"{'MET' if ok else 'NOT MET'} ({conn['rss_idle_mib']:.1f} MiB with "
+            f"{conn['idle_opened']} clients)"
+        )
+        ok = conn["max_held"] >= CLIENTS_TARGET
+        verdict = "MET" if ok else "NOT MET"
+        if not ok and conn["max_attempted"] < CLIENTS_TARGET:
+            verdict = "NOT TRIED in this run (--max-clients)"
+        lines.append(
+            f"{CLIENTS_TARGET:,} concurrent clients accepted: {verdict} (held "
+            f"{conn['max_held']} of {conn['max_attempted']} attempted)"
+        )
+    return lines
+
+
+def chart(rows: list[dict[str, Any]], path: Path, title: str) -> bool:
+    try:
+        import matplotlib  # noqa: PLC0415
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt  # noqa: PLC0415
+    except ImportError:
+        print("matplotlib is not installed: pip install matplotlib (no chart)")
+        return False
+    client_counts = sorted({r["clients"] for r in rows})
+    if not client_counts:
+        return False
+    fig, axes = plt.subplots(
+        len(client_counts), 1, figsize=(13, 4.2 * len(client_counts)), squeeze=False
+    )
+    colors = {"direct": "#7f7f7f", "pgbouncer": "#1f77b4", "tenantgate": "#d62728"}
+    for ax, clients in zip(axes[:, 0], client_counts, strict=True):
+        mine = [r for r in rows if r["clients"] == clients]
+        labels = [f"{r['case']}\n{r['protocol']}" for r in mine]
+        width = 0.27
+        for i, target in enumerate(TARGETS):
+            values = [r[target]["tps"] if r[target]["tps"] == r[target]["tps"] else 0 for r in mine]
+            xs = [x + (i - 1) * width for x in range(len(mine))]
+            ax.bar(xs, values, width, label=target, color=colors[target])
+        for x, r in enumerate(mine):
+            ratio = r["ratio_pgbouncer"]
+            if ratio == ratio:
+                top = max(r[t]["tps"] for t in TARGETS if r[t]["tps"] == r[t]["tps"])
+                ax.annotate(f"{ratio:.2f}x", (x + width, top), ha="center", va="bottom", fontsize=8)
+        ax.set_xticks(range(len(mine)))
+        ax.set_xticklabels(labels, fontsize=8)
+        ax.set_ylabel("TPS (median)")
+        ax.set_title(f"{clients} clients (label: tenantgate / PgBouncer)")
+        ax.legend(fontsize=8)
+        ax.grid(axis="y", alpha=0.3)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def write_outputs(result: dict[str, Any], runs: list[Measurement], out_dir: Path) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    data = {**result, "runs": [asdict(r) for r in runs]}
+    (out_dir / "results.json").write_text(json.dumps(_clean(data), indent=2) + "\n")
+    (out_dir / "results.md").write_text(markdown(result))
+    chart(result["summary"], out_dir / "results.png", f"tenantgate benchmark: {result['command']}")
+
+
+def _clean(value: Any) -> Any:
+    """JSON has no NaN: use null."""
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _clean(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_clean(v) for v in value]
+    return value
