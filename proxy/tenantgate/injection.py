@@ -85,12 +85,14 @@ class TenantInjector:
     __slots__ = (
         "_execute",
         "_generation",
+        "_in_block",
         "_needs_injection",
         "_query_injection",
         "_rewritten",
         "_setting",
         "_tenant",
         "prepared",
+        "tenant_in_block",
     )
 
     def __init__(self, tenant_setting: str, tenant: str) -> None:
@@ -98,8 +100,13 @@ class TenantInjector:
             f"SELECT pg_catalog.set_config({_literal(tenant_setting)}, {_literal(tenant)}, true)"
         ).encode()
         self._needs_injection = True
+        # The tenant was set in the current explicit transaction block and no
+        # transaction control ran since (a ROLLBACK TO could have reverted it).
+        self.tenant_in_block = False
+        # Set per chunk of client messages: the upstream is idle in that block.
+        self._in_block = False
         # Rewrites depend only on the text (boundaries come from its cached analysis).
-        self._rewritten: dict[bytes, Rewrite] = {}
+        self._rewritten: dict[tuple[bytes, bool], Rewrite] = {}
         self._setting = tenant_setting.encode()
         self._tenant = tenant.encode()
         # The internal statement is parsed lazily with the first injection, and again
@@ -120,6 +127,15 @@ class TenantInjector:
         self._generation += 1
         self.prepared = False
 
+    def observe_state(self, idle_in_block: bool) -> None:
+        """Before a chunk of client messages: is the upstream idle in an explicit block?
+
+        Then, if this block already has the tenant, statements up to the next
+        transaction control need no injection (an error there aborts the block,
+        and every later statement fails anyway until ROLLBACK).
+        """
+        self._in_block = idle_in_block and self.tenant_in_block
+
     # --- simple Query -----------------------------------------------------------------
 
     def rewrite_query(self, sql: bytes, statements: Sequence[StatementShape]) -> Rewrite:
@@ -129,23 +145,27 @@ class TenantInjector:
         very start, or at the end of the previous statement (before its ';').
         """
         self._needs_injection = True  # whatever the string does, the next Execute re-checks
-        cached = self._rewritten.get(sql)
-        if cached is not None:
-            return cached
-        result = self._rewrite(sql, statements)
-        if len(self._rewritten) >= REWRITE_CACHE_ENTRIES:
-            self._rewritten.clear()
-        self._rewritten[sql] = result
+        key = (sql, self._in_block)
+        result = self._rewritten.get(key)
+        if result is None:
+            result = self._rewrite(sql, statements, self._in_block)
+            if len(self._rewritten) >= REWRITE_CACHE_ENTRIES:
+                self._rewritten.clear()
+            self._rewritten[key] = result
+        if not statements or any(s.transaction is not None for s in statements):
+            self.tenant_in_block = self._in_block = False
+        else:
+            self.tenant_in_block = True
         return result
 
-    def _rewrite(self, sql: bytes, statements: Sequence[StatementShape]) -> Rewrite:
+    def _rewrite(self, sql: bytes, statements: Sequence[StatementShape], in_block: bool) -> Rewrite:
         out = bytearray()
         inserted: list[tuple[int, int]] = []  # (byte offset in the result, byte length)
         copied = 0
         previous_end: int | None = None
         hidden: list[int] = []
         index = 0  # statement index in the rewritten string
-        pending = True  # the next non-transaction-control statement needs the tenant
+        pending = not in_block  # the next non-transaction-control statement needs the tenant
         for statement in statements:
             if statement.transaction is not None:
                 pending = True
@@ -181,7 +201,11 @@ class TenantInjector:
         """
         if transaction_control:
             self._needs_injection = True
+            self.tenant_in_block = self._in_block = False
             return None
+        if self._in_block:
+            return None
+        self.tenant_in_block = True
         if not self._needs_injection:
             return None
         self._needs_injection = False

@@ -234,6 +234,9 @@ class Session:
         """
         buffer = self._client_buffer
         frames, consumed = scan_frames(buffer, self._max_message)
+        if self.injector is not None:
+            tracker = self.tracker
+            self.injector.observe_state(tracker.status == "T" and tracker.idle)
         out: list[bytes] = []
         run_start = 0
         stop = consumed

@@ -102,3 +102,24 @@ def _messages(data: bytes) -> list[tuple[int, bytes]]:
     reader = MessageReader()
     reader.feed(data)
     return reader.drain()
+
+
+def test_no_reinjection_inside_a_block_that_has_the_tenant() -> None:
+    injector = TenantInjector("app.tenant_id", "acme")
+    begin = analyse_sql("BEGIN", POLICY).statements
+    select = analyse_sql("SELECT 1", POLICY).statements
+    savepoint = analyse_sql("ROLLBACK TO SAVEPOINT a", POLICY).statements
+    injector.observe_state(idle_in_block=False)
+    assert injector.rewrite_query(b"BEGIN", begin).hidden_statements == frozenset()
+    injector.observe_state(idle_in_block=True)  # BEGIN ran: the block has no tenant yet
+    assert injector.rewrite_query(b"SELECT 1", select).hidden_statements == {0}
+    injector.observe_state(idle_in_block=True)  # now it has
+    assert injector.rewrite_query(b"SELECT 1", select).text == b"SELECT 1"
+    assert injector.before_execute(transaction_control=False) is None
+    # A ROLLBACK TO may revert the set_config: the next statement gets it again.
+    injector.rewrite_query(b"ROLLBACK TO SAVEPOINT a", savepoint)
+    injector.observe_state(idle_in_block=True)
+    assert injector.rewrite_query(b"SELECT 1", select).hidden_statements == {0}
+    # Not idle in a block (implicit transaction, pipelined, aborted): always inject.
+    injector.observe_state(idle_in_block=False)
+    assert injector.rewrite_query(b"SELECT 1", select).hidden_statements == {0}
