@@ -1,9 +1,7 @@
 """Helpers for the protocol-level proxy tests (``test_proxy_*.py``).
 
 * :func:`start_proxy` runs a tenantgate proxy in-process on its own loop in a
-  thread.  It uses ``support.proxy.RunningProxy`` when ``tenantgate.app``
-  imports, else :class:`ServerThread`, which drives
-  ``tenantgate.server.ProxyServer`` directly (same pattern, no policy analyser).
+  thread (``support.proxy.RunningProxy``) with the :func:`allow_all` inspector.
 * :func:`allow_all` is the inspector factory that bypasses SQL analysis: these
   tests are about wire-protocol fidelity, not about the policy.
 * :class:`RawClient` speaks the protocol over a plain socket, with its own
@@ -13,7 +11,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import datetime as dt
 import socket
 import ssl
@@ -21,13 +18,12 @@ import struct
 import threading
 import time
 from collections.abc import Callable, Iterable
-from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
 
 from scramp import ScramClient
 
+from support.proxy import RunningProxy
 from tenantgate.config import Policy
 from tenantgate.hooks import AllowAll, Inspector
 from tenantgate.server import ProxyServer
@@ -45,106 +41,23 @@ def allow_all(policy: Policy, info: SessionInfo) -> Inspector:
     return AllowAll()
 
 
-class Proxy(Protocol):
-    """What the tests use of a running proxy (RunningProxy or ServerThread)."""
-
-    policy: Policy
-    port: int
-    host: str
-
-    def call(self, fn: Callable[[], Any], timeout: float = 30) -> Any: ...
-    def dsn(self, user: str, password: str, **extra: str) -> str: ...
-    def url(self, user: str, password: str) -> str: ...
-    def stop(self) -> None: ...
-
-
-class ServerThread:
-    """``ProxyServer`` on a guarded event loop in a daemon thread (no ``ProxyApp``)."""
-
-    def __init__(
-        self,
-        policy: Policy,
-        inspector_factory: Callable[[Policy, SessionInfo], Inspector] = allow_all,
-    ) -> None:
-        self.policy = policy
-        self._loop = asyncio.new_event_loop()  # through the guarded policy (conftest)
-        self.server = ProxyServer(policy, inspector_factory)
-        self._thread = threading.Thread(target=self._run, name="tenantgate-proxy", daemon=True)
-        self._thread.start()
-        self.call(self.server.start)
-        self.port = self.server.port
-        self.host = policy.listen.host
-
-    def _run(self) -> None:
-        asyncio.set_event_loop(self._loop)
-        self._loop.run_forever()
-        self._loop.run_until_complete(self._loop.shutdown_asyncgens())
-        self._loop.close()
-
-    def call(self, fn: Callable[[], Any], timeout: float = 30) -> Any:
-        async def runner() -> Any:
-            result = fn()
-            if asyncio.iscoroutine(result):
-                return await result
-            return result
-
-        future: Future[Any] = asyncio.run_coroutine_threadsafe(runner(), self._loop)
-        return future.result(timeout)
-
-    def dsn(self, user: str, password: str, **extra: str) -> str:
-        params = " ".join(f"{k}={v}" for k, v in extra.items())
-        return (
-            f"host={self.host} port={self.port} dbname={self.policy.upstream.database} "
-            f"user={user} password={password} sslmode=disable {params}"
-        ).strip()
-
-    def url(self, user: str, password: str) -> str:
-        return (
-            f"postgresql://{user}:{password}@{self.host}:{self.port}/"
-            f"{self.policy.upstream.database}"
-        )
-
-    def stop(self) -> None:
-        if not self._thread.is_alive():
-            return
-        try:
-            self.call(lambda: self.server.shutdown(5), timeout=60)
-        finally:
-            self._loop.call_soon_threadsafe(self._loop.stop)
-            self._thread.join(30)
-
-    def __enter__(self) -> ServerThread:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
+# What the tests get from :func:`start_proxy`.
+Proxy = RunningProxy
 
 
 def start_proxy(policy: Policy) -> Proxy:
     """A running proxy for ``policy`` whose sessions use the :func:`allow_all` inspector."""
-    try:
-        from support.proxy import RunningProxy  # noqa: PLC0415 - needs tenantgate.app
-    except ImportError:  # tenantgate.analysis not importable yet
-        return ServerThread(policy, allow_all)
     return RunningProxy(policy, inspector_factory=allow_all)
 
 
 def proxy_server(proxy: Proxy) -> ProxyServer:
-    """The ``ProxyServer`` inside either kind of running proxy."""
-    if isinstance(proxy, ServerThread):
-        return proxy.server
-    server: ProxyServer = proxy.app.server  # type: ignore[attr-defined]
-    return server
+    """The ``ProxyServer`` inside a running proxy."""
+    return proxy.app.server
 
 
 def open_connections(proxy: Proxy) -> int:
     """Client connections the proxy is still serving (handshakes and sessions)."""
-    server = proxy_server(proxy)
-    for name in ("_connections", "_handshakes"):  # private: the per-connection task set
-        tasks = getattr(server, name, None)
-        if tasks is not None:
-            return len(tasks)
-    return len(server.sessions)
+    return len(proxy_server(proxy)._connections)  # private: the per-connection task set
 
 
 def stop_when_idle(proxy: Proxy, timeout: float = 10) -> None:
