@@ -90,6 +90,8 @@ def analysis_policy(policy: Policy) -> AnalysisPolicy:
 class Prepared:
     parse: Parse
     analysis: Analysis
+    # What a portal bound to this statement is (computed once, not per Bind).
+    info: PortalInfo = UNKNOWN_PORTAL
     # Parameter types the server reported (ParameterDescription) for this statement.
     described: tuple[int, ...] = ()
 
@@ -212,7 +214,16 @@ class PolicyInspector:
                     # The failing Parse still drops the server's unnamed statement.
                     self._statements.pop("", None)
                 return error
-        self._statements.setdefault(parse.name, _Slot()).pending.append(Prepared(parse, analysis))
+        statements = analysis.statements
+        info = PortalInfo(
+            bool(statements) and statements[0].transaction is not None,
+            _command(statements),
+            parse.query,
+            analysis.rejection is not None,
+            any(s.tag == "DEALLOCATE ALL" for s in statements),
+        )
+        slot = self._statements.setdefault(parse.name, _Slot())
+        slot.pending.append(Prepared(parse, analysis, info))
         return None
 
     def inspect_bind(self, bind: Bind) -> PgError | None:
@@ -220,7 +231,7 @@ class PolicyInspector:
         if slot is None:
             return None  # unknown to the server too: it answers "does not exist"
         candidates = slot.candidates(unnamed=bind.statement == "")
-        would_reject = any(p.analysis.rejection is not None for p in candidates)
+        would_reject = False
         for prepared in candidates:
             rejection = self._check_params(prepared, bind)
             if rejection is not None:
@@ -231,14 +242,13 @@ class PolicyInspector:
                 would_reject = True
         if len(self._portals) > MAX_TRACKED_PORTALS:
             self._portals.clear()
-        latest = candidates[-1].analysis.statements if candidates else ()
-        self._portals[bind.portal] = PortalInfo(
-            bool(latest) and latest[0].transaction is not None,
-            _command(latest),
-            candidates[-1].parse.query if candidates else None,
-            would_reject,
-            any(s.tag == "DEALLOCATE ALL" for s in latest),
-        )
+        if not candidates:
+            self._portals[bind.portal] = UNKNOWN_PORTAL
+            return None
+        info = candidates[-1].info
+        if (would_reject or any(p.info.would_reject for p in candidates)) and not info.would_reject:
+            info = replace(info, would_reject=True)
+        self._portals[bind.portal] = info
         return None
 
     def _check_params(self, prepared: Prepared, bind: Bind) -> Rejection | None:

@@ -7,12 +7,14 @@ FunctionCall, and the authentication responses ('p').
 
 from __future__ import annotations
 
+import struct
 from dataclasses import dataclass
 from typing import ClassVar
 
 from tenantgate.errors import RemoteProtocolError
 from tenantgate.protocol.codec import (
     INT32,
+    UINT16,
     UINT32,
     PayloadCursor,
     count16,
@@ -82,19 +84,40 @@ class Bind:
 
     @classmethod
     def decode(cls, payload: bytes) -> Bind:
-        cursor = PayloadCursor(payload, "Bind")
-        portal = cursor.cstring()
-        statement = cursor.cstring()
-        formats = _int16s(cursor, "Bind")
-        count = cursor.uint16()
-        params: list[bytes | None] = []
-        for _ in range(count):
-            size = cursor.int32()
-            if size < -1:
-                raise RemoteProtocolError("Bind: invalid parameter length")
-            params.append(None if size == -1 else cursor.take(size))
-        results = _int16s(cursor, "Bind")
-        cursor.expect_end()
+        # Hot path (every Bind of every client): plain struct calls, same checks
+        # as PayloadCursor would make.
+        try:
+            end = payload.index(0)
+            portal = payload[:end].decode("utf-8")
+            start = end + 1
+            end = payload.index(0, start)
+            statement = payload[start:end].decode("utf-8")
+            pos = end + 1
+            (count,) = UINT16.unpack_from(payload, pos)
+            formats = struct.unpack_from(f"!{count}h", payload, pos + 2) if count else ()
+            pos += 2 + 2 * count
+            (count,) = UINT16.unpack_from(payload, pos)
+            pos += 2
+            params: list[bytes | None] = []
+            for _ in range(count):
+                (size,) = INT32.unpack_from(payload, pos)
+                pos += 4
+                if size == -1:
+                    params.append(None)
+                    continue
+                if size < -1:
+                    raise RemoteProtocolError("Bind: invalid parameter length")
+                if pos + size > len(payload):
+                    raise RemoteProtocolError("Bind: truncated message")
+                params.append(payload[pos : pos + size])
+                pos += size
+            (count,) = UINT16.unpack_from(payload, pos)
+            results = struct.unpack_from(f"!{count}h", payload, pos + 2) if count else ()
+            pos += 2 + 2 * count
+        except (ValueError, struct.error):
+            raise RemoteProtocolError("Bind: truncated or malformed message") from None
+        if pos != len(payload):
+            raise RemoteProtocolError("Bind: unexpected trailing bytes")
         return cls(portal, statement, formats, tuple(params), results)
 
     def param_is_binary(self, index: int) -> bool:
