@@ -107,7 +107,8 @@ async def _maybe_tls(
         return await asyncio.open_connection(
             sock=sock,
             ssl=_ssl_context(cfg),
-            server_hostname=cfg.host if cfg.sslmode == "verify-full" else None,
+            # Always named: asyncio requires it with sock=; only verify-full checks it.
+            server_hostname=cfg.host,
             limit=READ_CHUNK,
         )
     if answer == b"N" and cfg.sslmode == "prefer":
@@ -143,7 +144,7 @@ async def connect(
         reader, writer = await asyncio.wait_for(_open(cfg), cfg.connect_timeout_s)
     except TimeoutError:
         raise UpstreamError(f"timed out connecting to {cfg.host}:{cfg.port}") from None
-    except (OSError, ssl.SSLError) as exc:
+    except (OSError, ssl.SSLError, ValueError) as exc:
         raise UpstreamError(f"connection to {cfg.host}:{cfg.port} failed: {exc}") from None
     conn = UpstreamConnection(reader, writer)
     try:
