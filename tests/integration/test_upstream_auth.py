@@ -42,17 +42,6 @@ TRUST_ROLE = "tg_trust"
 ACME_ROLE, ACME_PW = "tg_acme_role", "acme-role-Secret-pw-4"
 DATABASE = "postgres"
 
-# upstream.py _maybe_tls passes server_hostname=None to asyncio.open_connection(sock=..., ssl=...)
-# unless sslmode is verify-full; asyncio then raises ValueError ("You must set server_hostname
-# when using ssl without a host"), which escapes connect() as an internal error.
-NO_HOSTNAME_BUG = pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "BUG: upstream.py:110 server_hostname=None with sock= makes asyncio raise ValueError "
-        "for sslmode require/prefer against a TLS server (client gets XX000 internal error)"
-    ),
-)
-
 HBA = f"""\
 # written by test_upstream_auth
 local   all  all                           trust
@@ -334,14 +323,12 @@ def test_missing_upstream_password_is_fatal_08006(
 # --- sslmode --------------------------------------------------------------------------
 
 
-@NO_HOSTNAME_BUG
 def test_require_uses_tls(tenant_db: TenantDb, tls_pg: TemporaryCluster) -> None:
     policy = _policy(tenant_db, tls_pg, user=SCRAM_ROLE, password=SCRAM_PW, sslmode="require")
     with RunningProxy(policy) as proxy:
         assert _session(proxy, tenant_db, tls_pg) == (SCRAM_ROLE, True)
 
 
-@NO_HOSTNAME_BUG
 def test_hostssl_only_role_over_require(tenant_db: TenantDb, tls_pg: TemporaryCluster) -> None:
     secure = _policy(tenant_db, tls_pg, user=SSL_ROLE, password=SSL_PW, sslmode="require")
     with RunningProxy(secure) as proxy:
@@ -393,7 +380,6 @@ def test_verify_full_with_a_wrong_ca_fails(
     assert SSL_PW not in "".join(fields.values())
 
 
-@NO_HOSTNAME_BUG
 def test_prefer_uses_tls_when_available(tenant_db: TenantDb, tls_pg: TemporaryCluster) -> None:
     policy = _policy(tenant_db, tls_pg, user=SCRAM_ROLE, password=SCRAM_PW, sslmode="prefer")
     with RunningProxy(policy) as proxy:
