@@ -54,6 +54,7 @@ from tenantgate.upstream import connect, send_cancel
 log = logging.getLogger("tenantgate.server")
 
 InspectorFactory = Callable[[Policy, SessionInfo], Inspector]
+UPSTREAM_CLOSE_WAIT_S = 2.0
 
 
 def load_tls(policy: Policy) -> TlsSettings | None:
@@ -297,6 +298,7 @@ class ProxyServer:
             upstream.close()
             if self.on_session_end is not None:
                 self.on_session_end(session)
+            await session.wait_upstream_closed(UPSTREAM_CLOSE_WAIT_S)
 
     async def _cancel(self, request: CancelRequest) -> None:
         session = self.sessions.get(request.process_id)

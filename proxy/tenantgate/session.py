@@ -11,6 +11,7 @@ Start-up and login live in :mod:`tenantgate.handshake`; the listener in
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import re
 import secrets
@@ -108,6 +109,7 @@ class Session:
         self._fatal_forwarded = False
         self._upstream_buffer = bytearray()
         self._deferred = False  # a message waits for the rate limit (token reserved)
+        self._upstream_gone = asyncio.Event()
         self._client_buffer = bytearray()
         self._max_message = max_message_bytes
         self.rate_limit: Callable[[Session], float | None] | None = None
@@ -174,6 +176,13 @@ class Session:
         if ended is not None:
             raise ended
 
+    async def wait_upstream_closed(self, limit_s: float) -> None:
+        """Let the upstream transport finish closing (a TLS close needs the loop)."""
+        if not hasattr(self, "_upstream_transport"):
+            return  # run() never started: the stream transport closes on its own
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._upstream_gone.wait(), limit_s)
+
     def end(self, error: PgError | None) -> None:
         """Ask the session to end (reload removed the tenant, shutdown...)."""
         self._closing_error = error
@@ -199,6 +208,8 @@ class Session:
             self._finish(SessionEnded(internal_error()))
 
     def side_closed(self, client: bool) -> None:
+        if not client:
+            self._upstream_gone.set()
         if client:
             self._finish(None)
         else:

@@ -13,8 +13,11 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
+import os
+import time
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -233,6 +236,44 @@ def _policy(tenant_db: TenantDb, cluster: Cluster, **upstream: Any) -> Policy:
     return parse_policy(yaml.safe_dump(data, sort_keys=False), "<upstream auth test>", env={})
 
 
+def _sockets_to(port: int) -> int:
+    """How many TCP sockets of this process are connected to ``port`` (Linux /proc)."""
+    inodes: set[str] = set()
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[len("socket:[") : -1])
+    count = 0
+    for table in ("/proc/self/net/tcp", "/proc/self/net/tcp6"):
+        try:
+            lines = Path(table).read_text(encoding="ascii").splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            if int(fields[2].rsplit(":", 1)[1], 16) == port and fields[9] in inodes:
+                count += 1
+    return count
+
+
+@contextmanager
+def _running(policy: Policy) -> Iterator[RunningProxy]:
+    """A proxy, stopped only once its upstream connections are really closed.
+
+    Closing a TLS upstream connection finishes asynchronously (close_notify);
+    stopping the proxy's loop before that leaves an unclosed transport behind.
+    """
+    with RunningProxy(policy) as proxy:
+        yield proxy
+        deadline = time.monotonic() + 10
+        while _sockets_to(policy.upstream.port) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert _sockets_to(policy.upstream.port) == 0, "the proxy kept an upstream socket open"
+
+
 def _connect(
     proxy: RunningProxy, tenant_db: TenantDb, tenant: str, app: str
 ) -> psycopg.Connection[Any]:
@@ -288,7 +329,7 @@ def _login_error(
 def test_auth_method_works(
     tenant_db: TenantDb, tls_pg: TemporaryCluster, role: str, password: str | None
 ) -> None:
-    with RunningProxy(_policy(tenant_db, tls_pg, user=role, password=password)) as proxy:
+    with _running(_policy(tenant_db, tls_pg, user=role, password=password)) as proxy:
         current, ssl_used = _session(proxy, tenant_db, tls_pg)
     assert current == role
     assert ssl_used is False
@@ -299,7 +340,7 @@ def test_wrong_upstream_password_is_fatal_08006_without_the_password(
     tenant_db: TenantDb, tls_pg: TemporaryCluster, role: str
 ) -> None:
     wrong = "Wrong-Upstream-pw-" + uuid.uuid4().hex[:8]
-    with RunningProxy(_policy(tenant_db, tls_pg, user=role, password=wrong)) as proxy:
+    with _running(_policy(tenant_db, tls_pg, user=role, password=wrong)) as proxy:
         fields = _login_error(proxy, tenant_db)
     assert fields["S"] == "FATAL"
     assert fields["C"] == "08006"
@@ -314,7 +355,7 @@ def test_wrong_upstream_password_is_fatal_08006_without_the_password(
 def test_missing_upstream_password_is_fatal_08006(
     tenant_db: TenantDb, tls_pg: TemporaryCluster
 ) -> None:
-    with RunningProxy(_policy(tenant_db, tls_pg, user=SCRAM_ROLE)) as proxy:
+    with _running(_policy(tenant_db, tls_pg, user=SCRAM_ROLE)) as proxy:
         fields = _login_error(proxy, tenant_db)
     assert fields["C"] == "08006"
     assert "password is not set" in fields.get("D", "")
@@ -325,13 +366,13 @@ def test_missing_upstream_password_is_fatal_08006(
 
 def test_require_uses_tls(tenant_db: TenantDb, tls_pg: TemporaryCluster) -> None:
     policy = _policy(tenant_db, tls_pg, user=SCRAM_ROLE, password=SCRAM_PW, sslmode="require")
-    with RunningProxy(policy) as proxy:
+    with _running(policy) as proxy:
         assert _session(proxy, tenant_db, tls_pg) == (SCRAM_ROLE, True)
 
 
 def test_hostssl_only_role_over_require(tenant_db: TenantDb, tls_pg: TemporaryCluster) -> None:
     secure = _policy(tenant_db, tls_pg, user=SSL_ROLE, password=SSL_PW, sslmode="require")
-    with RunningProxy(secure) as proxy:
+    with _running(secure) as proxy:
         assert _session(proxy, tenant_db, tls_pg) == (SSL_ROLE, True)
 
 
@@ -339,7 +380,7 @@ def test_hostssl_only_role_refused_without_tls(
     tenant_db: TenantDb, tls_pg: TemporaryCluster
 ) -> None:
     plain = _policy(tenant_db, tls_pg, user=SSL_ROLE, password=SSL_PW, sslmode="disable")
-    with RunningProxy(plain) as proxy:
+    with _running(plain) as proxy:
         fields = _login_error(proxy, tenant_db)
     assert fields["C"] == "08006"
     assert "pg_hba.conf" in fields.get("D", ""), fields
@@ -357,7 +398,7 @@ def test_verify_full_with_the_right_ca(
         sslmode="verify-full",
         sslrootcert=str(pki.ca),
     )
-    with RunningProxy(policy) as proxy:
+    with _running(policy) as proxy:
         assert _session(proxy, tenant_db, tls_pg) == (SSL_ROLE, True)
 
 
@@ -372,7 +413,7 @@ def test_verify_full_with_a_wrong_ca_fails(
         sslmode="verify-full",
         sslrootcert=str(pki.other_ca),
     )
-    with RunningProxy(policy) as proxy:
+    with _running(policy) as proxy:
         fields = _login_error(proxy, tenant_db)
     assert fields["S"] == "FATAL"
     assert fields["C"] == "08006"
@@ -382,13 +423,13 @@ def test_verify_full_with_a_wrong_ca_fails(
 
 def test_prefer_uses_tls_when_available(tenant_db: TenantDb, tls_pg: TemporaryCluster) -> None:
     policy = _policy(tenant_db, tls_pg, user=SCRAM_ROLE, password=SCRAM_PW, sslmode="prefer")
-    with RunningProxy(policy) as proxy:
+    with _running(policy) as proxy:
         assert _session(proxy, tenant_db, tls_pg) == (SCRAM_ROLE, True)
 
 
 def test_prefer_falls_back_to_plaintext(tenant_db: TenantDb, pg: Cluster) -> None:
     policy = tenant_db.policy("enforce", upstream={"sslmode": "prefer"})
-    with RunningProxy(policy) as proxy:
+    with _running(policy) as proxy:
         app = "tg-" + uuid.uuid4().hex[:12]
         with _connect(proxy, tenant_db, "acme", app) as conn:
             assert conn.execute("SELECT 1").fetchone() == (1,)
@@ -397,13 +438,13 @@ def test_prefer_falls_back_to_plaintext(tenant_db: TenantDb, pg: Cluster) -> Non
 
 def test_disable_does_not_use_tls(tenant_db: TenantDb, tls_pg: TemporaryCluster) -> None:
     policy = _policy(tenant_db, tls_pg, user=SCRAM_ROLE, password=SCRAM_PW, sslmode="disable")
-    with RunningProxy(policy) as proxy:
+    with _running(policy) as proxy:
         assert _session(proxy, tenant_db, tls_pg) == (SCRAM_ROLE, False)
 
 
 def test_require_against_a_server_without_tls_fails(tenant_db: TenantDb, pg: Cluster) -> None:
     policy = tenant_db.policy("enforce", upstream={"sslmode": "require"})
-    with RunningProxy(policy) as proxy:
+    with _running(policy) as proxy:
         fields = _login_error(proxy, tenant_db, tenant_db.database)
     assert fields["S"] == "FATAL"
     assert fields["C"] == "08006"
@@ -422,7 +463,7 @@ def test_per_tenant_upstream_role(tenant_db: TenantDb, tls_pg: TemporaryCluster)
         password=SCRAM_PW,
         tenants={"acme": {"upstream_user": ACME_ROLE, "upstream_password": ACME_PW}},
     )
-    with RunningProxy(policy) as proxy:
+    with _running(policy) as proxy:
         assert _session(proxy, tenant_db, tls_pg, "acme")[0] == ACME_ROLE
         assert _session(proxy, tenant_db, tls_pg, "globex")[0] == SCRAM_ROLE
         app = "tg-" + uuid.uuid4().hex[:12]
