@@ -83,6 +83,7 @@ class ProxyServer:
         self.sessions: dict[int, Session] = {}
         self._connections: set[asyncio.Task[None]] = set()
         self._in_handshake: set[asyncio.Task[None]] = set()
+        self._ended: dict[asyncio.Task[None], Session] = {}
         self._client_count = 0
         self._tenant_connections: Counter[str] = Counter()
         self.accepting = True
@@ -167,10 +168,15 @@ class ProxyServer:
             _send_error(writer, internal_error())
         finally:
             self._client_count -= 1
-            self._connections.discard(task)
             self._in_handshake.discard(task)
             if not writer.is_closing():
                 writer.close()
+            ended = self._ended.pop(task, None)
+            if ended is not None:
+                # Off the connection counts, but still a connection task, so shutdown
+                # waits until the upstream transport (a TLS close needs the loop) is shut.
+                await ended.wait_upstream_closed(UPSTREAM_CLOSE_WAIT_S)
+            self._connections.discard(task)
 
     async def _serve_client(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
@@ -298,7 +304,9 @@ class ProxyServer:
             upstream.close()
             if self.on_session_end is not None:
                 self.on_session_end(session)
-            await session.wait_upstream_closed(UPSTREAM_CLOSE_WAIT_S)
+            task = asyncio.current_task()
+            if task is not None:
+                self._ended[task] = session
 
     async def _cancel(self, request: CancelRequest) -> None:
         session = self.sessions.get(request.process_id)

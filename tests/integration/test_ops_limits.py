@@ -140,6 +140,11 @@ def test_global_max_client_connections(make_proxy: ProxyFactory, tenant_db: Tena
         fields = login_error(running, tenant_db, "initech")
         assert (fields["S"], fields["C"]) == ("FATAL", "53300")
         assert fields["M"] == "tenantgate: too many client connections"
+    # The proxy sees the two closes asynchronously: wait until it counts them gone.
+    server = running.app.server
+    deadline = time.monotonic() + 5
+    while server._client_count and time.monotonic() < deadline:  # private: the live count
+        time.sleep(0.02)
     with connect(running, tenant_db, "initech") as conn:
         assert conn.execute("SELECT 1").fetchone() == (1,)
 
