@@ -144,11 +144,15 @@ class TenantInjector:
         ``statements`` carry byte offsets into ``sql``; an injection goes at the
         very start, or at the end of the previous statement (before its ';').
         """
+        # A Query sent after Executes not yet Synced joins their transaction, which
+        # this segment's injection already gave the tenant: injecting again would also
+        # turn a one-statement Query into two, which PostgreSQL 18 commits at its end.
+        has_tenant = self._in_block or not self._needs_injection
         self._needs_injection = True  # whatever the string does, the next Execute re-checks
-        key = (sql, self._in_block)
+        key = (sql, has_tenant)
         result = self._rewritten.get(key)
         if result is None:
-            result = self._rewrite(sql, statements, self._in_block)
+            result = self._rewrite(sql, statements, has_tenant)
             if len(self._rewritten) >= REWRITE_CACHE_ENTRIES:
                 self._rewritten.clear()
             self._rewritten[key] = result

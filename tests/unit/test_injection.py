@@ -123,3 +123,14 @@ def test_no_reinjection_inside_a_block_that_has_the_tenant() -> None:
     # Not idle in a block (implicit transaction, pipelined, aborted): always inject.
     injector.observe_state(idle_in_block=False)
     assert injector.rewrite_query(b"SELECT 1", select).hidden_statements == {0}
+
+
+def test_query_joining_an_injected_unsynced_segment_is_left_alone() -> None:
+    """Parse/Bind/Execute (injected) then a Query before Sync: one transaction."""
+    injector = TenantInjector("app.tenant_id", "acme")
+    select = analyse_sql("SELECT 1", POLICY).statements
+    injector.observe_state(idle_in_block=False)
+    assert injector.before_execute(transaction_control=False) is not None
+    assert injector.rewrite_query(b"SELECT 1", select).text == b"SELECT 1"
+    # After the Query the next Execute checks again (the Query may have ended it).
+    assert injector.before_execute(transaction_control=False) is not None
