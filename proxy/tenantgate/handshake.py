@@ -18,9 +18,7 @@ from tenantgate.auth import SCRAM, SCRAM_PLUS, ScramExchange, fake_verifier, ver
 from tenantgate.config import Policy
 from tenantgate.errors import (
     AuthenticationFailed,
-    PgError,
     RemoteProtocolError,
-    auth_failed,
     database_refused,
     startup_refused,
 )
@@ -219,7 +217,3 @@ async def _password_message(reader: asyncio.StreamReader, messages: MessageReade
     if messages.buffered:
         raise RemoteProtocolError("data received before authentication finished")
     return payload
-
-
-def auth_error(user: str) -> PgError:
-    return auth_failed(user)

@@ -87,7 +87,6 @@ class ProxyServer:
         self._client_count = 0
         self._tenant_connections: Counter[str] = Counter()
         self.accepting = True
-        self.auth_failures: Counter[str] = Counter()
         self.on_session_start: Callable[[Session], None] | None = None
         self.on_session_end: Callable[[Session], None] | None = None
         self.on_auth_failure: Callable[[str], None] | None = None
@@ -211,7 +210,6 @@ class ProxyServer:
             _send_error(writer, timeout("the client did not complete the handshake in time"))
             return
         except AuthenticationFailed as failure:
-            self.auth_failures[failure.reason] += 1
             if self.on_auth_failure is not None:
                 self.on_auth_failure(failure.reason)
             _send_error(writer, auth_failed(user))

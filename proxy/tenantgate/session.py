@@ -16,7 +16,7 @@ import logging
 import re
 import secrets
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from time import perf_counter
 from typing import cast
 
@@ -82,7 +82,6 @@ class SessionInfo:
     process_id: int = 0
     secret_key: bytes = b""
     started: float = 0.0
-    extra: dict[str, object] = field(default_factory=dict)
 
 
 class Session:
