@@ -8,8 +8,10 @@ endpoints.  Nothing here touches the global prometheus_client registry: each
 :class:`Metrics` owns its own :class:`CollectorRegistry`.
 
 Hot path: :meth:`Metrics.session` binds a :class:`SessionMetrics` once per
-client session; it caches the labelled children it has used, so recording a
-statement is a dict lookup and an ``inc``/``observe``.
+client session.  It tallies statements, durations, bytes and rows in plain
+integers (no lock, no prometheus call per statement) and adds them to the
+labelled prometheus children when anything collects the registry (a scrape,
+on the event loop) and when the session closes.
 
 Metrics beyond the contract table (additions, documented in
 ``docs/operations.md``): ``tenantgate_audit_dropped_total`` and
@@ -22,6 +24,7 @@ import asyncio
 import contextlib
 import logging
 import threading
+from bisect import bisect_left
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
 from typing import Final, TypeVar
 
@@ -147,6 +150,24 @@ class _SourceCollector:
         return [hit_family, miss_family, upstream]
 
 
+class _Flusher:
+    """First collector of the registry: adds every live session's tallies first.
+
+    Collecting on the event loop (a test, :meth:`Metrics.render`) flushes inline;
+    :meth:`Metrics.render_async` flushes on the loop and pins, so the worker thread
+    that renders never touches tallies the loop is writing.
+    """
+
+    def __init__(self, metrics: Metrics) -> None:
+        self._metrics = metrics
+        self.pinned = threading.local()
+
+    def collect(self) -> Iterable[Metric]:
+        if not getattr(self.pinned, "active", False):
+            self._metrics.flush()
+        return ()
+
+
 class _Exposition:
     """What ``/metrics`` serves: the registry without ``*_created`` samples.
 
@@ -174,6 +195,9 @@ class Metrics:
     def __init__(self, tenants: Iterable[str], registry: CollectorRegistry | None = None) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
         reg = self.registry
+        self._live: set[SessionMetrics] = set()
+        self._flusher = _Flusher(self)
+        reg.register(self._flusher)
         self._client_connections = Gauge(
             "tenantgate_client_connections",
             "Client connections currently open, by tenant.",
@@ -330,6 +354,11 @@ class Metrics:
         """``source()`` returns ``{"active": n, "idle": m}`` for the upstream pool."""
         self._sources.upstream_source = source
 
+    def flush(self) -> None:
+        """Add every live session's tallies to the prometheus series (on the loop)."""
+        for session in list(self._live):
+            session.flush()
+
     def render(self) -> bytes:
         """The exposition in Prometheus text format 0.0.4 (runs the sources inline)."""
         return generate_latest(self._exposition)
@@ -337,29 +366,46 @@ class Metrics:
     async def render_async(self) -> bytes:
         """:meth:`render` in a worker thread, so a large scrape never stalls the event loop.
 
-        The source callables are sampled here, on the loop.
+        The source callables are sampled and the session tallies flushed here, on the loop.
         """
         values = self._sources.sample()
+        self.flush()
         return await asyncio.to_thread(self._render_pinned, values)
 
     def _render_pinned(self, values: _SourceValues) -> bytes:
-        with self._sources.pinned(values):
-            return generate_latest(self._exposition)
+        self._flusher.pinned.active = True
+        try:
+            with self._sources.pinned(values):
+                return generate_latest(self._exposition)
+        finally:
+            self._flusher.pinned.active = False
 
 
 class SessionMetrics:
-    """One session's labelled children; every method is O(1) after first use."""
+    """One session's metrics: connection gauge and rejections directly, the rest tallied.
+
+    Statements, durations, bytes and rows are the per-statement path: they are
+    counted in plain integers here and added to the prometheus children by
+    :meth:`flush` (a collect of the registry, or :meth:`closed`).
+    """
 
     __slots__ = (
+        "__weakref__",
         "_bytes_in",
         "_bytes_out",
         "_connections",
+        "_dirty",
         "_durations",
         "_metrics",
         "_rate_limited",
         "_rejections",
         "_rows",
         "_statements",
+        "_tally_bytes_in",
+        "_tally_bytes_out",
+        "_tally_durations",
+        "_tally_rows",
+        "_tally_statements",
         "tenant",
     )
 
@@ -374,31 +420,76 @@ class SessionMetrics:
         self._statements: dict[tuple[str, str], Counter | _Discard] = {}
         self._durations: dict[str, Histogram | _Discard] = {}
         self._rejections: dict[str, Counter | _Discard] = {}
+        self._tally_bytes_in = 0
+        self._tally_bytes_out = 0
+        self._tally_rows = 0
+        self._tally_statements: dict[tuple[str, str], int] = {}
+        # command -> [count per bucket (not cumulative)..., count above the last, sum]
+        self._tally_durations: dict[str, list[float]] = {}
+        self._dirty = False  # tallies not yet flushed (then it is in Metrics._live)
+
+    def _mark(self) -> None:
+        self._dirty = True
+        self._metrics._live.add(self)
 
     def opened(self) -> None:
         self._connections.inc()
 
     def closed(self) -> None:
+        self.flush()
         self._connections.dec()
 
     def statement(self, command: str, outcome: str, duration_s: float | None) -> None:
-        """One statement: count it; observe its duration when it ran upstream."""
-        key = (command, outcome)
-        counter = self._statements.get(key)
-        if counter is None:
-            counter = self._statements[key] = self._bind_statement(command, outcome)
-        counter.inc()
-        if duration_s is not None:
-            histogram = self._durations.get(command)
-            if histogram is None:
-                histogram = self._durations[command] = self._metrics._child(
-                    self._metrics._statement_duration, self.tenant, _command(command)
-                )
-            histogram.observe(duration_s)
-
-    def _bind_statement(self, command: str, outcome: str) -> Counter | _Discard:
+        """One statement: count it; tally its duration when it ran upstream."""
         if outcome not in OUTCOMES:
             raise ValueError(f"statement outcome must be one of {sorted(OUTCOMES)}")
+        if not self._dirty:
+            self._mark()
+        key = (command, outcome)
+        tally = self._tally_statements
+        tally[key] = tally.get(key, 0) + 1
+        if duration_s is not None:
+            buckets = self._tally_durations.get(command)
+            if buckets is None:
+                buckets = self._tally_durations[command] = [0] * (len(DURATION_BUCKETS) + 2)
+            buckets[bisect_left(DURATION_BUCKETS, duration_s)] += 1
+            buckets[-1] += duration_s
+
+    def flush(self) -> None:
+        """Add the tallies to the labelled prometheus children and reset them."""
+        if not self._dirty:
+            return
+        self._dirty = False
+        self._metrics._live.discard(self)
+        if self._tally_bytes_in:
+            self._bytes_in.inc(self._tally_bytes_in)
+            self._tally_bytes_in = 0
+        if self._tally_bytes_out:
+            self._bytes_out.inc(self._tally_bytes_out)
+            self._tally_bytes_out = 0
+        if self._tally_rows:
+            self._rows.inc(self._tally_rows)
+            self._tally_rows = 0
+        if self._tally_statements:
+            tally, self._tally_statements = self._tally_statements, {}
+            for (command, outcome), count in tally.items():
+                counter = self._statements.get((command, outcome))
+                if counter is None:
+                    counter = self._statements[(command, outcome)] = self._bind_statement(
+                        command, outcome
+                    )
+                counter.inc(count)
+        if self._tally_durations:
+            durations, self._tally_durations = self._tally_durations, {}
+            for command, buckets in durations.items():
+                histogram = self._durations.get(command)
+                if histogram is None:
+                    histogram = self._durations[command] = self._metrics._child(
+                        self._metrics._statement_duration, self.tenant, _command(command)
+                    )
+                _add_to_histogram(histogram, buckets)
+
+    def _bind_statement(self, command: str, outcome: str) -> Counter | _Discard:
         return self._metrics._child(
             self._metrics._statements, self.tenant, _command(command), outcome
         )
@@ -419,13 +510,36 @@ class SessionMetrics:
         self._rate_limited.inc()
 
     def bytes_in(self, n: int) -> None:
-        self._bytes_in.inc(n)
+        if not self._dirty:
+            self._mark()
+        self._tally_bytes_in += n
 
     def bytes_out(self, n: int) -> None:
-        self._bytes_out.inc(n)
+        if not self._dirty:
+            self._mark()
+        self._tally_bytes_out += n
 
     def rows(self, n: int) -> None:
-        self._rows.inc(n)
+        if not self._dirty:
+            self._mark()
+        self._tally_rows += n
+
+
+def _add_to_histogram(histogram: Histogram | _Discard, buckets: list[float]) -> None:
+    """Add tallied observations to a histogram child.
+
+    prometheus_client has no public "observe n at once"; its children keep one
+    value per bucket (``_buckets``, not cumulative) and ``_sum``, which is what
+    ``observe`` increments.  tests/unit/test_metrics.py checks this against
+    ``observe`` so a prometheus_client that changes them fails loudly.
+    """
+    if isinstance(histogram, _Discard):
+        return
+    counts = histogram._buckets
+    for index, count in enumerate(buckets[:-1]):
+        if count:
+            counts[index].inc(count)
+    histogram._sum.inc(buckets[-1])
 
 
 def _command(command: str) -> str:

@@ -15,6 +15,7 @@ import contextlib
 import logging
 import re
 import secrets
+import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 from time import perf_counter
@@ -55,6 +56,8 @@ _STATEMENT_STARTS = frozenset(b"QE")
 # Backend messages whose payload the proxy reads (errors, status, tags, settings, types).
 _READ_PAYLOAD = frozenset(b"EZCSt")
 _QUERY_REJECT = Query(REJECT_SQL).encode()
+_LENGTH = struct.Struct("!I")
+_FORWARD = Action.FORWARD
 _FUNCTION_CALL_REJECTION = rejected(
     "function_call",
     "the FunctionCall protocol message is not allowed",
@@ -197,13 +200,18 @@ class Session:
             return
         try:
             handler(data)
-        except SessionEnded as ended:
-            self._finish(ended)
-        except ProtocolError as exc:
+        except Exception as exc:
+            self._failed(exc)
+
+    def _failed(self, exc: Exception) -> None:
+        """A handler raised: end the session with the error the client should see."""
+        if isinstance(exc, SessionEnded):
+            self._finish(exc)
+        elif isinstance(exc, ProtocolError):
             log.info("session %s: protocol error: %s", self.info.session_id, exc)
             self._finish(SessionEnded(protocol_violation(str(exc))))
-        except Exception:
-            log.exception("session %s: unexpected error", self.info.session_id)
+        else:
+            log.error("session %s: unexpected error", self.info.session_id, exc_info=exc)
             self._finish(SessionEnded(internal_error()))
 
     def side_closed(self, client: bool) -> None:
@@ -228,21 +236,31 @@ class Session:
     # --- client -> upstream ---------------------------------------------------------
 
     def client_data(self, data: bytes) -> None:
-        self._guard(self._client_chunk, data)
+        # The per-chunk path: the guard of _guard() inlined.
+        if self._finished.done():
+            return
+        try:
+            self.observer.traffic(len(data), 0)
+            if self.idle_timeout_s is not None:
+                self._last_activity = self._loop.time()
+            if self._client_buffer or self._deferred:
+                self._client_buffer += data
+                if not self._deferred:
+                    self._drain_client(self._client_buffer)
+            else:
+                self._drain_client(data)
+        except Exception as exc:
+            self._failed(exc)
 
-    def _client_chunk(self, data: bytes) -> None:
-        self.observer.traffic(len(data), 0)
-        self._last_activity = self._loop.time()
-        self._client_buffer += data
-        if not self._deferred:
-            self._drain_client()
-
-    def _drain_client(self) -> None:
+    def _drain_client(self, buffer: bytes | bytearray) -> None:
         """Handle every complete client message, unless the rate limit defers one.
 
-        Messages the proxy does not change are forwarded as runs of raw bytes.
+        ``buffer`` is the session's buffer, or the chunk just received when
+        nothing was buffered (the common case: no copy).  What is left over
+        (an incomplete message, or messages deferred by the rate limit) is kept
+        in the session's buffer.  Messages the proxy does not change are
+        forwarded as runs of raw bytes.
         """
-        buffer = self._client_buffer
         frames, consumed = scan_frames(buffer, self._max_message)
         if self.injector is not None:
             tracker = self.tracker
@@ -284,8 +302,12 @@ class Session:
             out.append(replacement)
             run_start = end
         if run_start < stop:
+            # Slicing all of a bytes object returns it: the common case copies nothing.
             out.append(bytes(buffer[run_start:stop]))
-        del buffer[:stop]
+        if buffer is self._client_buffer:
+            del self._client_buffer[:stop]
+        elif stop < len(buffer):
+            self._client_buffer += buffer[stop:]
         if out:
             self._upstream_transport.write(out[0] if len(out) == 1 else b"".join(out))
 
@@ -294,7 +316,7 @@ class Session:
             return
         if not self._client_transport.is_closing():
             self._client_transport.resume_reading()
-        self._guard(lambda _: self._drain_client(), b"")
+        self._guard(lambda _: self._drain_client(self._client_buffer), b"")
 
     def _rate_rejection(self, msg_type: int, payload: bytes) -> bytes:
         error = rate_limited(self.rate or 0.0)
@@ -322,7 +344,7 @@ class Session:
         tracker, inspector, injector = self.tracker, self.inspector, self.injector
         match msg_type:
             case 0x51:  # Query
-                sql = Query.decode(payload).query
+                sql = _query_text(payload)
                 error = inspector.inspect_query(sql)
                 if error is not None:
                     return self._reject_query(error)
@@ -447,35 +469,66 @@ class Session:
     # --- upstream -> client ---------------------------------------------------------
 
     def upstream_data(self, data: bytes) -> None:
-        self._guard(self._upstream_chunk, data)
+        # The per-chunk path: the guard of _guard() inlined.
+        if self._finished.done():
+            return
+        try:
+            self._upstream_chunk(data)
+        except Exception as exc:
+            self._failed(exc)
 
     def _upstream_chunk(self, data: bytes) -> None:
-        buffer = self._upstream_buffer
-        buffer += data
-        frames, consumed = scan_frames(buffer, UPSTREAM_MAX_MESSAGE)
-        if not frames:
-            return
-        route = self.tracker.route
-        # Runs of frames the client sees unchanged are forwarded as one slice.
-        out: list[bytes] = []
+        """Route every complete server message; forward runs of unchanged ones as one slice.
+
+        :meth:`ResponseTracker.pass_plain` consumes the runs of ordinary
+        answers without a call per message; every other message goes through
+        the framing checks (scan_frames' checks, inlined) and ``route``.
+        """
+        buffer: bytes | bytearray
+        if self._upstream_buffer:
+            buffer = self._upstream_buffer
+            buffer += data
+        else:
+            buffer = data
+        tracker = self.tracker
+        pass_plain = tracker.pass_plain
+        size = len(buffer)
         run_start = 0
-        for msg_type, start, end in frames:
-            payload = bytes(buffer[start:end]) if msg_type in _READ_PAYLOAD else b""
+        out: list[bytes] = []
+        pos = pass_plain(buffer, 0)
+        while size - pos >= 5:
+            msg_type = buffer[pos]
+            (length,) = _LENGTH.unpack_from(buffer, pos + 1)
+            end = pos + 1 + length
+            if length < 4 or length - 4 > UPSTREAM_MAX_MESSAGE:
+                raise RemoteProtocolError(
+                    f"message {chr(msg_type)!r} has invalid length {length} "
+                    f"(limit {UPSTREAM_MAX_MESSAGE + 4})"
+                )
+            if end > size:
+                break
+            payload = bytes(buffer[pos + 5 : end]) if msg_type in _READ_PAYLOAD else b""
             if msg_type == 0x53:  # ParameterStatus
                 self._check_pinned(payload)
-            action, replacement = route(msg_type, payload)
-            if action is Action.FORWARD:
+            action, replacement = tracker.route(msg_type, payload)
+            if action is _FORWARD:
                 if msg_type == 0x45 and _is_fatal(payload):
                     self._fatal_forwarded = True
-                continue
-            if run_start < start - 5:
-                out.append(bytes(buffer[run_start : start - 5]))
-            if replacement is not None:
-                out.append(replacement)
-            run_start = end
-        if run_start < consumed:
-            out.append(bytes(buffer[run_start:consumed]))
-        del buffer[:consumed]
+            else:
+                if run_start < pos:
+                    out.append(bytes(buffer[run_start:pos]))
+                if replacement is not None:
+                    out.append(replacement)
+                run_start = end
+            pos = pass_plain(buffer, end)
+        if run_start < pos:
+            # Slicing all of a bytes object returns it: the common case copies nothing.
+            out.append(bytes(buffer[run_start:pos]))
+        if buffer is data:
+            if pos < size:
+                self._upstream_buffer += data[pos:]
+        else:
+            del self._upstream_buffer[:pos]
         if out:
             chunk = out[0] if len(out) == 1 else b"".join(out)
             self.observer.traffic(0, len(chunk))
@@ -495,17 +548,13 @@ class Session:
 class _Side(asyncio.Protocol):
     """Transport callbacks of one side of a session, delegated to the session."""
 
-    __slots__ = ("_client", "_session")
+    __slots__ = ("_client", "_session", "data_received")
 
     def __init__(self, session: Session, client: bool) -> None:
         self._session = session
         self._client = client
-
-    def data_received(self, data: bytes) -> None:
-        if self._client:
-            self._session.client_data(data)
-        else:
-            self._session.upstream_data(data)
+        # Bound once: the transport calls the session's handler with no hop.
+        self.data_received = session.client_data if client else session.upstream_data  # type: ignore[method-assign]
 
     def eof_received(self) -> bool:
         self._session.side_closed(self._client)
@@ -532,9 +581,19 @@ def command_of(sql: str) -> str:
     return word if word in _COMMANDS else "other"
 
 
+def _query_text(payload: bytes) -> str:
+    """The SQL of a Query payload: what Query.decode checks, without building a Query."""
+    if payload.find(0) != len(payload) - 1:
+        return Query.decode(payload).query  # raises the precise protocol error
+    try:
+        return payload[:-1].decode("utf-8")
+    except UnicodeDecodeError:
+        return Query.decode(payload).query
+
+
 def _reserved(*names: str) -> PgError | None:
     for name in names:
-        if is_internal_name(name):
+        if name and is_internal_name(name):
             return rejected(
                 "reserved_name",
                 "statement and portal names starting with __tenantgate are reserved",

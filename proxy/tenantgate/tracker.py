@@ -13,9 +13,10 @@ request.
 
 from __future__ import annotations
 
+import struct
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import Enum, IntEnum
 
 from tenantgate.errors import PgError, RemoteProtocolError
@@ -35,6 +36,10 @@ class Kind(IntEnum):
     SYNC = 8  # 'Z'
 
 
+# Module constants: a global lookup is cheaper than an enum attribute per message.
+_QUERY, _EXECUTE, _SYNC = Kind.QUERY, Kind.EXECUTE, Kind.SYNC
+_DESCRIBE_PORTAL = Kind.DESCRIBE_PORTAL
+
 # What ends each kind of entry (besides an ErrorResponse).
 _COMPLETES: dict[Kind, frozenset[int]] = {
     Kind.QUERY: frozenset(b"Z"),
@@ -53,7 +58,6 @@ _INTERMEDIATE: dict[Kind, frozenset[int]] = {
     Kind.DESCRIBE_STATEMENT: frozenset(b"t"),
 }
 ASYNC_TYPES = frozenset(b"NSA")
-_STATEMENT_END = frozenset(b"CI")
 _EMPTY: frozenset[int] = frozenset()
 SYNTAX_ERROR = "42601"
 
@@ -91,7 +95,6 @@ class Pending:
     statement_index: int = 0
     failed: bool = False
     rows: int = 0
-    tags: list[str] = field(default_factory=list)
 
 
 class Action(Enum):
@@ -100,17 +103,27 @@ class Action(Enum):
     REPLACE = 2
 
 
+_STATUSES = {b"I": "I", b"T": "T", b"E": "E"}
+_STATUS_BYTES = {0x49: "I", 0x54: "T", 0x45: "E"}
+_QUERY_ROWS = frozenset(b"DT")  # DataRow, RowDescription
+_LENGTH = struct.Struct("!I")
+# Per kind: the message that completes a plain entry in pass_plain (one byte).
+_PLAIN_COMPLETE: dict[Kind, int] = {
+    Kind.PARSE: 0x31,
+    Kind.BIND: 0x32,
+    Kind.CLOSE: 0x33,
+    Kind.SYNC: 0x5A,
+}
+_STATEMENT_END = frozenset(b"CI")
 _FORWARD: tuple[Action, bytes | None] = (Action.FORWARD, None)
 _DROP: tuple[Action, bytes | None] = (Action.DROP, None)
 
 
 def _count_rows(entry: Pending, payload: bytes) -> None:
     """Add the row count of a CommandComplete tag (SELECT n, INSERT 0 n, COPY n ...)."""
-    tag = payload[:-1] if payload.endswith(b"\x00") else payload
-    entry.tags.append(tag.decode("ascii", "replace"))
-    space = tag.rfind(b" ")
+    space = payload.rfind(b" ")
     if space > 0:
-        count = tag[space + 1 :]
+        count = payload[space + 1 : -1] if payload[-1:] == b"\x00" else payload[space + 1 :]
         if count.isdigit():
             entry.rows += int(count)
 
@@ -163,6 +176,83 @@ class ResponseTracker:
         """A client's request is running upstream (cancel is meaningful)."""
         return any(not p.injected for p in self._pending)
 
+    def pass_plain(self, buffer: bytes | bytearray, pos: int) -> int:
+        """Route, without a call per message, the run of messages at ``pos`` the
+        client sees unchanged; return where the first other message starts.
+
+        The batch form of :meth:`route` for what nearly every answer consists
+        of: while the head is a client entry with nothing injected, hidden,
+        rejected or rewritten, RowDescription/DataRow/CommandComplete/
+        EmptyQueryResponse/ReadyForQuery of a Query, DataRow/CommandComplete of
+        an Execute, and the one-message answers of Parse/Bind/Close/Sync and of
+        a portal Describe are consumed exactly as :meth:`route` would (same
+        state changes, same callbacks).  Anything else, and any frame that is
+        incomplete or malformed, stops the run: the caller routes it with
+        :meth:`route` (and the framing checks) and calls this again.
+        """
+        pending = self._pending
+        size = len(buffer)
+        unpack = _LENGTH.unpack_from
+        while pending and size - pos >= 5:
+            head = pending[0]
+            if head.injected or head.rejection is not None or head.position_shifts:
+                return pos
+            if head.hidden_statements or head.on_parameter_description is not None:
+                return pos
+            kind = head.kind
+            msg_type = buffer[pos]
+            (length,) = unpack(buffer, pos + 1)
+            end = pos + 1 + length
+            if length < 4 or end > size:
+                return pos
+            if kind is _QUERY:
+                if msg_type in _QUERY_ROWS:
+                    pos = end
+                    continue
+                if msg_type in _STATEMENT_END:
+                    if msg_type == 0x43:
+                        _count_rows(head, bytes(buffer[pos + 5 : end]))
+                    head.statement_index += 1
+                    pos = end
+                    continue
+                if msg_type != 0x5A or length != 5:
+                    return pos
+                status = _STATUS_BYTES.get(buffer[pos + 5])
+                if status is None:
+                    return pos
+                self.status = status
+                pending.popleft()
+                self._done(head, not head.failed)
+                pos = end
+                continue
+            if kind is _EXECUTE:
+                if msg_type == 0x44:
+                    pos = end
+                    continue
+                if msg_type != 0x43:
+                    return pos
+                _count_rows(head, bytes(buffer[pos + 5 : end]))
+            elif kind is _DESCRIBE_PORTAL:
+                if msg_type not in _COMPLETES[_DESCRIBE_PORTAL]:
+                    return pos
+            elif msg_type != _PLAIN_COMPLETE.get(kind):
+                return pos
+            elif kind is _SYNC:
+                if length != 5:
+                    return pos
+                status = _STATUS_BYTES.get(buffer[pos + 5])
+                if status is None:
+                    return pos
+                self.status = status
+                pending.popleft()
+                self._done(head, not head.failed)
+                pos = end
+                continue
+            pending.popleft()
+            self._done(head, True)
+            pos = end
+        return pos
+
     @property
     def outstanding(self) -> int:
         return len(self._pending)
@@ -180,42 +270,42 @@ class ResponseTracker:
             raise RemoteProtocolError(f"unexpected {chr(msg_type)!r} from the server")
         head = pending[0]
         kind = head.kind
-        if msg_type == 0x44 and (kind is Kind.EXECUTE or kind is Kind.QUERY):  # DataRow
-            if head.injected or head.statement_index in head.hidden_statements:
-                return _DROP
-            return _FORWARD
-        if msg_type in ASYNC_TYPES:
-            return _FORWARD
-        if msg_type == 0x45:  # ErrorResponse
-            return self._error(head, payload)
+        hidden = head.injected or (
+            head.hidden_statements and head.statement_index in head.hidden_statements
+        )
+        if msg_type == 0x44 and (kind is _EXECUTE or kind is _QUERY):  # DataRow
+            return _DROP if hidden else _FORWARD
         if msg_type == 0x5A:  # ReadyForQuery
-            if kind is not Kind.QUERY and kind is not Kind.SYNC:
+            if kind is not _QUERY and kind is not _SYNC:
                 raise RemoteProtocolError(f"ReadyForQuery while awaiting {kind.name.lower()}")
-            status = chr(payload[0]) if len(payload) == 1 else "?"
-            if status not in ("I", "T", "E"):
+            status = _STATUSES.get(payload)
+            if status is None:
                 raise RemoteProtocolError("ReadyForQuery: invalid status")
             self.status = status
             pending.popleft()
             self._done(head, not head.failed)
             # ReadyForQuery belongs to the whole request, never to a hidden statement.
             return _DROP if head.injected else _FORWARD
-        visible = not (head.injected or head.statement_index in head.hidden_statements)
-        if kind is Kind.QUERY and msg_type in _STATEMENT_END:
+        if msg_type in ASYNC_TYPES:
+            return _FORWARD
+        if msg_type == 0x45:  # ErrorResponse
+            return self._error(head, payload)
+        if kind is _QUERY and msg_type in _STATEMENT_END:
             # C or I ends one statement of a (multi-statement) simple Query.
-            if msg_type == 0x43 and visible:
+            if msg_type == 0x43 and not hidden:
                 _count_rows(head, payload)
             head.statement_index += 1
-            return _FORWARD if visible else _DROP
+            return _DROP if hidden else _FORWARD
         if msg_type in _COMPLETES[kind]:
-            if msg_type == 0x43 and visible:
+            if msg_type == 0x43 and not hidden:
                 _count_rows(head, payload)
             pending.popleft()
             self._done(head, True)
-            return _FORWARD if visible else _DROP
+            return _DROP if hidden else _FORWARD
         if msg_type in _INTERMEDIATE.get(kind, _EMPTY):
             if msg_type == 0x74 and head.on_parameter_description is not None:
                 head.on_parameter_description(payload)
-            return _FORWARD if visible else _DROP
+            return _DROP if hidden else _FORWARD
         raise RemoteProtocolError(
             f"unexpected {chr(msg_type)!r} while awaiting {kind.name.lower()}"
         )
@@ -249,8 +339,9 @@ class ResponseTracker:
     def _done(self, entry: Pending, ok: bool) -> None:
         if entry.on_done is not None:
             entry.on_done(ok)
-        if self.on_complete is not None and not entry.injected:
-            self.on_complete(entry, ok)
+        on_complete = self.on_complete
+        if on_complete is not None and not entry.injected:
+            on_complete(entry, ok)
 
     def fail_all(self) -> None:
         """The upstream is gone: resolve every entry as failed."""

@@ -188,10 +188,64 @@ def test_session_caches_its_children() -> None:
     m = Metrics(["acme"])
     s = m.session("acme")
     s.statement("select", "allowed", 0.001)
+    s.flush()
     first = dict(s._statements)
     s.statement("select", "allowed", 0.001)
+    s.flush()
     assert s._statements == first
     assert len(s._statements) == 1
+
+
+def test_tallies_reach_the_series_at_collect_and_at_close() -> None:
+    m = Metrics(["acme"])
+    s = m.session("acme")
+    s.opened()
+    s.statement("select", "allowed", 0.001)
+    s.bytes_in(10)
+    # Nothing is added per statement; collecting the registry flushes every live session.
+    assert s._statements == {}
+    assert value(m, "tenantgate_bytes_total", tenant="acme", direction="in") == 10
+    assert s._statements != {}
+    s.rows(4)
+    s.closed()
+    assert m._live == set()
+    assert value(m, "tenantgate_rows_total", tenant="acme") == 4
+    # A response that completes after the session closed is still counted.
+    s.statement("select", "error", 0.002)
+    assert (
+        value(m, "tenantgate_statements_total", tenant="acme", command="select", outcome="error")
+        == 1
+    )
+
+
+@pytest.mark.parametrize(
+    "durations",
+    [
+        [0.0001, 0.0005, 0.0005001, 0.003, 29.9, 30.0, 31.0, 1e9],
+        [b * f for b in DURATION_BUCKETS for f in (0.5, 1.0, 1.5)],
+    ],
+)
+def test_tallied_histogram_equals_observe(durations: list[float]) -> None:
+    """Flushing bucket tallies must give exactly what prometheus_client's observe gives."""
+    tallied, observed = Metrics(["acme"]), Metrics(["acme"])
+    session = tallied.session("acme")
+    for duration in durations:
+        session.statement("select", "allowed", duration)
+    child = observed._statement_duration.labels("acme", "select")
+    for duration in durations:
+        child.observe(duration)
+
+    def samples(m: Metrics) -> list[tuple[str, dict[str, str], float]]:
+        return [
+            (s.name, s.labels, s.value)
+            for f in m.registry.collect()
+            if f.name == "tenantgate_statement_duration_seconds"
+            for s in f.samples
+            if not s.name.endswith("_created")
+        ]
+
+    assert samples(tallied) == samples(observed)
+    assert samples(tallied)  # the series exist
 
 
 def test_set_tenants_removes_every_series_of_a_removed_tenant() -> None:

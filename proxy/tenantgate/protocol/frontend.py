@@ -145,6 +145,8 @@ class Execute:
 
     @classmethod
     def decode(cls, payload: bytes) -> Execute:
+        if payload == _EXECUTE_UNNAMED_ALL:
+            return _UNNAMED_EXECUTE  # what drivers send for nearly every statement
         cursor = PayloadCursor(payload, "Execute")
         portal = cursor.cstring()
         rows = cursor.int32()
@@ -163,11 +165,18 @@ class Describe:
 
     @classmethod
     def decode(cls, payload: bytes) -> Describe:
+        if payload == b"P\x00":
+            return _UNNAMED_PORTAL_DESCRIBE  # what libpq sends before every Execute
         cursor = PayloadCursor(payload, "Describe")
         kind = _statement_or_portal(cursor.byte(), "Describe")
         name = cursor.cstring()
         cursor.expect_end()
         return cls(kind, name)
+
+
+_EXECUTE_UNNAMED_ALL = b"\x00\x00\x00\x00\x00"
+_UNNAMED_EXECUTE = Execute("", 0)
+_UNNAMED_PORTAL_DESCRIBE = Describe("P", "")
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,0 +1,227 @@
+"""CPU each proxy spends per transaction: a load-insensitive view of proxy cost.
+
+    .venv/bin/python benchmarks/cpu_cost.py [--cases W1-enforce,W4-enforce]
+        [--protocols simple,prepared] [--clients 8] [--seconds 5] [--rounds 2]
+        [--targets pgbouncer,forwarder,tenantgate] [--json out.json]
+
+TPS ratios on a 2-core box depend on everything else that runs; the CPU time a
+proxy process burns for each transaction it carries does not, much.  This runs
+pgbench (the workloads of ``run.py``) through PgBouncer, a bare uvloop byte
+forwarder (``forwarder.py``: the floor for any Python proxy) and tenantgate,
+reads each proxy's user and system CPU from ``/proc/<pid>/stat`` around the
+run, and prints microseconds of proxy CPU per transaction, plus the whole
+machine's busy CPU per transaction (``/proc/stat``).  Rounds are interleaved.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "proxy"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from services import (
+    BENCH_TENANT,
+    DATABASE,
+    HOST,
+    Database,
+    PgBouncer,
+    Scale,
+    Tenantgate,
+    free_port,
+    stop_process,
+    wait_port,
+)
+from workloads import CASES, HOT_KEYS, Case
+
+_TPS = re.compile(r"^tps = ([0-9.]+) \(without initial connection time\)", re.M)
+_DONE = re.compile(r"^number of transactions actually processed: (\d+)", re.M)
+
+
+@dataclass
+class Cost:
+    case: str
+    protocol: str
+    target: str
+    round: int
+    tps: float
+    transactions: int
+    proxy_user_us: float
+    proxy_system_us: float
+    machine_busy_us: float
+
+    @property
+    def proxy_us(self) -> float:
+        return self.proxy_user_us + self.proxy_system_us
+
+
+def process_cpu(pid: int) -> tuple[float, float]:
+    """(user, system) CPU seconds of ``pid``."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    ticks = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / ticks, int(fields[12]) / ticks
+
+
+def machine_busy() -> float:
+    """Busy CPU seconds of the whole machine (all but idle and iowait)."""
+    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    busy = sum(fields[:8]) - fields[3] - fields[4]
+    return busy / os.sysconf("SC_CLK_TCK")
+
+
+class Forwarder:
+    def __init__(self, workdir: Path, db: Database) -> None:
+        self.workdir, self.db, self.port = workdir, db, 0
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def start(self) -> None:
+        self.port = free_port()
+        self.proc = subprocess.Popen(
+            [sys.executable, str(Path(__file__).with_name("forwarder.py")), str(self.port),
+             str(self.db.port)],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=open(self.workdir / "forwarder.log", "ab"),  # noqa: SIM115
+            start_new_session=True,
+        )  # fmt: skip
+        wait_port(self.port, self.proc, "forwarder")
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            stop_process(self.proc)
+            self.proc = None
+
+
+def pgbench(
+    port: int, user: str, password: str, protocol: str, clients: int, seconds: int, script: Path,
+    scale: Scale,
+) -> str:  # fmt: skip
+    tenant = f"'{BENCH_TENANT}'" if protocol == "simple" else BENCH_TENANT
+    env = {**os.environ, "PGPASSWORD": password, "PGSSLMODE": "disable"}
+    done = subprocess.run(
+        ["pgbench", "-n", "-h", HOST, "-p", str(port), "-U", user, "-c", str(clients), "-j", "2",
+         "-T", str(seconds), "-M", protocol, "-f", str(script), "-D", f"tenant={tenant}",
+         "-D", f"hot={HOT_KEYS}", "-D", f"naccounts={scale.accounts}",
+         "-D", f"nbranches={scale.branches}", "-D", f"ntellers={scale.tellers}", DATABASE],
+        env=env, capture_output=True, text=True, timeout=seconds + 120, check=False,
+    )  # fmt: skip
+    if done.returncode != 0:
+        raise RuntimeError(f"pgbench failed: {done.stderr[-500:]}")
+    return done.stdout
+
+
+def measure(
+    case: Case, protocol: str, target: str, pid: int, port: int, user: str, password: str,
+    args: argparse.Namespace, script: Path, scale: Scale, round_no: int,
+) -> Cost:  # fmt: skip
+    user0, sys0 = process_cpu(pid)
+    busy0 = machine_busy()
+    out = pgbench(port, user, password, protocol, args.clients, args.seconds, script, scale)
+    user1, sys1 = process_cpu(pid)
+    busy1 = machine_busy()
+    done = _DONE.search(out)
+    tps = _TPS.search(out)
+    transactions = int(done.group(1)) if done else 0
+    per = 1e6 / max(transactions, 1)
+    return Cost(
+        case.key, protocol, target, round_no, float(tps.group(1)) if tps else 0.0, transactions,
+        (user1 - user0) * per, (sys1 - sys0) * per, (busy1 - busy0) * per,
+    )  # fmt: skip
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description="proxy CPU per transaction")
+    parser.add_argument("--cases", default="W1-enforce,W4-enforce")
+    parser.add_argument("--protocols", default="simple,prepared")
+    parser.add_argument("--targets", default="pgbouncer,forwarder,tenantgate")
+    parser.add_argument("--clients", type=int, default=8)
+    parser.add_argument("--seconds", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--accounts", type=int, default=20_000)
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args()
+    signal.signal(signal.SIGTERM, lambda s, f: (_ for _ in ()).throw(KeyboardInterrupt()))
+    cases = [c for c in CASES if c.key in args.cases.split(",")]
+    targets = args.targets.split(",")
+    scale = Scale(accounts=args.accounts)
+    results: list[Cost] = []
+    with contextlib.ExitStack() as stack:
+        workdir = Path(tempfile.mkdtemp(prefix="tenantgate-cpu-"))
+        workdir.chmod(0o711)  # PgBouncer runs as postgres and reads its own subdirectory
+        stack.callback(shutil.rmtree, workdir, True)
+        db = Database(scale, max_connections=200)
+        stack.callback(db.stop)
+        db.start()
+        bouncer = PgBouncer(workdir, db, max_clients=100) if "pgbouncer" in targets else None
+        if bouncer is not None:
+            stack.callback(bouncer.stop)
+            bouncer.start()
+        forwarder = Forwarder(workdir, db) if "forwarder" in targets else None
+        if forwarder is not None:
+            stack.callback(forwarder.stop)
+            forwarder.start()
+        proxies: dict[str, Tenantgate] = {}
+        for case in cases:
+            if "tenantgate" in targets and case.mode not in proxies:
+                proxies[case.mode] = Tenantgate(workdir, db, case.mode)
+                stack.callback(proxies[case.mode].stop)
+                proxies[case.mode].start()
+        for round_no in range(1, args.rounds + 1):
+            for case in cases:
+                base = workdir / f"{case.key}.base.sql"
+                base.write_text(case.baseline_script)
+                mine = workdir / f"{case.key}.proxy.sql"
+                mine.write_text(case.proxy_script)
+                for protocol in [p for p in args.protocols.split(",") if p in case.protocols]:
+                    role = case.baseline_role
+                    for target in targets:
+                        if target == "pgbouncer":
+                            assert bouncer is not None
+                            assert bouncer.proc is not None
+                            run = (bouncer.proc.pid, bouncer.port, role, db.password_of(role), base)
+                        elif target == "forwarder":
+                            assert forwarder is not None
+                            run = (forwarder.pid, forwarder.port, role, db.password_of(role), base)
+                        else:
+                            tg = proxies[case.mode]
+                            user = tg.user_of(BENCH_TENANT)
+                            run = (tg.pid, tg.port, user, tg.passwords[BENCH_TENANT], mine)
+                        pid, port, user, password, script = run
+                        cost = measure(
+                            case, protocol, target, pid, port, user, password, args, script,
+                            scale, round_no,
+                        )  # fmt: skip
+                        results.append(cost)
+                        print(
+                            f"r{round_no} {case.key:11} {protocol:9} {target:11} "
+                            f"{cost.tps:8.0f} tps  proxy {cost.proxy_us:6.1f} us/tx "
+                            f"(user {cost.proxy_user_us:5.1f} sys {cost.proxy_system_us:5.1f})  "
+                            f"machine {cost.machine_busy_us:6.1f} us/tx",
+                            flush=True,
+                        )
+    if args.json is not None:
+        args.json.write_text(json.dumps([asdict(r) for r in results], indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:
+        sys.exit(130)
