@@ -25,7 +25,7 @@ from tenantgate.analysis import (
 )
 from tenantgate.config import Policy
 from tenantgate.errors import PgError, rejected
-from tenantgate.hooks import UNKNOWN_PORTAL, PortalInfo
+from tenantgate.hooks import UNKNOWN_PORTAL, KnownQuery, PortalInfo
 from tenantgate.injection import StatementShape
 from tenantgate.protocol.frontend import Bind, Parse
 
@@ -150,6 +150,8 @@ class PolicyInspector:
         self._portals: dict[str, PortalInfo] = {}
         self.last_analysis: Analysis | None = None
         self.rejections = 0
+        self._known = cache.known_messages
+        self._tenant_only = frozenset((tenant,))
 
     # --- verdicts ------------------------------------------------------------------
 
@@ -310,6 +312,39 @@ class PolicyInspector:
 
     def last_command(self) -> str:
         return _command(self.last_statements())
+
+    def known_query(self, message: bytes) -> KnownQuery | None:
+        found = self._known.get(message)
+        if found is None:
+            return None
+        sql, analysis, command, constants = found
+        if constants and constants != self._tenant_only:
+            return None  # another tenant's constant: the general path refuses it
+        self.last_analysis = analysis
+        self.last_would_reject = False
+        self.query_sent()
+        self._cache.hits += 1
+        return KnownQuery(sql, command)
+
+    def remember_query(self, message: bytes) -> None:
+        analysis = self.last_analysis
+        if analysis is None or analysis is _NO_STATEMENTS or self.last_would_reject:
+            return
+        if check_tenant(analysis, self._tenant) is not None:
+            return
+        for statement in analysis.statements:
+            if (
+                statement.statement_timeout_ms is not None
+                or statement.idle_in_transaction_timeout_ms is not None
+                or statement.tag == "DEALLOCATE ALL"
+            ):
+                return  # checked against this tenant's limits / resets injection: not cached
+        constants = frozenset().union(*(s.tenant_constants for s in analysis.statements))
+        known = self._known
+        if len(known) >= self._cache.maxsize:
+            known.clear()
+        sql = message[5:-1].decode("utf-8")
+        known[message] = (sql, analysis, _command(analysis.statements), constants)
 
     def query_sent(self) -> None:
         # A simple Query destroys the unnamed prepared statement.

@@ -31,6 +31,14 @@ class PortalInfo:
 UNKNOWN_PORTAL = PortalInfo(False, "other", None)
 
 
+@dataclass(frozen=True, slots=True)
+class KnownQuery:
+    """What the session needs of a Query allowed before: its text and metric label."""
+
+    sql: str
+    command: str
+
+
 class Inspector(Protocol):
     def inspect_query(self, sql: str) -> PgError | None:
         """A simple Query (all statements of the string)."""
@@ -61,6 +69,18 @@ class Inspector(Protocol):
 
     def last_command(self) -> str:
         """Metric label of the Query or Parse just inspected (select/insert/.../other)."""
+
+    def known_query(self, message: bytes) -> KnownQuery | None:
+        """A whole Query message (type byte included) allowed before exactly as it is.
+
+        Returns its text and metric label if this session may run it as is
+        (nothing to rewrite, no limit to check), after doing what
+        :meth:`inspect_query` and :meth:`query_sent` do for an allowed Query;
+        None sends the message down the general path.  The per-statement fast path.
+        """
+
+    def remember_query(self, message: bytes) -> None:
+        """The Query just inspected was allowed: :meth:`known_query` may answer for it."""
 
 
 class SessionObserver(Protocol):
@@ -128,3 +148,9 @@ class AllowAll:
 
     def last_command(self) -> str:
         return "other"
+
+    def known_query(self, message: bytes) -> KnownQuery | None:
+        return None
+
+    def remember_query(self, message: bytes) -> None:
+        return None

@@ -111,6 +111,8 @@ class Session:
         self._fatal_forwarded = False
         self._upstream_buffer = bytearray()
         self._deferred = False  # a message waits for the rate limit (token reserved)
+        # The rate limit's answer for the next statement, already asked by _known_query.
+        self._rate_decided: tuple[float | None] | None = None
         self._upstream_gone = asyncio.Event()
         self._client_buffer = bytearray()
         self._max_message = max_message_bytes
@@ -247,7 +249,7 @@ class Session:
                 self._client_buffer += data
                 if not self._deferred:
                     self._drain_client(self._client_buffer)
-            else:
+            elif data[0] != 0x51 or self.injector is not None or not self._known_query(data):
                 self._drain_client(data)
         except Exception as exc:
             self._failed(exc)
@@ -276,7 +278,10 @@ class Session:
                 if self._deferred:
                     self._deferred = False  # this message's token is already reserved
                 else:
-                    delay = self.rate_limit(self)
+                    if self._rate_decided is not None:  # taken by _known_query for this message
+                        (delay,), self._rate_decided = self._rate_decided, None
+                    else:
+                        delay = self.rate_limit(self)
                     if delay is not None and delay > 0:
                         self._deferred = True
                         self._client_transport.pause_reading()
@@ -310,6 +315,27 @@ class Session:
             self._client_buffer += buffer[stop:]
         if out:
             self._upstream_transport.write(out[0] if len(out) == 1 else b"".join(out))
+
+    def _known_query(self, data: bytes) -> bool:
+        """Forward a chunk that is exactly a Query allowed before; False: not that case.
+
+        The per-statement fast path of enforce mode: no framing, decoding or
+        analysis lookup, just the inspector's table of whole messages it
+        allowed before (same bytes, so the same single complete message).
+        """
+        known = self.inspector.known_query(data)
+        if known is None:
+            return False
+        if self.rate_limit is not None:
+            delay = self.rate_limit(self)
+            if delay != 0.0:
+                self._rate_decided = (delay,)  # the general path acts on this decision
+                return False
+        entry = Pending(Kind.QUERY, command=known.command, sql=known.sql)
+        entry.started = perf_counter()
+        self.tracker.expect(entry)
+        self._upstream_transport.write(data)
+        return True
 
     def _resume_deferred(self) -> None:
         if self._finished.done():
@@ -357,7 +383,9 @@ class Session:
                 )
                 entry.started = perf_counter()
                 tracker.expect(entry)
-                if injector is not None:
+                if injector is None:
+                    inspector.remember_query(frame(b"Q", payload))
+                else:
                     statements = inspector.last_statements()
                     if any(getattr(s, "tag", "") == "DEALLOCATE ALL" for s in statements):
                         injector.statements_dropped()

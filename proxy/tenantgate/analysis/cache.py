@@ -17,7 +17,7 @@ from .model import Analysis, AnalysisPolicy
 class AnalysisCache:
     """LRU cache of :func:`analyse_sql` results keyed by the exact SQL text."""
 
-    __slots__ = ("_compiled", "_entries", "hits", "maxsize", "misses", "policy")
+    __slots__ = ("_compiled", "_entries", "hits", "known_messages", "maxsize", "misses", "policy")
 
     def __init__(self, policy: AnalysisPolicy, maxsize: int = 10_000) -> None:
         if maxsize < 1:
@@ -26,6 +26,10 @@ class AnalysisCache:
         self.maxsize = maxsize
         self._compiled = CompiledPolicy(policy)
         self._entries: OrderedDict[str, Analysis] = OrderedDict()
+        # Whole Query messages already allowed once (see PolicyInspector.known_query):
+        # message bytes -> (text, analysis, metric label, tenant constants).  Bounded
+        # like the LRU; emptied when full (cheaper than LRU bookkeeping per hit).
+        self.known_messages: dict[bytes, tuple[str, Analysis, str, frozenset[str]]] = {}
         self.hits = 0
         self.misses = 0
 
@@ -50,3 +54,4 @@ class AnalysisCache:
     def clear(self) -> None:
         """Forget every entry (counters are kept)."""
         self._entries.clear()
+        self.known_messages.clear()

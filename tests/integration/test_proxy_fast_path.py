@@ -1,0 +1,137 @@
+"""The per-statement fast path (enforce mode) decides exactly what the general path decides.
+
+A simple Query whose exact bytes were allowed before skips framing, decoding
+and the analysis lookup (``Session._known_query``).  These tests send the
+same texts again and again through a real proxy and a real server, with
+psycopg's ClientCursor (simple protocol, literals inlined), and check that
+repetition never changes a verdict: another tenant's literal stays refused,
+a refused text stays refused, rate limits and metrics still apply, and
+results are right.
+"""
+
+from __future__ import annotations
+
+import time
+import urllib.request
+from collections.abc import Iterator
+from typing import Any
+
+import psycopg
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+from psycopg import errors
+
+from support.db import TenantDb
+from support.proxy import RunningProxy
+
+pytestmark = pytest.mark.postgres
+
+
+def connect(proxy: RunningProxy, db: TenantDb, tenant: str) -> psycopg.Connection[Any]:
+    user = db.user(tenant)
+    return psycopg.connect(
+        proxy.dsn(user.name, user.password), autocommit=True, cursor_factory=psycopg.ClientCursor
+    )
+
+
+def metric(port: int, name: str, labels: dict[str, str]) -> float:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as resp:
+        body = resp.read().decode()
+    total = 0.0
+    for family in text_string_to_metric_families(body):
+        for sample in family.samples:
+            if sample.name == name and labels.items() <= sample.labels.items():
+                total += sample.value
+    return total
+
+
+def enforce_policy(db: TenantDb, **overrides: Any) -> Any:
+    """Enforce mode with an upstream role RLS does not restrict (the superuser), so the
+    results show the proxy's isolation alone, as in an enforce-only deployment."""
+    cluster = db.cluster
+    upstream = {"user": cluster.superuser, "password": cluster.password}
+    return db.policy("enforce", metrics_port=0, upstream=upstream, **overrides)
+
+
+@pytest.fixture
+def enforce_proxy(clean_tenant_db: TenantDb) -> Iterator[RunningProxy]:
+    running = RunningProxy(enforce_policy(clean_tenant_db))
+    try:
+        yield running
+    finally:
+        running.stop()
+
+
+def test_repeated_texts_keep_their_verdicts(
+    enforce_proxy: RunningProxy, clean_tenant_db: TenantDb
+) -> None:
+    db = clean_tenant_db
+    mine = "SELECT count(*) FROM orders WHERE tenant_id = 'acme'"
+    with connect(enforce_proxy, db, "acme") as acme, connect(enforce_proxy, db, "globex") as gx:
+        counts = [acme.execute(mine).fetchone() for _ in range(5)]
+        assert counts == [(5,)] * 5
+        # The text acme ran (and the proxy remembered) names acme: refused for globex, each time.
+        for _ in range(3):
+            with pytest.raises(errors.InsufficientPrivilege, match="wrong_tenant"):
+                gx.execute(mine)
+        assert gx.execute("SELECT count(*) FROM orders WHERE tenant_id = 'globex'").fetchone() == (
+            5,
+        )
+        # A refused text stays refused however often it comes.
+        for _ in range(3):
+            with pytest.raises(errors.InsufficientPrivilege, match="missing_tenant_predicate"):
+                acme.execute("SELECT count(*) FROM orders")
+        # Still the right answers after all that, and the session is in sync.
+        assert acme.execute(mine).fetchone() == (5,)
+        acme.execute("INSERT INTO orders (tenant_id, item) VALUES ('acme', 'fast')")
+        assert acme.execute(mine).fetchone() == (6,)
+    port = enforce_proxy.app.metrics_port
+    assert port is not None
+    stmts = "tenantgate_statements_total"
+    assert metric(port, stmts, {"tenant": "acme", "command": "select", "outcome": "allowed"}) == 7
+    assert metric(port, stmts, {"tenant": "acme", "outcome": "rejected"}) == 3
+    assert metric(port, stmts, {"tenant": "globex", "outcome": "rejected"}) == 3
+    assert metric(port, "tenantgate_rows_total", {"tenant": "acme"}) == 8  # 7 counts + 1 insert
+
+
+def test_known_texts_still_pass_the_rate_limit(clean_tenant_db: TenantDb) -> None:
+    running = RunningProxy(
+        enforce_policy(
+            clean_tenant_db,
+            limits={"rate_limit_max_delay_ms": 100},
+            tenants={"acme": {"limits": {"queries_per_second": 2}}},
+        )
+    )
+    try:
+        with connect(running, clean_tenant_db, "acme") as acme:
+            acme.execute("SELECT 1")
+            acme.execute("SELECT 1")  # the burst; "SELECT 1" is now a known text
+            with pytest.raises(psycopg.Error) as info:
+                acme.execute("SELECT 1")
+            assert info.value.sqlstate == "53400"
+            time.sleep(0.35)  # ~0.7 tokens: the next one waits ~150 ms > 100 ms bound
+            with pytest.raises(psycopg.Error) as info:
+                acme.execute("SELECT 1")
+            assert info.value.sqlstate == "53400"
+            time.sleep(0.6)
+            start = time.monotonic()
+            assert acme.execute("SELECT 1").fetchone() == (1,)
+            assert time.monotonic() - start < 0.3
+    finally:
+        running.stop()
+
+
+def test_known_text_in_a_failed_transaction(
+    enforce_proxy: RunningProxy, clean_tenant_db: TenantDb
+) -> None:
+    with connect(enforce_proxy, clean_tenant_db, "acme") as acme:
+        mine = "SELECT count(*) FROM orders WHERE tenant_id = 'acme'"
+        assert acme.execute(mine).fetchone() == (5,)
+        acme.execute("BEGIN")
+        with pytest.raises(errors.DivisionByZero):
+            acme.execute("SELECT 1/0")
+        with pytest.raises(errors.InFailedSqlTransaction):
+            acme.execute(mine)
+        acme.execute("ROLLBACK")
+        assert acme.execute(mine).fetchone() == (5,)
+        assert acme.info.transaction_status == psycopg.pq.TransactionStatus.IDLE

@@ -1,0 +1,121 @@
+"""enforcement: the table of known Query messages behind the per-statement fast path.
+
+``remember_query`` may only record what ``inspect_query`` allowed with nothing
+session-specific left to check, and ``known_query`` must answer None whenever
+the general path could decide differently for this session.
+"""
+
+from __future__ import annotations
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tenantgate.analysis import AnalysisCache, AnalysisPolicy
+from tenantgate.enforcement import PolicyInspector
+from tenantgate.protocol.frontend import Parse, Query
+
+POLICY = AnalysisPolicy(scoped_tables={"orders": "tenant_id"}, shared_tables=frozenset({"plans"}))
+
+
+def inspector(
+    cache: AnalysisCache, tenant: str = "acme", *, dry_run: bool = False, timeout: int | None = None
+) -> PolicyInspector:
+    return PolicyInspector(cache, tenant, timeout, dry_run)
+
+
+def run(inspect: PolicyInspector, sql: str) -> tuple[bool, bool]:
+    """(allowed by inspect_query, known afterwards) for one Query, the way the session calls."""
+    message = Query(sql).encode()
+    allowed = inspect.inspect_query(sql) is None
+    if allowed:
+        inspect.query_sent()
+        inspect.remember_query(message)
+    return allowed, inspect.known_query(message) is not None
+
+
+def test_allowed_text_is_known_for_its_tenant_only() -> None:
+    cache = AnalysisCache(POLICY)
+    acme, globex = inspector(cache, "acme"), inspector(cache, "globex")
+    sql = "SELECT id FROM orders WHERE tenant_id = 'acme' AND id = 1"
+    assert run(acme, sql) == (True, True)
+    message = Query(sql).encode()
+    known = acme.known_query(message)
+    assert known is not None
+    assert (known.sql, known.command) == (sql, "select")
+    assert globex.known_query(message) is None  # the shared table never allows it for globex
+    assert globex.inspect_query(sql) is not None  # and the general path refuses it
+    # Texts without tenant constants are the same for every tenant.
+    free = "SELECT id FROM plans"
+    assert run(acme, free) == (True, True)
+    assert globex.known_query(Query(free).encode()) is not None
+
+
+def test_refused_and_special_texts_are_never_known() -> None:
+    cache = AnalysisCache(POLICY)
+    acme = inspector(cache, timeout=1000)
+    for sql in (
+        "SELECT * FROM orders",  # missing predicate
+        "SELECT * FROM orders WHERE tenant_id = 'globex'",  # wrong tenant
+        "SELECT pg_sleep(1)",  # denied function
+        "SET statement_timeout = 500",  # checked against the tenant's limit each time
+        "DEALLOCATE ALL",
+        "RESET ALL;",
+    ):
+        _, known = run(acme, sql)
+        assert not known, sql
+        assert cache.known_messages.get(Query(sql).encode()) is None
+    dry = inspector(AnalysisCache(POLICY), dry_run=True)
+    assert run(dry, "SELECT * FROM orders") == (True, False)  # forwarded, but not remembered
+
+
+def test_known_query_drops_the_unnamed_statement_like_query_sent() -> None:
+    cache = AnalysisCache(POLICY)
+    acme = inspector(cache)
+    sql = "SELECT id FROM orders WHERE tenant_id = 'acme'"
+    run(acme, sql)
+    parse = Parse("", "SELECT id FROM orders WHERE tenant_id = $1")
+    assert acme.inspect_parse(parse) is None
+    acme.parse_resolved(parse, ok=True)
+    assert acme._statements[""].confirmed is not None
+    assert acme.known_query(Query(sql).encode()) is not None
+    assert "" not in acme._statements or acme._statements[""].confirmed is None
+
+
+def test_the_table_is_bounded() -> None:
+    cache = AnalysisCache(POLICY, maxsize=8)
+    acme = inspector(cache)
+    for n in range(30):
+        run(acme, f"SELECT id FROM orders WHERE tenant_id = 'acme' AND id = {n}")
+        assert len(cache.known_messages) <= 8
+    assert cache.known_messages
+
+
+TEXTS = st.sampled_from(
+    [
+        "SELECT id FROM orders WHERE tenant_id = 'acme'",
+        "SELECT id FROM orders WHERE tenant_id = 'globex'",
+        "SELECT id FROM orders WHERE tenant_id = 'acme' OR true",
+        "SELECT id FROM orders",
+        "SELECT id FROM plans",
+        "UPDATE orders SET item = 'x' WHERE tenant_id = 'acme'",
+        "DELETE FROM orders WHERE tenant_id = 'globex' AND id = 1",
+        "BEGIN; SELECT 1; COMMIT",
+        "SELECT set_config('app.tenant_id', 'globex', false)",
+        "SET statement_timeout = 50",
+        "SET statement_timeout = 5000",
+        "SELECT 1; SELECT id FROM orders WHERE tenant_id = 'globex'",
+    ]
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["acme", "globex"]), TEXTS), max_size=20))
+def test_known_query_never_disagrees_with_inspect_query(calls: list[tuple[str, str]]) -> None:
+    cache = AnalysisCache(POLICY)
+    sessions = {t: inspector(cache, t, timeout=1000) for t in ("acme", "globex")}
+    for tenant, sql in calls:
+        session = sessions[tenant]
+        if session.known_query(Query(sql).encode()) is not None:
+            # Whatever the fast path lets through, the general path allows too.
+            assert session.inspect_query(sql) is None
+        run(session, sql)
