@@ -11,7 +11,7 @@ from __future__ import annotations
 from .classes import classify
 from .functions import FunctionRules
 from .model import Analysis, AnalysisPolicy, Rejected, Rejection, StatementAnalysis
-from .parse import parse
+from .parse import parse_json, statements
 from .relations import Resolver
 from .walker import Walker
 
@@ -46,16 +46,25 @@ def compile_policy(policy: AnalysisPolicy) -> CompiledPolicy:
 
 def analyse_sql(sql: str, policy: AnalysisPolicy | CompiledPolicy) -> Analysis:
     """Analyse every statement of ``sql``; never raises."""
-    compiled = policy if isinstance(policy, CompiledPolicy) else compile_policy(policy)
-    statements: list[StatementAnalysis] = []
     try:
-        raws = parse(sql)
+        text = parse_json(sql)
+    except Rejected as exc:
+        return Analysis((), exc.rejection)
+    return analyse_json(text, policy)
+
+
+def analyse_json(text: str, policy: AnalysisPolicy | CompiledPolicy) -> Analysis:
+    """Analyse every statement of a libpg_query JSON parse tree; never raises."""
+    compiled = policy if isinstance(policy, CompiledPolicy) else compile_policy(policy)
+    done: list[StatementAnalysis] = []
+    try:
+        raws = statements(text)
         if not raws:
             return _EMPTY
         for node, location, length in raws:
             walker = Walker(compiled.policy, compiled.resolver, compiled.functions)
             result = classify(node, walker)
-            statements.append(
+            done.append(
                 StatementAnalysis(
                     command=result.command,
                     tag=result.tag,
@@ -70,10 +79,10 @@ def analyse_sql(sql: str, policy: AnalysisPolicy | CompiledPolicy) -> Analysis:
                 )
             )
     except Rejected as exc:
-        return Analysis(tuple(statements), exc.rejection)
+        return Analysis(tuple(done), exc.rejection)
     except RecursionError:
         return Analysis(
-            tuple(statements),
+            tuple(done),
             Rejection(
                 "unsupported_construct",
                 "the statement is nested too deeply",
@@ -82,14 +91,14 @@ def analyse_sql(sql: str, policy: AnalysisPolicy | CompiledPolicy) -> Analysis:
         )
     except Exception:  # fail closed on anything unexpected
         return Analysis(
-            tuple(statements),
+            tuple(done),
             Rejection(
                 "internal_error",
                 "the statement could not be analysed",
                 "simplify the statement; report this to the tenantgate operator",
             ),
         )
-    return Analysis(tuple(statements), None)
+    return Analysis(tuple(done), None)
 
 
 WRONG_TENANT = Rejection(

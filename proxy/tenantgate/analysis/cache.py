@@ -10,14 +10,25 @@ from __future__ import annotations
 
 from collections import OrderedDict
 
-from .analyser import CompiledPolicy, analyse_sql
-from .model import Analysis, AnalysisPolicy
+from .analyser import CompiledPolicy, analyse_json
+from .model import Analysis, AnalysisPolicy, Rejected
+from .parse import parse_json
+from .shapes import ShapeCache, probe_text, qualifies
 
 
 class AnalysisCache:
     """LRU cache of :func:`analyse_sql` results keyed by the exact SQL text."""
 
-    __slots__ = ("_compiled", "_entries", "hits", "known_messages", "maxsize", "misses", "policy")
+    __slots__ = (
+        "_compiled",
+        "_entries",
+        "hits",
+        "known_messages",
+        "maxsize",
+        "misses",
+        "policy",
+        "shapes",
+    )
 
     def __init__(self, policy: AnalysisPolicy, maxsize: int = 10_000) -> None:
         if maxsize < 1:
@@ -30,6 +41,7 @@ class AnalysisCache:
         # message bytes -> (text, analysis, metric label, tenant constants).  Bounded
         # like the LRU; emptied when full (cheaper than LRU bookkeeping per hit).
         self.known_messages: dict[bytes, tuple[str, Analysis, str, frozenset[str]]] = {}
+        self.shapes = ShapeCache(maxsize)
         self.hits = 0
         self.misses = 0
 
@@ -42,10 +54,29 @@ class AnalysisCache:
             entries.move_to_end(sql)
             return found
         self.misses += 1
-        result = analyse_sql(sql, self._compiled)
+        result = self._analyse(sql)
         entries[sql] = result
         if len(entries) > self.maxsize:
             entries.popitem(last=False)
+        return result
+
+    def _analyse(self, sql: str) -> Analysis:
+        """A text the cache has not seen: by its shape if known, else in full (and learn)."""
+        try:
+            text = parse_json(sql)
+        except Rejected as exc:
+            return Analysis((), exc.rejection)
+        key, shaped = self.shapes.lookup(text)
+        if shaped is not None:
+            return shaped
+        result = analyse_json(text, self._compiled)
+        if self.shapes.wants_probe(key):
+            probe = None
+            if qualifies(result):
+                probe_json, count = probe_text(text, result.statements[0].param_count + 1)
+                if count:
+                    probe = analyse_json(probe_json, self._compiled)
+            self.shapes.learn(key, text, result, probe)
         return result
 
     def __len__(self) -> int:
@@ -55,3 +86,4 @@ class AnalysisCache:
         """Forget every entry (counters are kept)."""
         self._entries.clear()
         self.known_messages.clear()
+        self.shapes.clear()

@@ -28,6 +28,11 @@ RawStatement = tuple[Node, int, int]
 
 def parse(sql: str) -> list[RawStatement]:
     """Parse ``sql`` into (statement node, byte location, byte length) triples."""
+    return statements(parse_json(sql))
+
+
+def parse_json(sql: str) -> str:
+    """libpg_query's JSON parse tree of ``sql``; :class:`Rejected` if it does not parse."""
     if "\x00" in sql:
         raise Rejected(
             "parse_error",
@@ -35,7 +40,7 @@ def parse(sql: str) -> list[RawStatement]:
             "remove the NUL byte from the query text",
         )
     try:
-        text = parse_sql_json(sql)
+        return parse_sql_json(sql)
     except ParseError as exc:
         position = _position(exc)
         where = f" near position {position}" if position is not None else ""
@@ -50,6 +55,10 @@ def parse(sql: str) -> list[RawStatement]:
             "the statement could not be parsed",
             "check the SQL syntax (tenantgate uses the PostgreSQL parser)",
         ) from None
+
+
+def statements(text: str) -> list[RawStatement]:
+    """The (statement node, byte location, byte length) triples of a JSON parse tree."""
     tree = json.loads(text)
     out: list[RawStatement] = []
     for raw in tree.get("stmts", ()):
