@@ -330,6 +330,8 @@ class PolicyInspector:
         analysis = self.last_analysis
         if analysis is None or analysis is _NO_STATEMENTS or self.last_would_reject:
             return
+        if not self._cache.last_hit:
+            return  # seen once: texts that never repeat (inlined literals) stay out
         if check_tenant(analysis, self._tenant) is not None:
             return
         for statement in analysis.statements:

@@ -249,7 +249,7 @@ class Session:
                 self._client_buffer += data
                 if not self._deferred:
                     self._drain_client(self._client_buffer)
-            elif data[0] != 0x51 or self.injector is not None or not self._known_query(data):
+            elif data[0] != 0x51 or not self._known_query(data):
                 self._drain_client(data)
         except Exception as exc:
             self._failed(exc)
@@ -319,9 +319,10 @@ class Session:
     def _known_query(self, data: bytes) -> bool:
         """Forward a chunk that is exactly a Query allowed before; False: not that case.
 
-        The per-statement fast path of enforce mode: no framing, decoding or
-        analysis lookup, just the inspector's table of whole messages it
-        allowed before (same bytes, so the same single complete message).
+        The per-statement fast path: no framing, decoding or analysis lookup,
+        just the inspector's table of whole messages it allowed before (same
+        bytes, so the same single complete message); in rls/both mode the
+        injector's (cached) rewrite as for any Query.
         """
         known = self.inspector.known_query(data)
         if known is None:
@@ -331,9 +332,18 @@ class Session:
             if delay != 0.0:
                 self._rate_decided = (delay,)  # the general path acts on this decision
                 return False
+        tracker = self.tracker
+        injector = self.injector
+        if injector is not None:  # before the entry, as _drain_client does per chunk
+            injector.observe_state(tracker.status == "T" and tracker.idle)
         entry = Pending(Kind.QUERY, command=known.command, sql=known.sql)
         entry.started = perf_counter()
-        self.tracker.expect(entry)
+        tracker.expect(entry)
+        if injector is not None:  # rls/both: what _client_message does
+            rewrite = injector.rewrite_query(data[5:-1], self.inspector.last_statements())
+            entry.hidden_statements = rewrite.hidden_statements
+            entry.position_shifts = rewrite.shifts
+            data = frame(b"Q", rewrite.text + b"\x00")
         self._upstream_transport.write(data)
         return True
 
@@ -383,9 +393,8 @@ class Session:
                 )
                 entry.started = perf_counter()
                 tracker.expect(entry)
-                if injector is None:
-                    inspector.remember_query(frame(b"Q", payload))
-                else:
+                inspector.remember_query(frame(b"Q", payload))
+                if injector is not None:
                     statements = inspector.last_statements()
                     if any(getattr(s, "tag", "") == "DEALLOCATE ALL" for s in statements):
                         injector.statements_dropped()

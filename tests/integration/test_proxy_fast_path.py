@@ -135,3 +135,48 @@ def test_known_text_in_a_failed_transaction(
         acme.execute("ROLLBACK")
         assert acme.execute(mine).fetchone() == (5,)
         assert acme.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
+
+
+@pytest.mark.parametrize("mode", ["both", "rls"])
+def test_known_texts_get_the_tenant_injected(clean_tenant_db: TenantDb, mode: str) -> None:
+    """rls/both: a repeated text still runs with the tenant set, in and out of blocks.
+
+    The upstream role is under fail-closed RLS: a statement that ran without the
+    tenant would see no rows, one that ran with another tenant's would see theirs.
+    """
+    running = RunningProxy(clean_tenant_db.policy(mode, metrics_port=0))
+    mine = (
+        "SELECT count(*), min(tenant_id) FROM orders WHERE tenant_id = 'acme'"
+        if mode == "both"
+        else "SELECT count(*), min(tenant_id) FROM orders"
+    )
+    try:
+        with connect(running, clean_tenant_db, "acme") as acme:
+            for _ in range(4):  # autocommit: injected before each one
+                assert acme.execute(mine).fetchone() == (5, "acme")
+            acme.execute("BEGIN")
+            for _ in range(3):  # one block: injected once
+                assert acme.execute(mine).fetchone() == (5, "acme")
+            acme.execute("SAVEPOINT s")
+            assert acme.execute(mine).fetchone() == (5, "acme")
+            acme.execute("ROLLBACK TO SAVEPOINT s")  # may revert a set_config: injected again
+            assert acme.execute(mine).fetchone() == (5, "acme")
+            acme.execute("COMMIT")
+            assert acme.execute(mine).fetchone() == (5, "acme")
+            # An error position in a known text still points into the client's own text.
+            bad = "SELECT count(*) FROM orders WHERE tenant_id = 'acme' AND 1/0 = 1"
+            for _ in range(3):
+                with pytest.raises(errors.DivisionByZero):
+                    acme.execute(bad)
+            assert acme.execute(mine).fetchone() == (5, "acme")
+        port = running.app.metrics_port
+        assert port is not None
+        # Only the client's statements count; the injected set_config calls do not.
+        allowed = metric(
+            port,
+            "tenantgate_statements_total",
+            {"tenant": "acme", "command": "select", "outcome": "allowed"},
+        )
+        assert allowed == 11
+    finally:
+        running.stop()

@@ -24,6 +24,7 @@ class AnalysisCache:
         "_entries",
         "hits",
         "known_messages",
+        "last_hit",
         "maxsize",
         "misses",
         "policy",
@@ -44,6 +45,7 @@ class AnalysisCache:
         self.shapes = ShapeCache(maxsize)
         self.hits = 0
         self.misses = 0
+        self.last_hit = False  # whether the latest get_or_analyse found the text
 
     def get_or_analyse(self, sql: str) -> Analysis:
         """The cached analysis of ``sql``, analysing (and caching) it on a miss."""
@@ -51,9 +53,11 @@ class AnalysisCache:
         found = entries.get(sql)
         if found is not None:
             self.hits += 1
+            self.last_hit = True
             entries.move_to_end(sql)
             return found
         self.misses += 1
+        self.last_hit = False
         result = self._analyse(sql)
         entries[sql] = result
         if len(entries) > self.maxsize:
