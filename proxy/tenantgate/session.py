@@ -128,11 +128,9 @@ class Session:
         self.tracker.on_complete = self._request_done
 
     def _request_done(self, entry: Pending, ok: bool) -> None:
-        # Rejections were reported when inspected; statements the server skipped
-        # after an earlier error never ran.
-        if entry.rejection is not None or entry.skipped:
-            return
-        if entry.kind is Kind.QUERY or entry.kind is Kind.EXECUTE:
+        # A Query or Execute.  Rejections were reported when inspected; statements the
+        # server skipped after an earlier error never ran.
+        if entry.rejection is None and not entry.skipped:
             self.observer.request_done(entry, ok)
 
     @staticmethod

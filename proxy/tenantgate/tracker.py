@@ -153,7 +153,8 @@ class ResponseTracker:
         # An extended-protocol error arrived before the client sent its Sync.
         self._skipping = False
         self.status = "I"
-        # Called with each client-visible completed entry (for metrics); may be None.
+        # Called with each completed statement entry (a client's Query or Execute)
+        # for metrics and the audit log; may be None.
         self.on_complete: Callable[[Pending, bool], None] | None = None
 
     def expect(self, entry: Pending) -> None:
@@ -193,13 +194,16 @@ class ResponseTracker:
         pending = self._pending
         size = len(buffer)
         unpack = _LENGTH.unpack_from
+        head: Pending | None = None
+        kind = _QUERY
         while pending and size - pos >= 5:
-            head = pending[0]
-            if head.injected or head.rejection is not None or head.position_shifts:
-                return pos
-            if head.hidden_statements or head.on_parameter_description is not None:
-                return pos
-            kind = head.kind
+            if pending[0] is not head:  # a new head: is it plain?
+                head = pending[0]
+                if head.injected or head.rejection is not None or head.position_shifts:
+                    return pos
+                if head.hidden_statements or head.on_parameter_description is not None:
+                    return pos
+                kind = head.kind
             msg_type = buffer[pos]
             (length,) = unpack(buffer, pos + 1)
             end = pos + 1 + length
@@ -341,7 +345,9 @@ class ResponseTracker:
             entry.on_done(ok)
         on_complete = self.on_complete
         if on_complete is not None and not entry.injected:
-            on_complete(entry, ok)
+            kind = entry.kind
+            if kind is _QUERY or kind is _EXECUTE:
+                on_complete(entry, ok)
 
     def fail_all(self) -> None:
         """The upstream is gone: resolve every entry as failed."""
