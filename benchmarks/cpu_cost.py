@@ -22,6 +22,7 @@ import os
 import re
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -155,6 +156,7 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--accounts", type=int, default=20_000)
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--markdown", type=Path, default=None, help="write the median table")
     args = parser.parse_args()
     signal.signal(signal.SIGTERM, lambda s, f: (_ for _ in ()).throw(KeyboardInterrupt()))
     cases = [c for c in CASES if c.key in args.cases.split(",")]
@@ -217,7 +219,32 @@ def main() -> int:
                         )
     if args.json is not None:
         args.json.write_text(json.dumps([asdict(r) for r in results], indent=1))
+    table = median_table(results)
+    print(table)
+    if args.markdown is not None:
+        args.markdown.write_text(table)
     return 0
+
+
+def median_table(results: list[Cost]) -> str:
+    """Medians over the rounds, one row per case, protocol and target."""
+    groups: dict[tuple[str, str, str], list[Cost]] = {}
+    for cost in results:
+        groups.setdefault((cost.case, cost.protocol, cost.target), []).append(cost)
+    lines = [
+        "| case | proto | target | TPS | proxy CPU us/tx (user + sys) | machine busy us/tx |",
+        "|---|---|---|---|---|---|",
+    ]
+    for (case, protocol, target), costs in groups.items():
+        user = statistics.median(c.proxy_user_us for c in costs)
+        system = statistics.median(c.proxy_system_us for c in costs)
+        tps = statistics.median(c.tps for c in costs)
+        busy = statistics.median(c.machine_busy_us for c in costs)
+        lines.append(
+            f"| {case} | {protocol} | {target} | {tps:,.0f} | {user + system:.0f} "
+            f"({user:.0f} + {system:.0f}) | {busy:.0f} |"
+        )
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

@@ -107,6 +107,11 @@ def workload(protocol: str) -> tuple[list[bytes], list[bytes]]:
     ready = ReadyForQuery("I").encode()
     if protocol == "simple":
         return [Query(SQL).encode()], [_answer() + ready]
+    if protocol == "extended":  # libpq's PQexecParams: the unnamed statement every time
+        parse = Parse("", PREPARED_SQL, ()).encode()
+        bind = Bind("", "", (0,), (b"acme", b"42"), (0,)).encode()
+        messages = parse + bind + Describe("P", "").encode() + Execute("", 0).encode()
+        return [messages + Sync().encode()], [frame(b"1") + frame(b"2") + _answer() + ready]
     bind = Bind("", "s1", (0,), (b"acme", b"42"), (0,)).encode()
     return (
         [bind + Describe("P", "").encode() + Execute("", 0).encode() + Sync().encode()],
@@ -118,7 +123,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     parser.add_argument("--iterations", type=int, default=200_000)
     parser.add_argument("--mode", default="enforce", choices=["enforce", "both", "rls"])
-    parser.add_argument("--protocols", default="simple,prepared")
+    parser.add_argument("--protocols", default="simple,extended,prepared")
     parser.add_argument("--repeats", type=int, default=5, help="report the best repeat")
     parser.add_argument("--profile", action="store_true")
     return asyncio.run(measure(parser.parse_args()))

@@ -7,6 +7,7 @@ Targets: cached lookup <= 5 us; uncached parse + analysis fast enough for
 
 from __future__ import annotations
 
+import itertools
 import sys
 from pathlib import Path
 from typing import Any
@@ -72,6 +73,24 @@ def test_cached_lookup(benchmark: Any, name: str) -> None:
 
     benchmark(lookup)
     assert cache.hits > 0
+
+
+def test_shape_hit(benchmark: Any) -> None:
+    """A text never seen before whose shape is known (W4: literals inlined, each text unique)."""
+    cache = AnalysisCache(POLICY, maxsize=1000)
+    texts = itertools.cycle(
+        [
+            f"SELECT id, item, amount FROM orders WHERE tenant_id = 'acme' AND id = {n}"
+            for n in range(100_000, 200_000)
+        ]
+    )
+    cache.get_or_analyse(next(texts))
+
+    def lookup() -> None:
+        check_tenant(cache.get_or_analyse(next(texts)), "acme")
+
+    benchmark(lookup)
+    assert cache.shapes.hits > 0
 
 
 def test_normalize(benchmark: Any) -> None:
