@@ -32,6 +32,8 @@ from tenantgate.protocol.frontend import Bind, Parse
 log = logging.getLogger("tenantgate.enforcement")
 # Portals die at transaction end, which the inspector does not see; bound the map.
 MAX_TRACKED_PORTALS = 1000
+# Portal descriptions remembered per session by statement text (memory: texts x sessions).
+MAX_PORTAL_INFOS = 64
 
 
 def _asyncpg_reset_queries() -> frozenset[str]:
@@ -148,6 +150,7 @@ class PolicyInspector:
         self._on_rejection = on_rejection
         self._statements: dict[str, _Slot] = {}
         self._portals: dict[str, PortalInfo] = {}
+        self._infos: dict[str, tuple[Analysis, PortalInfo]] = {}
         self.last_analysis: Analysis | None = None
         self.rejections = 0
         self._known = cache.known_messages
@@ -216,17 +219,28 @@ class PolicyInspector:
                     # The failing Parse still drops the server's unnamed statement.
                     self._statements.pop("", None)
                 return error
+        info = self._portal_info_of(parse.query, analysis)
+        slot = self._statements.setdefault(parse.name, _Slot())
+        slot.pending.append(Prepared(parse, analysis, info))
+        return None
+
+    def _portal_info_of(self, sql: str, analysis: Analysis) -> PortalInfo:
+        """What a portal of this statement is; built once per text and analysis."""
+        cached = self._infos.get(sql)
+        if cached is not None and cached[0] is analysis:
+            return cached[1]
         statements = analysis.statements
         info = PortalInfo(
             bool(statements) and statements[0].transaction is not None,
             _command(statements),
-            parse.query,
+            sql,
             analysis.rejection is not None,
             any(s.tag == "DEALLOCATE ALL" for s in statements),
         )
-        slot = self._statements.setdefault(parse.name, _Slot())
-        slot.pending.append(Prepared(parse, analysis, info))
-        return None
+        if len(self._infos) >= MAX_PORTAL_INFOS:
+            self._infos.clear()
+        self._infos[sql] = (analysis, info)
+        return info
 
     def inspect_bind(self, bind: Bind) -> PgError | None:
         slot = self._statements.get(bind.statement)

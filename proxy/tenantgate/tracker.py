@@ -107,12 +107,12 @@ _STATUSES = {b"I": "I", b"T": "T", b"E": "E"}
 _STATUS_BYTES = {0x49: "I", 0x54: "T", 0x45: "E"}
 _QUERY_ROWS = frozenset(b"DT")  # DataRow, RowDescription
 _LENGTH = struct.Struct("!I")
-# Per kind: the message that completes a plain entry in pass_plain (one byte).
+# Per kind: the one message that completes a plain entry in pass_plain (ReadyForQuery,
+# which ends Query and Sync, is handled on its own).
 _PLAIN_COMPLETE: dict[Kind, int] = {
     Kind.PARSE: 0x31,
     Kind.BIND: 0x32,
     Kind.CLOSE: 0x33,
-    Kind.SYNC: 0x5A,
 }
 _STATEMENT_END = frozenset(b"CI")
 _FORWARD: tuple[Action, bytes | None] = (Action.FORWARD, None)
@@ -209,24 +209,24 @@ class ResponseTracker:
             end = pos + 1 + length
             if length < 4 or end > size:
                 return pos
-            if kind is _QUERY:
-                if msg_type in _QUERY_ROWS:
-                    pos = end
-                    continue
-                if msg_type in _STATEMENT_END:
-                    if msg_type == 0x43:
-                        _count_rows(head, bytes(buffer[pos + 5 : end]))
-                    head.statement_index += 1
-                    pos = end
-                    continue
-                if msg_type != 0x5A or length != 5:
-                    return pos
-                status = _STATUS_BYTES.get(buffer[pos + 5])
+            if msg_type == 0x5A and (kind is _QUERY or kind is _SYNC):  # ReadyForQuery
+                status = _STATUS_BYTES.get(buffer[pos + 5]) if length == 5 else None
                 if status is None:
                     return pos
                 self.status = status
                 pending.popleft()
                 self._done(head, not head.failed)
+                pos = end
+                continue
+            if kind is _QUERY:
+                if msg_type in _QUERY_ROWS:
+                    pos = end
+                    continue
+                if msg_type not in _STATEMENT_END:
+                    return pos
+                if msg_type == 0x43:
+                    _count_rows(head, bytes(buffer[pos + 5 : end]))
+                head.statement_index += 1
                 pos = end
                 continue
             if kind is _EXECUTE:
@@ -241,17 +241,6 @@ class ResponseTracker:
                     return pos
             elif msg_type != _PLAIN_COMPLETE.get(kind):
                 return pos
-            elif kind is _SYNC:
-                if length != 5:
-                    return pos
-                status = _STATUS_BYTES.get(buffer[pos + 5])
-                if status is None:
-                    return pos
-                self.status = status
-                pending.popleft()
-                self._done(head, not head.failed)
-                pos = end
-                continue
             pending.popleft()
             self._done(head, True)
             pos = end

@@ -53,6 +53,16 @@ class Parse:
 
     @classmethod
     def decode(cls, payload: bytes) -> Parse:
+        # Hot path (drivers Parse the unnamed statement for every statement): two C
+        # strings and no parameter types; anything else takes the cursor.
+        first = payload.find(0)
+        second = payload.find(0, first + 1) if first >= 0 else -1
+        if second >= 0 and payload[second + 1 :] == b"\x00\x00":
+            try:
+                name = payload[:first].decode("utf-8")
+                return cls(name, payload[first + 1 : second].decode("utf-8"), ())
+            except UnicodeDecodeError:
+                pass  # the cursor reports it precisely
         cursor = PayloadCursor(payload, "Parse")
         name = cursor.cstring()
         query = cursor.cstring()
