@@ -22,7 +22,8 @@ from tenantgate.enforcement import PolicyInspector, analysis_policy
 from tenantgate.errors import ConfigError
 from tenantgate.hooks import Inspector
 from tenantgate.limits import TenantLimiter
-from tenantgate.metrics import Metrics, MetricsServer, start_http
+from tenantgate.metrics import Metrics
+from tenantgate.metrics_http import MetricsServer, start_http
 from tenantgate.server import InspectorFactory, ProxyServer
 from tenantgate.session import Session, SessionInfo, command_of
 from tenantgate.telemetry import SessionTelemetry

@@ -10,8 +10,9 @@ import pytest
 from prometheus_client import REGISTRY, CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
-from tenantgate import metrics as metrics_mod
-from tenantgate.metrics import DURATION_BUCKETS, Metrics, start_http
+from tenantgate import metrics_http as metrics_mod
+from tenantgate.metrics import DURATION_BUCKETS, Metrics
+from tenantgate.metrics_http import start_http
 
 CONTRACT = {
     "tenantgate_client_connections": "gauge",

@@ -10,7 +10,8 @@ Modules: ``parse`` (text -> JSON statements), ``classes`` (statement-class
 allow-list), ``settings`` (SET/RESET), ``walker`` (query levels, scoping,
 proofs), ``predicates`` (what a proof looks like), ``writes`` (INSERT/UPDATE/
 DELETE), ``relations`` (table resolution, catalog lists), ``functions``
-(function deny rules), ``params`` (Bind values), ``cache``, ``normalize``.
+(function deny rules), ``params`` (Bind values), ``cache``, ``shapes`` (analyses
+shared by texts that differ only in constants), ``normalize``.
 """
 
 from .analyser import CompiledPolicy, analyse_sql, check_tenant, compile_policy, explain_verdict
