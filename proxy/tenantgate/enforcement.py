@@ -63,13 +63,14 @@ class _Rest:
     length: int = 0
     transaction: str | None = None
     command: str = "other"
+    tag: str = ""
 
 
 def _command(statements: Sequence[StatementShape]) -> str:
     """The metric label of a string: its first statement that is not transaction control."""
     for statement in statements:
         if statement.transaction is None:
-            return getattr(statement, "command", "other")
+            return statement.command
     return "other"
 
 

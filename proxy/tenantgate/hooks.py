@@ -40,6 +40,9 @@ class KnownQuery:
 
 
 class Inspector(Protocol):
+    # Dry run: whether the Query or Parse just inspected would have been refused.
+    last_would_reject: bool
+
     def inspect_query(self, sql: str) -> PgError | None:
         """A simple Query (all statements of the string)."""
 
@@ -118,6 +121,8 @@ class NullObserver:
 
 class AllowAll:
     """An inspector that allows everything: for protocol tests only, never served."""
+
+    last_would_reject = False
 
     def inspect_query(self, sql: str) -> PgError | None:
         return None

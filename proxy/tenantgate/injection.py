@@ -44,6 +44,10 @@ class StatementShape(Protocol):
     def location(self) -> int: ...
     @property
     def length(self) -> int: ...
+    @property
+    def tag(self) -> str: ...  # the command tag, e.g. "SELECT" or "DEALLOCATE ALL"
+    @property
+    def command(self) -> str: ...  # the metric label: select/insert/update/delete/other
 
 
 @dataclass(frozen=True, slots=True)

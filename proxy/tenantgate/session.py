@@ -387,14 +387,14 @@ class Session:
                     Kind.QUERY,
                     command=inspector.last_command(),
                     sql=sql,
-                    would_reject=getattr(inspector, "last_would_reject", False),
+                    would_reject=inspector.last_would_reject,
                 )
                 entry.started = perf_counter()
                 tracker.expect(entry)
                 inspector.remember_query(frame(b"Q", payload))
                 if injector is not None:
                     statements = inspector.last_statements()
-                    if any(getattr(s, "tag", "") == "DEALLOCATE ALL" for s in statements):
+                    if any(s.tag == "DEALLOCATE ALL" for s in statements):
                         injector.statements_dropped()
                     rewrite = injector.rewrite_query(payload[:-1], statements)
                     entry.hidden_statements = rewrite.hidden_statements
