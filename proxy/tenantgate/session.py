@@ -36,7 +36,7 @@ from tenantgate.hooks import Inspector, NullObserver, SessionObserver
 from tenantgate.injection import TenantInjector, is_internal_name
 from tenantgate.protocol.backend import ErrorResponse, ParameterDescription, ParameterStatus
 from tenantgate.protocol.framing import frame, scan_frames
-from tenantgate.protocol.frontend import Bind, Close, Describe, Execute, Parse, Query
+from tenantgate.protocol.frontend import Bind, Close, Describe, Execute, Parse, Query, Sync
 from tenantgate.tracker import Action, Kind, Pending, ResponseTracker
 from tenantgate.upstream import LEXING_PINS, UpstreamConnection
 
@@ -58,6 +58,9 @@ _READ_PAYLOAD = frozenset(b"EZCSt")
 _QUERY_REJECT = Query(REJECT_SQL).encode()
 _LENGTH = struct.Struct("!I")
 _FORWARD = Action.FORWARD
+# What follows the Bind when a driver runs a prepared statement on the unnamed portal.
+_EXECUTE_SYNC = Execute("", 0).encode() + Sync().encode()
+_DESCRIBE_EXECUTE_SYNC = Describe("P", "").encode() + _EXECUTE_SYNC
 _FUNCTION_CALL_REJECTION = rejected(
     "function_call",
     "the FunctionCall protocol message is not allowed",
@@ -247,8 +250,13 @@ class Session:
                 self._client_buffer += data
                 if not self._deferred:
                     self._drain_client(self._client_buffer)
-            elif data[0] != 0x51 or not self._known_query(data):
-                self._drain_client(data)
+            else:
+                first = data[0]
+                if first == 0x51:
+                    if not self._known_query(data):
+                        self._drain_client(data)
+                elif first != 0x42 or not self._bound_execute(data):
+                    self._drain_client(data)
         except Exception as exc:
             self._failed(exc)
 
@@ -342,6 +350,54 @@ class Session:
             entry.hidden_statements = rewrite.hidden_statements
             entry.position_shifts = rewrite.shifts
             data = frame(b"Q", rewrite.text + b"\x00")
+        self._upstream_transport.write(data)
+        return True
+
+    def _bound_execute(self, data: bytes) -> bool:
+        """Handle a chunk that is Bind [+ Describe portal] + Execute + Sync of the unnamed
+        portal (what libpq and asyncpg send to run a prepared statement); False: not that
+        case, or the rate limit has a say (the general path then acts on its answer).
+
+        Exactly what _drain_client and _client_message do for those messages, in
+        one pass: the Bind is checked (and replaced by a failing Parse if refused),
+        the rest is forwarded as is.  Enforce mode only (no injection).
+        """
+        if self.injector is not None or len(data) < 5:
+            return False
+        (length,) = _LENGTH.unpack_from(data, 1)
+        end = 1 + length
+        tail = data[end:]
+        if tail == _EXECUTE_SYNC:
+            describe = False
+        elif tail == _DESCRIBE_EXECUTE_SYNC:
+            describe = True
+        else:
+            return False
+        if length < 4 or length - 4 > self._max_message:
+            return False  # the general path reports it
+        bind = Bind.decode(data[5:end])
+        if bind.portal:
+            return False
+        if self.rate_limit is not None:
+            delay = self.rate_limit(self)
+            if delay != 0.0:
+                self._rate_decided = (delay,)  # for the Execute, on the general path
+                return False
+        tracker, inspector = self.tracker, self.inspector
+        error = _reserved(bind.statement) or inspector.inspect_bind(bind)
+        if error is not None:
+            data = self._reject_extended(error) + tail
+        else:
+            tracker.expect(Pending(Kind.BIND))
+        if describe:
+            tracker.expect(Pending(Kind.DESCRIBE_PORTAL))
+        info = inspector.portal_info("")
+        entry = Pending(
+            Kind.EXECUTE, command=info.command, sql=info.sql, would_reject=info.would_reject
+        )
+        entry.started = perf_counter()
+        tracker.expect(entry)
+        tracker.expect(Pending(Kind.SYNC))
         self._upstream_transport.write(data)
         return True
 

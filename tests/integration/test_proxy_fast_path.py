@@ -180,3 +180,51 @@ def test_known_texts_get_the_tenant_injected(clean_tenant_db: TenantDb, mode: st
         assert allowed == 11
     finally:
         running.stop()
+
+
+def test_prepared_statements_checked_on_every_execution(
+    enforce_proxy: RunningProxy, clean_tenant_db: TenantDb
+) -> None:
+    """Bind + Describe + Execute + Sync (libpq's prepared execution) on the fast path."""
+    user = clean_tenant_db.user("acme")
+    sql = "SELECT count(*), min(tenant_id) FROM orders WHERE tenant_id = %s AND id > %s"
+    with psycopg.connect(enforce_proxy.dsn(user.name, user.password), autocommit=True) as conn:
+        for _ in range(5):
+            assert conn.execute(sql, ("acme", 0), prepare=True).fetchone() == (5, "acme")
+        for _ in range(3):  # the same prepared statement, another tenant's id: refused each time
+            with pytest.raises(errors.InsufficientPrivilege, match="wrong_tenant"):
+                conn.execute(sql, ("globex", 0), prepare=True)
+        assert conn.execute(sql, ("acme", 0), prepare=True).fetchone() == (5, "acme")
+        conn.execute("BEGIN")
+        with pytest.raises(errors.DivisionByZero):
+            conn.execute("SELECT 1/0")
+        with pytest.raises(errors.InFailedSqlTransaction):
+            conn.execute(sql, ("acme", 0), prepare=True)
+        conn.execute("ROLLBACK")
+        assert conn.execute(sql, ("acme", 0), prepare=True).fetchone() == (5, "acme")
+    port = enforce_proxy.app.metrics_port
+    assert port is not None
+    labels = {"tenant": "acme", "command": "select"}
+    assert metric(port, "tenantgate_statements_total", {**labels, "outcome": "allowed"}) == 7
+    assert metric(port, "tenantgate_rejections_total", {"tenant": "acme"}) == 3
+
+
+async def test_asyncpg_prepared_statements(
+    enforce_proxy: RunningProxy, clean_tenant_db: TenantDb
+) -> None:
+    """asyncpg's prepared statements (its own message sequence): checked on every execution."""
+    import asyncpg  # noqa: PLC0415
+
+    user = clean_tenant_db.user("acme")
+    conn = await asyncpg.connect(enforce_proxy.url(user.name, user.password))
+    try:
+        sql = "SELECT count(*) FROM orders WHERE tenant_id = $1 AND id > $2"
+        statement = await conn.prepare(sql)
+        for _ in range(5):
+            assert await statement.fetchval("acme", 0) == 5
+        for _ in range(2):
+            with pytest.raises(asyncpg.InsufficientPrivilegeError, match="wrong_tenant"):
+                await statement.fetchval("globex", 0)
+        assert await statement.fetchval("acme", 0) == 5
+    finally:
+        await conn.close()
