@@ -16,7 +16,7 @@ import logging
 import re
 import secrets
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from time import perf_counter
 from typing import cast
@@ -33,9 +33,9 @@ from tenantgate.errors import (
     upstream_lost,
 )
 from tenantgate.hooks import Inspector, NullObserver, SessionObserver
-from tenantgate.injection import TenantInjector, is_internal_name
+from tenantgate.injection import StatementShape, TenantInjector, is_internal_name
 from tenantgate.protocol.backend import ErrorResponse, ParameterDescription, ParameterStatus
-from tenantgate.protocol.framing import frame, scan_frames
+from tenantgate.protocol.framing import frame, invalid_length, scan_frames
 from tenantgate.protocol.frontend import Bind, Close, Describe, Execute, Parse, Query, Sync
 from tenantgate.tracker import Action, Kind, Pending, ResponseTracker
 from tenantgate.upstream import LEXING_PINS, UpstreamConnection
@@ -331,27 +331,51 @@ class Session:
         injector's (cached) rewrite as for any Query.
         """
         known = self.inspector.known_query(data)
-        if known is None:
+        if known is None or not self._rate_allows_now():
             return False
-        if self.rate_limit is not None:
-            delay = self.rate_limit(self)
-            if delay != 0.0:
-                self._rate_decided = (delay,)  # the general path acts on this decision
-                return False
-        tracker = self.tracker
         injector = self.injector
         if injector is not None:  # before the entry, as _drain_client does per chunk
-            injector.observe_state(tracker.status == "T" and tracker.idle)
-        entry = Pending(Kind.QUERY, command=known.command, sql=known.sql)
-        entry.started = perf_counter()
-        tracker.expect(entry)
+            injector.observe_state(self.tracker.status == "T" and self.tracker.idle)
+        entry = self._expect_statement(Kind.QUERY, known.command, known.sql, False)
         if injector is not None:  # rls/both: what _client_message does
-            rewrite = injector.rewrite_query(data[5:-1], self.inspector.last_statements())
-            entry.hidden_statements = rewrite.hidden_statements
-            entry.position_shifts = rewrite.shifts
-            data = frame(b"Q", rewrite.text + b"\x00")
+            statements = self.inspector.last_statements()
+            data = self._injected_query(injector, entry, data[5:-1], statements)
         self._upstream_transport.write(data)
         return True
+
+    def _rate_allows_now(self) -> bool:
+        """Ask the rate limit for the statement a fast path is about to forward.
+
+        False unless it may run at once; the fast path then hands the chunk to
+        the general path, which acts on this answer (wait or refuse) instead of
+        asking again.
+        """
+        if self.rate_limit is None:
+            return True
+        delay = self.rate_limit(self)
+        if delay == 0.0:
+            return True
+        self._rate_decided = (delay,)
+        return False
+
+    def _expect_statement(
+        self, kind: Kind, command: str, sql: str | None, would_reject: bool
+    ) -> Pending:
+        """Register a client's Query or Execute with the tracker, timed from now."""
+        entry = Pending(kind, command=command, sql=sql, would_reject=would_reject)
+        entry.started = perf_counter()
+        self.tracker.expect(entry)
+        return entry
+
+    @staticmethod
+    def _injected_query(
+        injector: TenantInjector, entry: Pending, text: bytes, statements: Sequence[StatementShape]
+    ) -> bytes:
+        """The Query message with the tenant spliced in; ``entry`` learns what to hide."""
+        rewrite = injector.rewrite_query(text, statements)
+        entry.hidden_statements = rewrite.hidden_statements
+        entry.position_shifts = rewrite.shifts
+        return frame(b"Q", rewrite.text + b"\x00")
 
     def _bound_execute(self, data: bytes) -> bool:
         """Handle a chunk that is Bind [+ Describe portal] + Execute + Sync of the unnamed
@@ -376,13 +400,8 @@ class Session:
         if length < 4 or length - 4 > self._max_message:
             return False  # the general path reports it
         bind = Bind.decode(data[5:end])
-        if bind.portal:
+        if bind.portal or not self._rate_allows_now():
             return False
-        if self.rate_limit is not None:
-            delay = self.rate_limit(self)
-            if delay != 0.0:
-                self._rate_decided = (delay,)  # for the Execute, on the general path
-                return False
         tracker, inspector = self.tracker, self.inspector
         error = _reserved(bind.statement) or inspector.inspect_bind(bind)
         if error is not None:
@@ -392,11 +411,7 @@ class Session:
         if describe:
             tracker.expect(Pending(Kind.DESCRIBE_PORTAL))
         info = inspector.portal_info("")
-        entry = Pending(
-            Kind.EXECUTE, command=info.command, sql=info.sql, would_reject=info.would_reject
-        )
-        entry.started = perf_counter()
-        tracker.expect(entry)
+        self._expect_statement(Kind.EXECUTE, info.command, info.sql, info.would_reject)
         tracker.expect(Pending(Kind.SYNC))
         self._upstream_transport.write(data)
         return True
@@ -439,23 +454,15 @@ class Session:
                 if error is not None:
                     return self._reject_query(error)
                 inspector.query_sent()
-                entry = Pending(
-                    Kind.QUERY,
-                    command=inspector.last_command(),
-                    sql=sql,
-                    would_reject=inspector.last_would_reject,
+                entry = self._expect_statement(
+                    Kind.QUERY, inspector.last_command(), sql, inspector.last_would_reject
                 )
-                entry.started = perf_counter()
-                tracker.expect(entry)
                 inspector.remember_query(frame(b"Q", payload))
                 if injector is not None:
                     statements = inspector.last_statements()
                     if any(s.tag == "DEALLOCATE ALL" for s in statements):
                         injector.statements_dropped()
-                    rewrite = injector.rewrite_query(payload[:-1], statements)
-                    entry.hidden_statements = rewrite.hidden_statements
-                    entry.position_shifts = rewrite.shifts
-                    return frame(b"Q", rewrite.text + b"\x00")
+                    return self._injected_query(injector, entry, payload[:-1], statements)
                 return None
             case 0x50:  # Parse
                 parse = Parse.decode(payload)
@@ -491,11 +498,7 @@ class Session:
                         tracker.expect(Pending(Kind.CLOSE, injected=True))
                 if info.deallocates_all and injector is not None:
                     injector.statements_dropped()
-                entry = Pending(
-                    Kind.EXECUTE, command=info.command, sql=info.sql, would_reject=info.would_reject
-                )
-                entry.started = perf_counter()
-                tracker.expect(entry)
+                self._expect_statement(Kind.EXECUTE, info.command, info.sql, info.would_reject)
                 if injection is not None:
                     return injection + frame(b"E", payload)
             case 0x44:  # Describe
@@ -592,10 +595,7 @@ class Session:
             (length,) = _LENGTH.unpack_from(buffer, pos + 1)
             end = pos + 1 + length
             if length < 4 or length - 4 > UPSTREAM_MAX_MESSAGE:
-                raise RemoteProtocolError(
-                    f"message {chr(msg_type)!r} has invalid length {length} "
-                    f"(limit {UPSTREAM_MAX_MESSAGE + 4})"
-                )
+                raise invalid_length(msg_type, length, UPSTREAM_MAX_MESSAGE)
             if end > size:
                 break
             payload = bytes(buffer[pos + 5 : end]) if msg_type in _READ_PAYLOAD else b""
