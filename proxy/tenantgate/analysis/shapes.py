@@ -86,14 +86,8 @@ def shape_key(json_text: str, constants: list[re.Match[str]] | None = None) -> s
     """
     if constants is None:
         constants = constants_of(json_text)
-    pieces: list[str] = []
-    end = 0
-    for constant in constants:
-        pieces.append(json_text[end : constant.start()])
-        pieces.append('{"A_Const":' + (constant.group("kind") or "null") + "}")
-        end = constant.end()
-    pieces.append(json_text[end:])
-    return "".join(pieces)
+    masks = ['{"A_Const":' + (constant.group("kind") or "null") + "}" for constant in constants]
+    return _replaced(json_text, constants, masks)
 
 
 def probe_text(json_text: str, first_number: int) -> tuple[str, int]:
@@ -101,15 +95,24 @@ def probe_text(json_text: str, first_number: int) -> tuple[str, int]:
 
     Returns the probe's JSON text and how many constants it replaced.
     """
+    constants = constants_of(json_text)
+    parameters = [
+        '{"ParamRef":{"number":' + str(number) + ',"location":0}}'
+        for number in range(first_number, first_number + len(constants))
+    ]
+    return _replaced(json_text, constants, parameters), len(constants)
+
+
+def _replaced(json_text: str, constants: list[re.Match[str]], replacements: list[str]) -> str:
+    """``json_text`` with each of ``constants`` replaced by the matching replacement."""
     pieces: list[str] = []
     end = 0
-    constants = constants_of(json_text)
-    for number, constant in enumerate(constants, first_number):
+    for constant, replacement in zip(constants, replacements, strict=True):
         pieces.append(json_text[end : constant.start()])
-        pieces.append('{"ParamRef":{"number":' + str(number) + ',"location":0}}')
+        pieces.append(replacement)
         end = constant.end()
     pieces.append(json_text[end:])
-    return "".join(pieces), len(constants)
+    return "".join(pieces)
 
 
 def tenant_value(match: re.Match[str]) -> str | None:
