@@ -80,9 +80,7 @@ class MessageReader:
             return None
         msg_type, length = _HEADER.unpack_from(buffer, offset)
         if length < 4 or length - 4 > self._max_size:
-            raise RemoteProtocolError(
-                f"message {msg_type!r} has invalid length {length} (limit {self._max_size + 4})"
-            )
+            raise invalid_length(msg_type[0], length, self._max_size)
         end = offset + 1 + length
         if len(buffer) < end:
             return None
@@ -100,6 +98,13 @@ class MessageReader:
     def buffered(self) -> int:
         """Bytes received but not yet returned as messages."""
         return len(self._buffer) - self._offset
+
+
+def invalid_length(msg_type: int, length: int, max_size: int) -> RemoteProtocolError:
+    """The error for a typed message whose length word is below 4 or above the cap."""
+    return RemoteProtocolError(
+        f"message {bytes((msg_type,))!r} has invalid length {length} (limit {max_size + 4})"
+    )
 
 
 def frame(msg_type: bytes, payload: bytes = b"") -> bytes:
@@ -128,9 +133,7 @@ def scan_frames(
     while size - pos >= 5:
         msg_type, length = unpack(buffer, pos)
         if length < 4 or length - 4 > max_size:
-            raise RemoteProtocolError(
-                f"message {msg_type!r} has invalid length {length} (limit {max_size + 4})"
-            )
+            raise invalid_length(msg_type[0], length, max_size)
         end = pos + 1 + length
         if end > size:
             break
