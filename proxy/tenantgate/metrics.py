@@ -113,6 +113,11 @@ class _SourceCollector:
                 log.exception("upstream connection metrics source failed")
         return hits, misses, states
 
+    @property
+    def is_pinned(self) -> bool:
+        """This thread renders values sampled on the loop (render_async's worker)."""
+        return getattr(self._pinned, "values", None) is not None
+
     @contextlib.contextmanager
     def pinned(self, values: _SourceValues) -> Iterator[None]:
         self._pinned.values = values
@@ -155,16 +160,16 @@ class _Flusher:
     """First collector of the registry: adds every live session's tallies first.
 
     Collecting on the event loop (a test, :meth:`Metrics.render`) flushes inline;
-    :meth:`Metrics.render_async` flushes on the loop and pins, so the worker thread
-    that renders never touches tallies the loop is writing.
+    :meth:`Metrics.render_async` flushes on the loop and pins the sources, so the
+    worker thread that renders never touches tallies the loop is writing.
     """
 
-    def __init__(self, metrics: Metrics) -> None:
+    def __init__(self, metrics: Metrics, sources: _SourceCollector) -> None:
         self._metrics = metrics
-        self.pinned = threading.local()
+        self._sources = sources
 
     def collect(self) -> Iterable[Metric]:
-        if not getattr(self.pinned, "active", False):
+        if not self._sources.is_pinned:
             self._metrics.flush()
         return ()
 
@@ -197,7 +202,8 @@ class Metrics:
         self.registry = registry if registry is not None else CollectorRegistry()
         reg = self.registry
         self._live: set[SessionMetrics] = set()
-        self._flusher = _Flusher(self)
+        self._sources = _SourceCollector()
+        self._flusher = _Flusher(self, self._sources)
         reg.register(self._flusher)
         self._client_connections = Gauge(
             "tenantgate_client_connections",
@@ -259,7 +265,6 @@ class Metrics:
             ["tenant"],
             registry=reg,
         )
-        self._sources = _SourceCollector()
         reg.register(self._sources)
         self._exposition = _Exposition(reg)
         for outcome in sorted(RELOAD_OUTCOMES):
@@ -374,12 +379,8 @@ class Metrics:
         return await asyncio.to_thread(self._render_pinned, values)
 
     def _render_pinned(self, values: _SourceValues) -> bytes:
-        self._flusher.pinned.active = True
-        try:
-            with self._sources.pinned(values):
-                return generate_latest(self._exposition)
-        finally:
-            self._flusher.pinned.active = False
+        with self._sources.pinned(values):
+            return generate_latest(self._exposition)
 
 
 class SessionMetrics:
