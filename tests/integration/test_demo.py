@@ -9,7 +9,6 @@ command in a subprocess and stops it with SIGINT, as a user's Ctrl-C would.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import os
 import queue
 import re
@@ -21,14 +20,14 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
-from concurrent.futures import Future
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
 import psycopg
 import pytest
 
+from support.proxy import LoopThread
 from tenantgate.cluster import TemporaryCluster
 from tenantgate.config import load_policy
 from tenantgate.demo import SEED_ORDERS, TENANT_USERS, DemoHandles, configure_parser, start_demo
@@ -43,42 +42,18 @@ def free_port() -> int:
         return port
 
 
-class DemoThread:
+class DemoThread(LoopThread):
     """A demo on its own event loop in a daemon thread."""
 
     def __init__(self, workdir: Path) -> None:
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._run, name="tenantgate-demo", daemon=True)
-        self._thread.start()
+        super().__init__("tenantgate-demo")
         self.metrics_port = free_port()
         self.handles: DemoHandles = self.call(
             lambda: start_demo(None, 0, self.metrics_port, workdir), timeout=180
         )
 
-    def _run(self) -> None:
-        asyncio.set_event_loop(self._loop)
-        self._loop.run_forever()
-        self._loop.run_until_complete(self._loop.shutdown_asyncgens())
-        self._loop.close()
-
-    def call(self, fn: Callable[[], Any], timeout: float = 60) -> Any:
-        async def runner() -> Any:
-            result = fn()
-            if asyncio.iscoroutine(result):
-                return await result
-            return result
-
-        future: Future[Any] = asyncio.run_coroutine_threadsafe(runner(), self._loop)
-        return future.result(timeout)
-
     def stop(self) -> None:
-        if not self._thread.is_alive():
-            return
-        try:
-            self.call(self.handles.stop, timeout=120)
-        finally:
-            self._loop.call_soon_threadsafe(self._loop.stop)
-            self._thread.join(30)
+        self.shut_down(self.handles.stop, timeout=120)
 
 
 @pytest.fixture(scope="module")

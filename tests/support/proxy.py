@@ -21,17 +21,13 @@ from tenantgate.server import InspectorFactory
 T = TypeVar("T")
 
 
-class RunningProxy:
-    def __init__(self, policy: Policy, inspector_factory: InspectorFactory | None = None) -> None:
-        self.policy = policy
+class LoopThread:
+    """An asyncio event loop running forever in a daemon thread; :meth:`call` runs on it."""
+
+    def __init__(self, name: str) -> None:
         self._loop = asyncio.new_event_loop()
-        self.app = ProxyApp(policy, inspector_factory=inspector_factory)
-        self._thread = threading.Thread(target=self._run, name="tenantgate-proxy", daemon=True)
-        self._started = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
-        self.call(self.app.start)
-        self.port = self.app.port
-        self.host = policy.listen.host
 
     def _run(self) -> None:
         asyncio.set_event_loop(self._loop)
@@ -40,7 +36,7 @@ class RunningProxy:
         self._loop.close()
 
     def call(self, fn: Callable[[], Any], timeout: float = 30) -> Any:
-        """Run a coroutine function (or plain function) on the proxy's loop and wait."""
+        """Run a coroutine function (or plain function) on the loop and wait."""
 
         async def runner() -> Any:
             result = fn()
@@ -50,6 +46,26 @@ class RunningProxy:
 
         future: Future[Any] = asyncio.run_coroutine_threadsafe(runner(), self._loop)
         return future.result(timeout)
+
+    def shut_down(self, last: Callable[[], Any], timeout: float) -> None:
+        """Run ``last`` on the loop (once), then stop the loop and join the thread."""
+        if not self._thread.is_alive():
+            return
+        try:
+            self.call(last, timeout=timeout)
+        finally:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(30)
+
+
+class RunningProxy(LoopThread):
+    def __init__(self, policy: Policy, inspector_factory: InspectorFactory | None = None) -> None:
+        self.policy = policy
+        self.app = ProxyApp(policy, inspector_factory=inspector_factory)
+        super().__init__("tenantgate-proxy")
+        self.call(self.app.start)
+        self.port = self.app.port
+        self.host = policy.listen.host
 
     def dsn(self, user: str, password: str, **extra: str) -> str:
         params = " ".join(f"{k}={v}" for k, v in extra.items())
@@ -62,13 +78,7 @@ class RunningProxy:
         return f"postgresql://{user}:{password}@{self.host}:{self.port}/{self.policy.upstream.database}"
 
     def stop(self) -> None:
-        if not self._thread.is_alive():
-            return
-        try:
-            self.call(self.app.drain, timeout=60)
-        finally:
-            self._loop.call_soon_threadsafe(self._loop.stop)
-            self._thread.join(30)
+        self.shut_down(self.app.drain, timeout=60)
 
     def __enter__(self) -> RunningProxy:
         return self
