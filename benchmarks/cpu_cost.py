@@ -2,15 +2,16 @@
 
     .venv/bin/python benchmarks/cpu_cost.py [--cases W1-enforce,W4-enforce]
         [--protocols simple,prepared] [--clients 8] [--seconds 5] [--rounds 2]
-        [--targets pgbouncer,forwarder,tenantgate] [--json out.json]
+        [--targets pgbouncer,forwarder,tenantgate,tenantgate-pure] [--json out.json]
 
 TPS ratios on a 2-core box depend on everything else that runs; the CPU time a
 proxy process burns for each transaction it carries does not, much.  This runs
 pgbench (the workloads of ``run.py``) through PgBouncer, a bare uvloop byte
-forwarder (``forwarder.py``: the floor for any Python proxy) and tenantgate,
-reads each proxy's user and system CPU from ``/proc/<pid>/stat`` around the
-run, and prints microseconds of proxy CPU per transaction, plus the whole
-machine's busy CPU per transaction (``/proc/stat``).  Rounds are interleaved.
+forwarder (``forwarder.py``: the floor for any Python proxy) and tenantgate
+(``tenantgate-pure``: the same with its compiled modules ignored), reads each
+proxy's user and system CPU from ``/proc/<pid>/stat`` around the run, and
+prints microseconds of proxy CPU per transaction, plus the whole machine's
+busy CPU per transaction (``/proc/stat``).  Rounds are interleaved.
 """
 
 from __future__ import annotations
@@ -178,12 +179,14 @@ def main() -> int:
         if forwarder is not None:
             stack.callback(forwarder.stop)
             forwarder.start()
-        proxies: dict[str, Tenantgate] = {}
+        proxies: dict[tuple[str, str], Tenantgate] = {}
         for case in cases:
-            if "tenantgate" in targets and case.mode not in proxies:
-                proxies[case.mode] = Tenantgate(workdir, db, case.mode)
-                stack.callback(proxies[case.mode].stop)
-                proxies[case.mode].start()
+            for target in targets:
+                if target.startswith("tenantgate") and (case.mode, target) not in proxies:
+                    proxy = Tenantgate(workdir, db, case.mode, pure=target == "tenantgate-pure")
+                    proxies[case.mode, target] = proxy
+                    stack.callback(proxy.stop)
+                    proxy.start()
         for round_no in range(1, args.rounds + 1):
             for case in cases:
                 base = workdir / f"{case.key}.base.sql"
@@ -201,7 +204,7 @@ def main() -> int:
                             assert forwarder is not None
                             run = (forwarder.pid, forwarder.port, role, db.password_of(role), base)
                         else:
-                            tg = proxies[case.mode]
+                            tg = proxies[case.mode, target]
                             user = tg.user_of(BENCH_TENANT)
                             run = (tg.pid, tg.port, user, tg.passwords[BENCH_TENANT], mine)
                         pid, port, user, password, script = run

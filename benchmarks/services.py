@@ -340,11 +340,14 @@ pidfile = {self.dir / "pgbouncer.pid"}
 class Tenantgate:
     """``tenantgate serve`` as a subprocess in one mode, with one login per tenant."""
 
-    def __init__(self, workdir: Path, db: Database, mode: str, name: str | None = None) -> None:
+    def __init__(
+        self, workdir: Path, db: Database, mode: str, name: str | None = None, pure: bool = False
+    ) -> None:
         self.workdir = workdir
         self.db = db
         self.mode = mode
-        self.name = name or f"tenantgate-{mode}"
+        self.pure = pure  # ignore the compiled modules (TENANTGATE_PURE_PYTHON=1)
+        self.name = name or f"tenantgate-{mode}{'-pure' if pure else ''}"
         self.port = 0
         self.proc: subprocess.Popen[bytes] | None = None
         self.passwords = {t: secrets.token_urlsafe(12) for t in TENANTS}
@@ -407,6 +410,7 @@ class Tenantgate:
             stdout=open(self.workdir / f"{self.name}.log", "ab"),  # noqa: SIM115
             stderr=subprocess.STDOUT,
             start_new_session=True,
+            env={**os.environ, "TENANTGATE_PURE_PYTHON": "1" if self.pure else "0"},
         )
         wait_port(self.port, self.proc, self.name)
 

@@ -1,0 +1,84 @@
+"""Whether the mypyc-compiled hot path is in use, and the switch back to source.
+
+Owns the choice between a module's compiled extension (built by ``setup.py``
+next to its ``.py`` file) and its Python source.  The import system prefers an
+extension, so an extension older than its source would silently run old code
+after an edit; :func:`choose` therefore falls back to source for *every*
+tenantgate module when any extension is stale, or when
+``TENANTGATE_PURE_PYTHON=1`` asks for it.  All or nothing, because compiled
+modules share native classes: a compiled module next to the source version of
+its sibling would see two different classes of one name.
+
+Runs from ``tenantgate/__init__.py``, before any other tenantgate module is
+imported.  Imports nothing of tenantgate.
+"""
+
+from __future__ import annotations
+
+import importlib.abc
+import importlib.machinery
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from types import ModuleType
+
+PURE_ENV = "TENANTGATE_PURE_PYTHON"
+_PACKAGE = "tenantgate"
+
+
+def extensions(package_dir: Path) -> list[Path]:
+    """Every compiled module (extension file) under ``package_dir``."""
+    suffixes = tuple(importlib.machinery.EXTENSION_SUFFIXES)
+    return sorted(p for p in package_dir.rglob("*") if p.name.endswith(suffixes))
+
+
+def source_of(extension: Path) -> Path:
+    """The ``.py`` file an extension was compiled from (``session.cpython-311-...so``)."""
+    return extension.with_name(extension.name.split(".", 1)[0] + ".py")
+
+
+def stale(found: Sequence[Path]) -> list[Path]:
+    """The extensions whose source was changed after they were built."""
+    out = []
+    for extension in found:
+        source = source_of(extension)
+        if source.exists() and source.stat().st_mtime > extension.stat().st_mtime:
+            out.append(extension)
+    return out
+
+
+class SourceOnlyFinder(importlib.abc.MetaPathFinder):
+    """Finds tenantgate's modules as ``.py`` files only, ignoring extensions."""
+
+    def find_spec(
+        self, fullname: str, path: Sequence[str] | None, target: ModuleType | None = None
+    ) -> importlib.machinery.ModuleSpec | None:
+        if not fullname.startswith(_PACKAGE + ".") or path is None:
+            return None
+        loader = (importlib.machinery.SourceFileLoader, importlib.machinery.SOURCE_SUFFIXES)
+        for entry in path:
+            spec = importlib.machinery.FileFinder(entry, loader).find_spec(fullname)
+            if spec is not None:
+                return spec
+        return None
+
+
+def choose(package_dir: Path) -> tuple[bool, str]:
+    """Decide how tenantgate's modules load; returns (compiled, why)."""
+    found = extensions(package_dir)
+    if not found:
+        return False, "no compiled modules (pure Python install)"
+    reason = ""
+    if os.environ.get(PURE_ENV) == "1":
+        reason = f"{PURE_ENV}=1"
+    else:
+        old = stale(found)
+        if old:
+            name = source_of(old[0]).name
+            reason = f"{name} is newer than its compiled module; rebuild with pip install"
+    if reason:
+        if not any(isinstance(f, SourceOnlyFinder) for f in sys.meta_path):
+            sys.meta_path.insert(0, SourceOnlyFinder())
+        return False, f"compiled modules ignored: {reason}"
+    return True, f"{len(found)} compiled modules"
