@@ -7,8 +7,9 @@ wires it (``ProxyApp``: policy inspector, analysis cache, telemetry, metrics,
 rate limiter, injector in rls/both modes) through transports that discard what
 they are given, and feeds it the bytes of W1: a client message (simple Query,
 or the Bind/Execute/Sync of a prepared statement) and the server's complete
-answer.  What it reports is microseconds of CPU per statement spent in
-tenantgate's Python code, the part of ``cpu_cost.py``'s per-transaction
+answer (protocol ``unique``: W4's simple Query with new constants every
+time, so only the shape cache can help).  What it reports is microseconds of
+CPU per statement spent in tenantgate's Python code, the part of ``cpu_cost.py``'s per-transaction
 figure that is not the event loop or the kernel.  ``--profile`` prints the
 top functions under cProfile.
 """
@@ -18,9 +19,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import cProfile
+import itertools
 import pstats
+import random
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -102,9 +106,22 @@ def build(mode: str) -> tuple[Session, Any]:
     return session, app
 
 
+UNIQUE_SQL = "SELECT abalance FROM pgbench_accounts WHERE tenant_id = 'acme' AND aid = {} LIMIT {}"
+
+
+def unique_queries(count: int) -> Iterator[list[bytes]]:
+    """W4's client messages: every text new (pgbench's random aid and nonce)."""
+    rng = random.Random(4)
+    for _ in range(count):
+        sql = UNIQUE_SQL.format(rng.randint(1, 20_000), rng.randint(1_000_000, 2_000_000_000))
+        yield [Query(sql).encode()]
+
+
 def workload(protocol: str) -> tuple[list[bytes], list[bytes]]:
     """(client chunks, server chunks) of one statement after warm-up."""
     ready = ReadyForQuery("I").encode()
+    if protocol == "unique":
+        return [], [_answer() + ready]
     if protocol == "simple":
         return [Query(SQL).encode()], [_answer() + ready]
     if protocol == "extended":  # libpq's PQexecParams: the unnamed statement every time
@@ -123,7 +140,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     parser.add_argument("--iterations", type=int, default=200_000)
     parser.add_argument("--mode", default="enforce", choices=["enforce", "both", "rls"])
-    parser.add_argument("--protocols", default="simple,extended,prepared")
+    parser.add_argument("--protocols", default="simple,extended,prepared,unique")
     parser.add_argument("--repeats", type=int, default=5, help="report the best repeat")
     parser.add_argument("--profile", action="store_true")
     return asyncio.run(measure(parser.parse_args()))
@@ -136,10 +153,15 @@ async def measure(args: argparse.Namespace) -> int:
             session.client_data(Parse("s1", PREPARED_SQL, ()).encode() + Sync().encode())
             session.upstream_data(frame(b"1") + ReadyForQuery("I").encode())
         client, server = workload(protocol)
+        clients = (
+            iter(list(unique_queries(1000 + args.iterations)))  # made before the clock starts
+            if protocol == "unique"
+            else itertools.repeat(client)
+        )
 
-        def one(session: Session = session, client: list[bytes] = client,
+        def one(session: Session = session, clients: Iterator[list[bytes]] = clients,
                 server: list[bytes] = server) -> None:  # fmt: skip
-            for chunk in client:
+            for chunk in next(clients):
                 session.client_data(chunk)
             for chunk in server:
                 session.upstream_data(chunk)

@@ -68,9 +68,11 @@ def test_shapes_are_used_and_refuse_other_tenants() -> None:
     first = "SELECT id FROM orders WHERE tenant_id = 'acme' AND id = 10"
     cache.get_or_analyse(first)
     assert len(cache.shapes) == 1
-    # Constants of the same lengths: the same shape (locations are part of it).
-    other = cache.get_or_analyse("SELECT id FROM orders WHERE tenant_id = 'gbex' AND id = 11")
+    # Constants of the same lengths: the same shape (locations are part of it).  The
+    # lower-case keyword keeps the text level (textshapes) from answering first.
+    other = cache.get_or_analyse("SELECT id FROM orders where tenant_id = 'gbex' AND id = 11")
     assert cache.shapes.hits == 1
+    assert cache.text_shapes.hits == 0
     assert check_tenant(other, "acme") is not None
     assert check_tenant(other, "gbex") is None
     # Same shape but NULL where the tenant was: another kind of constant, another shape.

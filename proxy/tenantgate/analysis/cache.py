@@ -14,6 +14,7 @@ from .analyser import CompiledPolicy, analyse_json
 from .model import Analysis, AnalysisPolicy, Rejected
 from .parse import parse_json
 from .shapes import ShapeCache, probe_text, qualifies
+from .textshapes import TextShapes, text_key
 
 
 class AnalysisCache:
@@ -29,6 +30,7 @@ class AnalysisCache:
         "misses",
         "policy",
         "shapes",
+        "text_shapes",
     )
 
     def __init__(self, policy: AnalysisPolicy, maxsize: int = 10_000) -> None:
@@ -43,6 +45,7 @@ class AnalysisCache:
         # like the LRU; emptied when full (cheaper than LRU bookkeeping per hit).
         self.known_messages: dict[bytes, tuple[str, Analysis, str, frozenset[str]]] = {}
         self.shapes = ShapeCache(maxsize)
+        self.text_shapes = TextShapes(maxsize)
         self.hits = 0
         self.misses = 0
         self.last_hit = False  # whether the latest get_or_analyse found the text
@@ -66,21 +69,29 @@ class AnalysisCache:
 
     def _analyse(self, sql: str) -> Analysis:
         """A text the cache has not seen: by its shape if known, else in full (and learn)."""
+        literals = text_key(sql)
+        if literals is not None:
+            found = self.text_shapes.lookup(literals)
+            if found is not None:
+                return found
         try:
             text = parse_json(sql)
         except Rejected as exc:
             return Analysis((), exc.rejection)
-        key, shaped = self.shapes.lookup(text)
-        if shaped is not None:
-            return shaped
-        result = analyse_json(text, self._compiled)
-        if self.shapes.wants_probe(key):
-            probe = None
-            if qualifies(result):
-                probe_json, count = probe_text(text, result.statements[0].param_count + 1)
-                if count:
-                    probe = analyse_json(probe_json, self._compiled)
-            self.shapes.learn(key, text, result, probe)
+        key, result = self.shapes.lookup(text)
+        if result is None:
+            result = analyse_json(text, self._compiled)
+            if self.shapes.wants_probe(key):
+                probe = None
+                if qualifies(result):
+                    probe_json, count = probe_text(text, result.statements[0].param_count + 1)
+                    if count:
+                        probe = analyse_json(probe_json, self._compiled)
+                self.shapes.learn(key, text, result, probe)
+        if literals is not None:
+            shape = self.shapes.shape(key)
+            if shape is not None:
+                self.text_shapes.learn(literals, text, shape)
         return result
 
     def __len__(self) -> int:
@@ -91,3 +102,4 @@ class AnalysisCache:
         self._entries.clear()
         self.known_messages.clear()
         self.shapes.clear()
+        self.text_shapes.clear()

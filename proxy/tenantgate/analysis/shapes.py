@@ -39,7 +39,7 @@ from .model import Analysis, StatementAnalysis
 _CONSTANT = re.compile(
     r'\{"A_Const":\{(?:"(?P<kind>sval|ival|fval|bsval|boolval)":\{'
     r'(?:"(?P=kind)":(?P<value>"(?:[^"\\]|\\.)*"|-?\d+|true|false))?\},'
-    r'|(?P<null>"isnull":true,))"location":-?\d+\}\}'
+    r'|(?P<null>"isnull":true,))"location":(?P<location>-?\d+)\}\}'
 )
 _CONSTANT_START = '{"A_Const":'
 _SHAPED_TAGS = frozenset({"SELECT", "INSERT", "UPDATE", "DELETE"})
@@ -149,25 +149,13 @@ class ShapeCache:
             if value is None:
                 return key, None
             constants.add(value)
-        template = shape.statement
         self.hits += 1
-        return key, Analysis(
-            (
-                StatementAnalysis(
-                    command=template.command,
-                    tag=template.tag,
-                    transaction=template.transaction,
-                    location=template.location,
-                    length=template.length,
-                    tenant_constants=frozenset(constants),
-                    tenant_params=template.tenant_params,
-                    statement_timeout_ms=None,
-                    param_count=template.param_count,
-                    idle_in_transaction_timeout_ms=None,
-                ),
-            ),
-            None,
-        )
+        return key, with_tenant_constants(shape.statement, frozenset(constants))
+
+    def shape(self, key: str) -> Shape | None:
+        """The shape recorded under ``key``, if it qualified."""
+        shape = self._entries.get(key)
+        return shape if isinstance(shape, Shape) else None
 
     def learn(self, key: str, json_text: str, analysis: Analysis, probe: Analysis | None) -> None:
         """Record ``key``'s shape from a text's own analysis and its probe's (see module doc)."""
@@ -185,6 +173,27 @@ class ShapeCache:
 
     def clear(self) -> None:
         self._entries.clear()
+
+
+def with_tenant_constants(template: StatementAnalysis, constants: frozenset[str]) -> Analysis:
+    """The analysis of a text of ``template``'s shape whose tenant values are ``constants``."""
+    return Analysis(
+        (
+            StatementAnalysis(
+                command=template.command,
+                tag=template.tag,
+                transaction=template.transaction,
+                location=template.location,
+                length=template.length,
+                tenant_constants=constants,
+                tenant_params=template.tenant_params,
+                statement_timeout_ms=None,
+                param_count=template.param_count,
+                idle_in_transaction_timeout_ms=None,
+            ),
+        ),
+        None,
+    )
 
 
 def qualifies(analysis: Analysis) -> bool:
