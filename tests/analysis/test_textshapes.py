@@ -44,16 +44,17 @@ def test_a_new_text_of_a_known_key_is_not_parsed() -> None:
 
 
 def test_text_key_masks_only_standalone_literals() -> None:
-    key = text_key("SELECT a1, 'x''y', 42, $1, 1.5, t.2, E'z', U&'w', 7e3 FROM t LIMIT 5")
+    key = text_key("SELECT a1, 'x''y', -42, $1, 1.5, t.2, E'z', U&'w', 7e3 FROM t LIMIT 5")
     assert key is not None
-    assert [m.group() for m in key[1]] == ["'x''y'", "42", "5"]
+    assert [m.group() for m in key[1]] == ["'x''y'", "-42", "5"]
     assert key[0] == (
-        "SELECT a1, \x00s6\x00, \x00i2\x00, $1, 1.5, t.2, E'z', U&'w', 7e3 FROM t LIMIT \x00i1\x00"
+        "SELECT a1, \x00s6\x00, \x00I3\x00, $1, 1.5, t.2, E'z', U&'w', 7e3 FROM t LIMIT \x00i1\x00"
     )
     assert text_key("SELECT 'é'") is None  # not ASCII: locations would not line up
-    big = text_key("SELECT 2147483647, 2147483648")
+    big = text_key("SELECT 2147483647, 2147483648, -2147483648")
     assert big is not None
-    assert big[0] == "SELECT \x00i10\x00, \x00n10\x00"  # int4 or numeric: PostgreSQL's choice
+    # int4 or numeric: PostgreSQL's choice (by the digits, before the minus is folded in).
+    assert big[0] == "SELECT \x00i10\x00, \x00n10\x00, \x00N11\x00"
 
 
 @pytest.mark.parametrize(
@@ -64,7 +65,8 @@ def test_text_key_masks_only_standalone_literals() -> None:
         "SELECT id FROM orders WHERE tenant_id = $$acme$$ AND id = 1",
         "SELECT id FROM orders WHERE tenant_id = $q$ 'acme' $q$ AND id = 1",
         "SELECT id FROM orders WHERE tenant_id = 'ac'\n'me' AND id = 1",
-        "SELECT id FROM orders WHERE tenant_id = 'acme' AND id = -1",
+        "SELECT id FROM orders WHERE tenant_id = 'acme' AND id = id -1",
+        "SELECT id FROM orders WHERE tenant_id = 'acme' AND id = id--1\n",
         "SELECT id FROM orders WHERE tenant_id = 'acme' AND id::float(10) = 1",
         "SELECT id FROM orders WHERE tenant_id = 'acme' AND \"x 1\" = 1",
     ],
@@ -91,6 +93,11 @@ def test_literal_slots_pair_each_constant_with_its_literal() -> None:
     key = text_key(sql)
     assert key is not None
     assert literal_slots(key, parse_sql_json(sql)) == [0, 1, 3, 2]
+    # A sign the grammar folds into the constant pairs; the constant sits at the minus.
+    sql = "UPDATE orders SET id = id + -5, item = -2147483648 WHERE tenant_id = -0"
+    key = text_key(sql)
+    assert key is not None
+    assert literal_slots(key, parse_sql_json(sql)) == [0, 1, 2]
 
 
 @pytest.mark.parametrize(
@@ -113,6 +120,18 @@ def test_literal_slots_pair_each_constant_with_its_literal() -> None:
         (
             "SELECT id FROM orders WHERE tenant_id = 1234 AND id = 1",
             "SELECT id FROM orders WHERE tenant_id = 0042 AND id = 1",
+        ),
+        (
+            "SELECT id FROM orders WHERE tenant_id = -123 AND id = 1",
+            "SELECT id FROM orders WHERE tenant_id = -000 AND id = 1",
+        ),
+        (
+            "UPDATE orders SET id = id + -2147483648 WHERE tenant_id = 'acme'",
+            "UPDATE orders SET id = id + -2147483647 WHERE tenant_id = 'acme'",
+        ),
+        (
+            "UPDATE orders SET id = id + -5 WHERE tenant_id = 'acme'",
+            "UPDATE orders SET id = id + -7 WHERE tenant_id = 'gbex'",
         ),
     ],
 )
@@ -139,7 +158,7 @@ literal = st.one_of(
         lambda s: "'" + s.replace("'", "''") + "'"
     ),
     st.text(alphabet="ac'\\-/*$e\n ", min_size=1, max_size=6),  # raw text between the holes
-    st.integers(0, 3_000_000_000).map(str),
+    st.integers(-3_000_000_000, 3_000_000_000).map(str),
     st.sampled_from(["'acme'", "'gbex'", "NULL", "-1", "E'acme'", "$$acme$$", "U&'acme'"]),
 )
 templates = st.sampled_from(
@@ -150,6 +169,8 @@ templates = st.sampled_from(
         "UPDATE orders SET item = {1} WHERE tenant_id = {0}",
         "INSERT INTO orders (item, tenant_id) VALUES ({1}, {0})",
         "SELECT id FROM orders WHERE id = {1} AND tenant_id = {0} LIMIT {1}",
+        "UPDATE orders SET id = id -{1} WHERE tenant_id = {0}",
+        "UPDATE orders SET id = id + {1} WHERE tenant_id = {0}",
     ]
 )
 

@@ -4,22 +4,24 @@ Owns :class:`TextShapes`: the level of the analysis cache in front of
 :mod:`~tenantgate.analysis.shapes`.  W4-like traffic (the simple protocol with
 a new id inlined in every statement) misses the text cache every time, and the
 parse tree shape costs a libpg_query parse plus a walk of its JSON.  Here the
-text's *literals* are masked instead: plain ``'...'`` strings and unsigned
-decimal integers, each replaced by a marker carrying its kind and length, so
+text's *literals* are masked instead: plain ``'...'`` strings and decimal
+integers (with a minus glued on, which the grammar folds into the constant
+where it is a sign), each replaced by a marker carrying its kind and length, so
 ``... tenant_id = 'acme' AND aid = 42`` and ``... tenant_id = 'gbex' AND aid =
 17`` have one text key.
 
 Why two texts of one key parse alike.  PostgreSQL's lexer reads left to right;
 two texts of one key have the same bytes outside the literals, and each
-literal, by construction of :data:`_LITERAL`, is a complete token of the same
-kind however its content varies (a string has no lone quote inside and none
-next to it; an integer has no identifier character, dot or dollar next to it;
-only ASCII texts qualify).  So they lex to the same tokens but for literal
+literal, by construction of :data:`_LITERAL`, is a complete token (or a minus
+and one) of the same kind however its content varies (a string has no lone
+quote inside and none next to it; an integer has no identifier character, dot
+or dollar next to it; only ASCII texts qualify).  So they lex to the same tokens but for literal
 values, provided the lexer starts each literal in the same state, which
 is what learning checks: a key is recorded only from a text whose parse tree
 has exactly one constant at the start of each masked literal, with the
 literal's own value, and no other constant (a literal inside a comment, a
-dollar quote, ``U&'...'``, ``-1``, ``float(10)`` all fail that check), and
+dollar quote, ``U&'...'``, a binary minus as in ``a -1``, ``float(10)`` all
+fail that check), and
 only for a text whose tree shape is already known (``shapes.Shape``: one
 plain SELECT/INSERT/UPDATE/DELETE whose tenant constants the probe agreed
 on).  The integer marker says whether the value fits an int4, because that
@@ -36,8 +38,8 @@ import re
 from .model import Analysis, StatementAnalysis
 from .shapes import Shape, constants_of, with_tenant_constants
 
-# A plain string literal, or an unsigned decimal integer, standing alone.
-_LITERAL = re.compile(r"(?<![\w$.'&])(?:'(?:[^']|'')*'(?!')|\d+(?![\w$.]))", re.ASCII)
+# A plain string literal, or a decimal integer (maybe with a minus), standing alone.
+_LITERAL = re.compile(r"(?<![\w$.'&])(?:'(?:[^']|'')*'(?!')|-?\d+(?![\w$.]))", re.ASCII)
 _INT4_MAX = 2**31 - 1
 _A_CONST = '{"A_Const":'
 
@@ -45,9 +47,13 @@ TextKey = tuple[str, list[re.Match[str]]]
 
 
 def _kind(token: str) -> str:
-    """s: string; i: integer that PostgreSQL makes an int4 constant; n: numeric constant."""
+    """s: string; i: an integer PostgreSQL makes an int4 constant, n: a numeric one;
+    I and N: the same with a minus (an operator token the grammar folds into the constant).
+    """
     if token[0] == "'":
         return "s"
+    if token[0] == "-":
+        return "I" if int(token[1:]) <= _INT4_MAX else "N"
     return "i" if int(token) <= _INT4_MAX else "n"
 
 
@@ -55,7 +61,7 @@ def _value(token: str, kind: str) -> str:
     """A literal's value as libpg_query's JSON spells it (for its kind)."""
     if kind == "s":
         return token[1:-1].replace("''", "'")
-    return str(int(token)) if kind == "i" else token
+    return str(int(token)) if kind in "iI" else token
 
 
 def text_key(sql: str) -> TextKey | None:
@@ -74,14 +80,21 @@ def text_key(sql: str) -> TextKey | None:
     return "".join(pieces), found
 
 
-def _constant_value(constant: re.Match[str]) -> tuple[str, str] | None:
-    """(kind, value) of one of :func:`constants_of`'s constants, if a literal could be it."""
+def _constant_value(constant: re.Match[str], negative: bool) -> tuple[str, str] | None:
+    """(kind, value) of one of :func:`constants_of`'s constants, if a literal could be it.
+
+    ``negative``: whether the literal at its location has a minus; the tree
+    only says so by the value, which for ``-0`` it cannot.
+    """
     kind, value = constant.group("kind"), constant.group("value")
     if kind == "ival":
-        return "i", str(int(value)) if value is not None else "0"  # libpg_query omits 0
+        number = int(value) if value is not None else 0  # libpg_query omits 0
+        return "I" if negative else "i", str(number)
     if kind in ("sval", "fval") and value is not None:
         decoded = json.loads(value)
-        return ("s" if kind == "sval" else "n", decoded) if isinstance(decoded, str) else None
+        if not isinstance(decoded, str):
+            return None
+        return ("s" if kind == "sval" else "N" if negative else "n"), decoded
     return None
 
 
@@ -104,7 +117,7 @@ def literal_slots(key: TextKey, json_text: str) -> list[int] | None:
             return None
         token = literals[index].group()
         kind = _kind(token)
-        if _constant_value(constant) != (kind, _value(token, kind)):
+        if _constant_value(constant, token[0] == "-") != (kind, _value(token, kind)):
             return None
         slots.append(index)
     return slots
@@ -131,7 +144,7 @@ class TextShapes:
         for slot in slots:
             token = literals[slot].group()
             kind = _kind(token)
-            if kind == "n":
+            if kind in "nN":
                 return None  # not a tenant id as the analyser reads one
             constants.add(_value(token, kind))
         self.hits += 1
