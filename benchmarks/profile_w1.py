@@ -1,14 +1,17 @@
 """Where tenantgate spends its time under W1: py-spy on the proxy process.
 
     .venv/bin/python benchmarks/profile_w1.py [--protocols simple,prepared] [--seconds 10]
-        [--clients 8] [--mode enforce] [--out benchmarks/results]
+        [--clients 8] [--mode enforce] [--case W3-both] [--out benchmarks/results]
 
 Starts the same services as run.py (no PgBouncer), runs W1 through tenantgate
 with pgbench and samples the tenantgate process with ``py-spy record`` (raw
 collapsed stacks, non-blocking, 200 Hz), then prints and writes the functions
 with the most self and inclusive samples (``profile-<protocol>.txt``) and a
 flame graph of the first protocol (``profile.svg``).  py-spy must be installed
-in the venv (``pip install py-spy``; it is in the ``dev`` extra).
+in the venv (``pip install py-spy``; it is in the ``dev`` extra).  ``--case``
+profiles another workload of ``workloads.CASES`` instead of W1.  tenantgate
+runs as pure Python here (``TENANTGATE_PURE_PYTHON=1``): py-spy cannot see
+inside the compiled modules.
 """
 
 from __future__ import annotations
@@ -91,7 +94,7 @@ def summarize_raw(raw: Path, top: int = 25) -> tuple[str, int]:
 
 
 def pgbench(
-    proxy: Tenantgate, protocol: str, clients: int, seconds: int, script: Path
+    proxy: Tenantgate, protocol: str, clients: int, seconds: int, script: Path, scale: Scale
 ) -> subprocess.Popen[str]:
     tenant = f"'{BENCH_TENANT}'" if protocol == "simple" else BENCH_TENANT
     env = {**os.environ, "PGPASSWORD": proxy.passwords[BENCH_TENANT], "PGSSLMODE": "disable"}
@@ -99,7 +102,9 @@ def pgbench(
         [
             "pgbench", "-n", "-h", HOST, "-p", str(proxy.port), "-U", proxy.user_of(BENCH_TENANT),
             "-c", str(clients), "-j", "2", "-T", str(seconds), "-M", protocol, "-f", str(script),
-            "-D", f"tenant={tenant}", "-D", f"hot={HOT_KEYS}", DATABASE,
+            "-D", f"tenant={tenant}", "-D", f"hot={HOT_KEYS}",
+            "-D", f"naccounts={scale.accounts}", "-D", f"nbranches={scale.branches}",
+            "-D", f"ntellers={scale.tellers}", DATABASE,
         ],
         env=env,
         stdout=subprocess.PIPE,
@@ -115,6 +120,7 @@ def main() -> int:
     parser.add_argument("--seconds", type=int, default=10)
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--mode", default="enforce", choices=["enforce", "both"])
+    parser.add_argument("--case", default=None, help="a workloads.CASES key (default W1-<mode>)")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     args = parser.parse_args()
     pyspy = shutil.which("py-spy") or str(VENV_BIN / "py-spy")
@@ -123,20 +129,21 @@ def main() -> int:
         return 2
     signal.signal(signal.SIGTERM, lambda s, f: (_ for _ in ()).throw(KeyboardInterrupt()))
     args.out.mkdir(parents=True, exist_ok=True)
-    case = next(c for c in CASES if c.key == f"W1-{args.mode}")
+    case = next(c for c in CASES if c.key == (args.case or f"W1-{args.mode}"))
+    scale = Scale(accounts=20_000)
     with contextlib.ExitStack() as stack:
         workdir = Path(tempfile.mkdtemp(prefix="tenantgate-profile-"))
         stack.callback(shutil.rmtree, workdir, True)
-        db = Database(Scale(accounts=20_000), max_connections=300)
+        db = Database(scale, max_connections=300)
         stack.callback(db.stop)
         db.start()
-        proxy = Tenantgate(workdir, db, args.mode)
+        proxy = Tenantgate(workdir, db, case.mode, pure=True)
         stack.callback(proxy.stop)
         proxy.start()
         script = workdir / "w1.sql"
         script.write_text(case.proxy_script)
         for index, protocol in enumerate(args.protocols.split(",")):
-            bench = pgbench(proxy, protocol, args.clients, args.seconds + 4, script)
+            bench = pgbench(proxy, protocol, args.clients, args.seconds + 4, script, scale)
             stack.callback(stop_process, bench)  # type: ignore[arg-type]
             time.sleep(2)  # connected and warm
             raw = workdir / f"{protocol}.raw"
@@ -153,7 +160,7 @@ def main() -> int:
             tps = re.search(r"^tps = ([0-9.]+)", output, re.M)
             summary, total = summarize_raw(raw)
             header = (
-                f"W1 ({args.mode}) {protocol}, {args.clients} clients, py-spy {RATE} Hz for "
+                f"{case.key} {protocol}, {args.clients} clients, py-spy {RATE} Hz for "
                 f"{args.seconds} s (non-blocking; idle excluded): {total} samples = "
                 f"{100 * total / (RATE * args.seconds):.0f}% of one core busy in Python; "
                 f"pgbench {tps.group(1) if tps else '?'} tps under profiling; tenantgate CPU "
@@ -167,7 +174,7 @@ def main() -> int:
             shutil.copyfile(raw, args.out / f"profile-{protocol}.raw")
             print(text)
             if index == 0:
-                bench = pgbench(proxy, protocol, args.clients, args.seconds + 4, script)
+                bench = pgbench(proxy, protocol, args.clients, args.seconds + 4, script, scale)
                 stack.callback(stop_process, bench)  # type: ignore[arg-type]
                 time.sleep(2)
                 subprocess.run(

@@ -39,7 +39,10 @@ from .model import Analysis, StatementAnalysis
 from .shapes import Shape, constants_of, with_tenant_constants
 
 # A plain string literal, or a decimal integer (maybe with a minus), standing alone.
-_LITERAL = re.compile(r"(?<![\w$.'&])(?:'(?:[^']|'')*'(?!')|-?\d+(?![\w$.]))", re.ASCII)
+# The lookahead first lets the regex engine skip to candidate characters quickly.
+_LITERAL = re.compile(
+    r"(?=['\d-])(?<![\w$.'&])(?:'[^']*(?:''[^']*)*'(?!')|-?\d+(?![\w$.]))", re.ASCII
+)
 _INT4_MAX = 2**31 - 1
 _A_CONST = '{"A_Const":'
 
