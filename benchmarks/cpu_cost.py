@@ -47,6 +47,8 @@ from services import (
 )
 from workloads import CASES, HOT_KEYS, Case
 
+import tenantgate
+
 _TPS = re.compile(r"^tps = ([0-9.]+) \(without initial connection time\)", re.M)
 _DONE = re.compile(r"^number of transactions actually processed: (\d+)", re.M)
 
@@ -159,6 +161,7 @@ def main() -> int:
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--markdown", type=Path, default=None, help="write the median table")
     args = parser.parse_args()
+    print(f"tenantgate: {tenantgate.COMPILED_WHY} (tenantgate-pure: source)", flush=True)
     signal.signal(signal.SIGTERM, lambda s, f: (_ for _ in ()).throw(KeyboardInterrupt()))
     cases = [c for c in CASES if c.key in args.cases.split(",")]
     targets = args.targets.split(",")

@@ -73,7 +73,7 @@ def markdown(result: dict[str, Any]) -> str:
     out.append(
         f"Machine: {machine['nproc']} cores, {machine['cpu']}; PostgreSQL "
         f"{machine['postgres']}; {machine['pgbouncer']}; Python {machine['python']}; "
-        f"{machine['pgbench']}  "
+        f"{machine['pgbench']}; tenantgate: {machine.get('tenantgate_build', 'n/a')}  "
     )
     cfg = result["config"]
     out.append(

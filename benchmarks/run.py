@@ -59,6 +59,8 @@ from workloads import (
     write_scripts,
 )
 
+import tenantgate
+
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
@@ -129,6 +131,7 @@ def machine_info(db: Database, bouncer: PgBouncer) -> dict[str, Any]:
         "python": platform.python_version(),
         "pgbench": tool_version(["pgbench", "--version"]),
         "kernel": platform.release(),
+        "tenantgate_build": tenantgate.COMPILED_WHY,  # compiled hot path, or why not
     }
 
 

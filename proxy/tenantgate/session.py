@@ -61,6 +61,7 @@ _FORWARD = Action.FORWARD
 # What follows the Bind when a driver runs a prepared statement on the unnamed portal.
 _EXECUTE_SYNC = Execute("", 0).encode() + Sync().encode()
 _DESCRIBE_EXECUTE_SYNC = Describe("P", "").encode() + _EXECUTE_SYNC
+_PARSE_OR_BIND = frozenset(b"PB")  # the first message of a chunk _bound_execute may take
 _FUNCTION_CALL_REJECTION = rejected(
     "function_call",
     "the FunctionCall protocol message is not allowed",
@@ -255,7 +256,7 @@ class Session:
                 if first == 0x51:
                     if not self._known_query(data):
                         self._drain_client(data)
-                elif first != 0x42 or not self._bound_execute(data):
+                elif first not in _PARSE_OR_BIND or not self._bound_execute(data):
                     self._drain_client(data)
         except Exception as exc:
             self._failed(exc)
@@ -378,18 +379,28 @@ class Session:
         return frame(b"Q", rewrite.text + b"\x00")
 
     def _bound_execute(self, data: bytes) -> bool:
-        """Handle a chunk that is Bind [+ Describe portal] + Execute + Sync of the unnamed
-        portal (what libpq and asyncpg send to run a prepared statement); False: not that
-        case, or the rate limit has a say (the general path then acts on its answer).
+        """Handle a chunk that is [Parse +] Bind [+ Describe portal] + Execute + Sync of the
+        unnamed portal (what libpq, pgbench and asyncpg send to run a statement with
+        parameters, prepared or not); False: not that case, or the rate limit has a say
+        (the general path then acts on its answer).
 
         Exactly what _drain_client and _client_message do for those messages, in
-        one pass: the Bind is checked (and replaced by a failing Parse if refused),
-        the rest is forwarded as is.  Enforce mode only (no injection).
+        one pass: the Parse and the Bind are checked (each replaced as the general
+        path replaces it if refused), the rest is forwarded as is.  Enforce mode
+        only (no injection).
         """
         if self.injector is not None or len(data) < 5:
             return False
-        (length,) = _LENGTH.unpack_from(data, 1)
-        end = 1 + length
+        parse_end = 0
+        if data[0] == 0x50:  # Parse
+            (length,) = _LENGTH.unpack_from(data, 1)
+            parse_end = 1 + length
+            if length < 4 or length - 4 > self._max_message or len(data) < parse_end + 5:
+                return False
+        (length,) = _LENGTH.unpack_from(data, parse_end + 1)
+        end = parse_end + 1 + length
+        if data[parse_end] != 0x42 or length < 4 or length - 4 > self._max_message:
+            return False  # the general path reports it
         tail = data[end:]
         if tail == _EXECUTE_SYNC:
             describe = False
@@ -397,15 +408,23 @@ class Session:
             describe = True
         else:
             return False
-        if length < 4 or length - 4 > self._max_message:
-            return False  # the general path reports it
-        bind = Bind.decode(data[5:end])
+        parse = Parse.decode(data[5:parse_end]) if parse_end else None
+        bind = Bind.decode(data[parse_end + 5 : end])
         if bind.portal or not self._rate_allows_now():
             return False
         tracker, inspector = self.tracker, self.inspector
+        out = [data[parse_end:]]
+        if parse is not None:
+            error = _reserved(parse.name) or inspector.inspect_parse(parse)
+            if error is not None:
+                tracker.expect(Pending(Kind.PARSE, rejection=error))
+                out.insert(0, Parse(parse.name, REJECT_SQL).encode())
+            else:
+                tracker.expect(Pending(Kind.PARSE, on_done=self._parse_resolved(parse)))
+                out.insert(0, data[:parse_end])
         error = _reserved(bind.statement) or inspector.inspect_bind(bind)
         if error is not None:
-            data = self._reject_extended(error) + tail
+            out[-1] = self._reject_extended(error) + tail
         else:
             tracker.expect(Pending(Kind.BIND))
         if describe:
@@ -413,8 +432,13 @@ class Session:
         info = inspector.portal_info("")
         self._expect_statement(Kind.EXECUTE, info.command, info.sql, info.would_reject)
         tracker.expect(Pending(Kind.SYNC))
-        self._upstream_transport.write(data)
+        self._upstream_transport.write(out[0] if len(out) == 1 else b"".join(out))
         return True
+
+    def _parse_resolved(self, parse: Parse) -> Callable[[bool], None]:
+        """The callback that tells the inspector how the server answered ``parse``."""
+        inspector = self.inspector
+        return lambda ok: inspector.parse_resolved(parse, ok)
 
     def _resume_deferred(self) -> None:
         if self._finished.done():
@@ -470,9 +494,7 @@ class Session:
                 if error is not None:
                     tracker.expect(Pending(Kind.PARSE, rejection=error))
                     return Parse(parse.name, REJECT_SQL).encode()
-                tracker.expect(
-                    Pending(Kind.PARSE, on_done=lambda ok: inspector.parse_resolved(parse, ok))
-                )
+                tracker.expect(Pending(Kind.PARSE, on_done=self._parse_resolved(parse)))
             case 0x42:  # Bind
                 bind = Bind.decode(payload)
                 error = _reserved(bind.portal, bind.statement) or inspector.inspect_bind(bind)

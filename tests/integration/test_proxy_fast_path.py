@@ -1,4 +1,4 @@
-"""The per-statement fast path (enforce mode) decides exactly what the general path decides.
+"""The per-statement fast paths (enforce mode) decide exactly what the general path decides.
 
 A simple Query whose exact bytes were allowed before skips framing, decoding
 and the analysis lookup (``Session._known_query``).  These tests send the
@@ -207,6 +207,48 @@ def test_prepared_statements_checked_on_every_execution(
     labels = {"tenant": "acme", "command": "select"}
     assert metric(port, "tenantgate_statements_total", {**labels, "outcome": "allowed"}) == 7
     assert metric(port, "tenantgate_rejections_total", {"tenant": "acme"}) == 3
+
+
+def test_unnamed_parse_and_bind_checked_every_time(
+    enforce_proxy: RunningProxy, clean_tenant_db: TenantDb
+) -> None:
+    """Parse + Bind + Describe + Execute + Sync of the unnamed statement (libpq's
+    PQexecParams, pgbench -M extended) on the fast path: the Parse and the Bind are
+    each checked on every execution, and a refusal leaves the session usable."""
+    user = clean_tenant_db.user("acme")
+    sql = "SELECT count(*), min(tenant_id) FROM orders WHERE tenant_id = %s AND id > %s"
+    with psycopg.connect(enforce_proxy.dsn(user.name, user.password), autocommit=True) as conn:
+        for _ in range(4):
+            assert conn.execute(sql, ("acme", 0), prepare=False).fetchone() == (5, "acme")
+        for _ in range(2):  # the Parse is fine, the Bind carries another tenant: refused
+            with pytest.raises(errors.InsufficientPrivilege, match="wrong_tenant"):
+                conn.execute(sql, ("globex", 0), prepare=False)
+        for _ in range(2):  # the Parse itself is refused (no tenant predicate)
+            with pytest.raises(errors.InsufficientPrivilege, match="tenantgate:"):
+                conn.execute("SELECT count(*) FROM orders WHERE id > %s", (0,), prepare=False)
+        # Another tenant's constant in the text: refused at Parse, whatever the Bind says.
+        with pytest.raises(errors.InsufficientPrivilege, match="tenantgate:"):
+            conn.execute(
+                "SELECT count(*) FROM orders WHERE tenant_id = 'globex' AND id > %s",
+                (0,),
+                prepare=False,
+            )
+        rows = conn.execute(
+            "SELECT id FROM orders WHERE tenant_id = %s ORDER BY id LIMIT %s",
+            ("acme", 2),
+            prepare=False,
+        ).fetchall()
+        assert len(rows) == 2
+        conn.execute("BEGIN")
+        with pytest.raises(errors.DivisionByZero):
+            conn.execute("SELECT 1/0")
+        with pytest.raises(errors.InFailedSqlTransaction):
+            conn.execute(sql, ("acme", 0), prepare=False)
+        conn.execute("ROLLBACK")
+        assert conn.execute(sql, ("acme", 0), prepare=False).fetchone() == (5, "acme")
+    port = enforce_proxy.app.metrics_port
+    assert port is not None
+    assert metric(port, "tenantgate_rejections_total", {"tenant": "acme"}) == 5
 
 
 async def test_asyncpg_prepared_statements(
