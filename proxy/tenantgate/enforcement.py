@@ -331,7 +331,7 @@ class PolicyInspector:
     def known_query(self, message: bytes) -> KnownQuery | None:
         found = self._known.get(message)
         if found is None:
-            return None
+            return self._unparsed_query(message)
         sql, analysis, command, constants = found
         if constants and constants != self._tenant_only:
             return None  # another tenant's constant: the general path refuses it
@@ -341,21 +341,46 @@ class PolicyInspector:
         self._cache.hits += 1
         return KnownQuery(sql, command)
 
+    def _unparsed_query(self, message: bytes) -> KnownQuery | None:
+        """A whole Query (one message, the bytes given) whose text the analysis cache
+        answers without a parse: its text, or a new text of a known text shape (W4's
+        inlined literals).  The general path's verdict without its framing and
+        dispatch; None whenever that path has more to do (refusals, dry run,
+        timeout settings, DEALLOCATE ALL, driver resets, anything to analyse).
+        """
+        end = len(message) - 1
+        if end < 5 or message[end] != 0 or message.find(0, 5) != end:
+            return None
+        if int.from_bytes(message[1:5], "big") != end:
+            return None
+        try:
+            sql = message[5:end].decode("utf-8")
+        except UnicodeDecodeError:
+            return None
+        if sql in DRIVER_RESET_QUERIES:
+            return None
+        analysis = self._cache.without_parse(sql)
+        if (
+            analysis is None
+            or analysis.rejection is not None
+            or not _rememberable(analysis)
+            or check_tenant(analysis, self._tenant) is not None
+        ):
+            return None
+        self.last_analysis = analysis
+        self.last_would_reject = False
+        self.query_sent()
+        self.remember_query(message)
+        return KnownQuery(sql, _command(analysis.statements))
+
     def remember_query(self, message: bytes) -> None:
         analysis = self.last_analysis
         if analysis is None or analysis is _NO_STATEMENTS or self.last_would_reject:
             return
         if not self._cache.last_hit:
             return  # seen once: texts that never repeat (inlined literals) stay out
-        if check_tenant(analysis, self._tenant) is not None:
+        if check_tenant(analysis, self._tenant) is not None or not _rememberable(analysis):
             return
-        for statement in analysis.statements:
-            if (
-                statement.statement_timeout_ms is not None
-                or statement.idle_in_transaction_timeout_ms is not None
-                or statement.tag == "DEALLOCATE ALL"
-            ):
-                return  # checked against this tenant's limits / resets injection: not cached
         constants = frozenset().union(*(s.tenant_constants for s in analysis.statements))
         known = self._known
         if len(known) >= self._cache.maxsize:
@@ -368,3 +393,14 @@ class PolicyInspector:
         slot = self._statements.get("")
         if slot is not None:
             slot.confirmed = None
+
+
+def _rememberable(analysis: Analysis) -> bool:
+    """Whether a fast path may answer for this text: no timeout setting (checked against
+    the tenant's limits) and no DEALLOCATE ALL (resets injection)."""
+    return not any(
+        statement.statement_timeout_ms is not None
+        or statement.idle_in_transaction_timeout_ms is not None
+        or statement.tag == "DEALLOCATE ALL"
+        for statement in analysis.statements
+    )

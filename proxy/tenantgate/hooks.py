@@ -74,7 +74,8 @@ class Inspector(Protocol):
         """Metric label of the Query or Parse just inspected (select/insert/.../other)."""
 
     def known_query(self, message: bytes) -> KnownQuery | None:
-        """A whole Query message (type byte included) allowed before exactly as it is.
+        """A whole Query message (type byte included) allowed before exactly as it is,
+        or one the inspector can allow without parsing it (a text of a known shape).
 
         Returns its text and metric label if this session may run it as is
         (nothing to rewrite, no limit to check), after doing what

@@ -324,13 +324,17 @@ class Session:
             self._upstream_transport.write(out[0] if len(out) == 1 else b"".join(out))
 
     def _known_query(self, data: bytes) -> bool:
-        """Forward a chunk that is exactly a Query allowed before; False: not that case.
+        """Forward a chunk that is exactly a Query the inspector can allow at once;
+        False: not that case.
 
-        The per-statement fast path: no framing, decoding or analysis lookup,
-        just the inspector's table of whole messages it allowed before (same
-        bytes, so the same single complete message); in rls/both mode the
-        injector's (cached) rewrite as for any Query.
+        The per-statement fast path: no framing or dispatch, just the
+        inspector's table of whole messages it allowed before (same bytes, so
+        the same single complete message), or else a single Query whose text
+        the analysis cache answers without a parse (known text or text shape);
+        in rls/both mode the injector's (cached) rewrite as for any Query.
         """
+        if len(data) - 5 > self._max_message:
+            return False  # the general path reports it
         known = self.inspector.known_query(data)
         if known is None or not self._rate_allows_now():
             return False

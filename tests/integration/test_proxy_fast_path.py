@@ -94,6 +94,24 @@ def test_repeated_texts_keep_their_verdicts(
     assert metric(port, "tenantgate_rows_total", {"tenant": "acme"}) == 8  # 7 counts + 1 insert
 
 
+def test_new_texts_of_a_known_shape(enforce_proxy: RunningProxy, clean_tenant_db: TenantDb) -> None:
+    """W4: every text new (literals inlined); the text shape answers without a parse,
+    with this text's own tenant value checked every time."""
+    db = clean_tenant_db
+    with connect(enforce_proxy, db, "acme") as acme, connect(enforce_proxy, db, "globex") as gx:
+        ids = [r[0] for r in acme.execute("SELECT id FROM orders WHERE tenant_id = 'acme'")]
+        for n, id_ in enumerate(ids):
+            sql = f"SELECT item FROM orders WHERE tenant_id = 'acme' AND id = {id_} LIMIT {n + 1}"
+            assert len(acme.execute(sql).fetchall()) == 1
+            other = f"SELECT item FROM orders WHERE tenant_id = 'gbex' AND id = {id_} LIMIT {n + 1}"
+            with pytest.raises(errors.InsufficientPrivilege, match="wrong_tenant"):
+                acme.execute(other)
+            with pytest.raises(errors.InsufficientPrivilege, match="wrong_tenant"):
+                gx.execute(sql)  # the same text, from another tenant
+            assert acme.execute("SELECT 1").fetchone() == (1,)  # in sync after each refusal
+    assert enforce_proxy.app.cache.text_shapes.hits >= len(ids) - 1
+
+
 def test_known_texts_still_pass_the_rate_limit(clean_tenant_db: TenantDb) -> None:
     running = RunningProxy(
         enforce_policy(

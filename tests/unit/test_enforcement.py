@@ -1,8 +1,10 @@
-"""enforcement: the table of known Query messages behind the per-statement fast path.
+"""enforcement: what the per-statement fast path (``known_query``) may answer.
 
 ``remember_query`` may only record what ``inspect_query`` allowed with nothing
-session-specific left to check, and ``known_query`` must answer None whenever
-the general path could decide differently for this session.
+session-specific left to check, ``known_query`` answers from that table or
+from the analysis cache without a parse (known text, known text shape), and
+it must answer None whenever the general path could decide differently for
+this session.
 """
 
 from __future__ import annotations
@@ -37,10 +39,12 @@ def test_allowed_text_is_known_for_its_tenant_only() -> None:
     cache = AnalysisCache(POLICY)
     acme, globex = inspector(cache, "acme"), inspector(cache, "globex")
     sql = "SELECT id FROM orders WHERE tenant_id = 'acme' AND id = 1"
-    # A text is remembered the second time it comes (texts with inlined literals never repeat).
-    assert run(acme, sql) == (True, False)
-    assert run(acme, sql) == (True, True)
     message = Query(sql).encode()
+    assert globex.known_query(message) is None  # nothing known yet: the general path decides
+    # Allowed once: the cache has its analysis, so it is known (answered without a parse).
+    assert run(acme, sql) == (True, True)
+    # The exact message is remembered on its second sight (the call above was that).
+    assert message in cache.known_messages
     known = acme.known_query(message)
     assert known is not None
     assert (known.sql, known.command) == (sql, "select")
@@ -49,8 +53,44 @@ def test_allowed_text_is_known_for_its_tenant_only() -> None:
     # Texts without tenant constants are the same for every tenant.
     free = "SELECT id FROM plans"
     run(globex, free)
-    assert run(acme, free) == (True, True)  # the analysis was cached: the second sight
+    assert run(acme, free) == (True, True)
     assert globex.known_query(Query(free).encode()) is not None
+
+
+def test_new_texts_of_a_known_shape_need_no_parse() -> None:
+    cache = AnalysisCache(POLICY)
+    acme, globex = inspector(cache, "acme"), inspector(cache, "globex")
+    assert run(acme, "SELECT id FROM orders WHERE tenant_id = 'acme' AND id = 10") == (True, True)
+    misses = cache.misses
+    # W4: every text new, literals inlined; the text shape answers.
+    for n in range(11, 20):
+        known = acme.known_query(
+            Query(f"SELECT id FROM orders WHERE tenant_id = 'acme' AND id = {n}").encode()
+        )
+        assert known is not None
+        assert known.command == "select"
+    assert cache.text_shapes.hits == 9
+    assert cache.misses == misses + 9  # filed as the general path files them
+    # Another tenant's value in a known shape: the general path (which refuses it).
+    other = Query("SELECT id FROM orders WHERE tenant_id = 'gbex' AND id = 77").encode()
+    assert acme.known_query(other) is None
+    assert globex.known_query(other) is None  # 'gbex' is not globex either
+    assert inspector(cache, "gbex").known_query(other) is not None
+    # An unknown shape, a malformed or partial message: nothing to answer, nothing filed.
+    files = len(cache)
+    assert (
+        acme.known_query(Query("SELECT item FROM orders WHERE tenant_id = 'acme'").encode()) is None
+    )
+    good = Query("SELECT id FROM orders WHERE tenant_id = 'acme' AND id = 42").encode()
+    assert acme.known_query(good[:-1]) is None
+    assert acme.known_query(good + good) is None
+    assert acme.known_query(good[:5] + b"SELECT 1\x00 \x00") is None
+    assert acme.known_query(good[:-3] + b"\xff\xfe\x00") is None
+    # The first part of a longer message that happens to end in NUL: not a whole Query
+    # (the server would read what follows as more of its text).
+    longer = b"Q" + (len(good) + 9).to_bytes(4, "big") + good[5:]
+    assert acme.known_query(longer) is None
+    assert len(cache) == files
 
 
 def test_refused_and_special_texts_are_never_known() -> None:
@@ -109,6 +149,14 @@ TEXTS = st.sampled_from(
         "SET statement_timeout = 50",
         "SET statement_timeout = 5000",
         "SELECT 1; SELECT id FROM orders WHERE tenant_id = 'globex'",
+        # Texts of one text shape (the fast path answers new ones without a parse).
+        "SELECT id FROM orders WHERE tenant_id = 'acme' AND id = 1",
+        "SELECT id FROM orders WHERE tenant_id = 'acme' AND id = 2",
+        "SELECT id FROM orders WHERE tenant_id = 'gbex' AND id = 3",
+        "SELECT id FROM orders WHERE tenant_id = 'acme' AND id = -4",
+        "SELECT id FROM orders WHERE tenant_id = 'acme' AND id = -5",
+        "UPDATE orders SET item = 'y' WHERE tenant_id = 'acme'",
+        "UPDATE orders SET item = 'y' WHERE tenant_id = 'glob'",
     ]
 )
 

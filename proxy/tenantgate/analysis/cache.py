@@ -14,7 +14,7 @@ from .analyser import CompiledPolicy, analyse_json
 from .model import Analysis, AnalysisPolicy, Rejected
 from .parse import parse_json
 from .shapes import ShapeCache, probe_text, qualifies
-from .textshapes import TextShapes, text_key
+from .textshapes import TextKey, TextShapes, text_key
 
 
 class AnalysisCache:
@@ -23,6 +23,7 @@ class AnalysisCache:
     __slots__ = (
         "_compiled",
         "_entries",
+        "_last_key",
         "hits",
         "known_messages",
         "last_hit",
@@ -49,19 +50,43 @@ class AnalysisCache:
         self.hits = 0
         self.misses = 0
         self.last_hit = False  # whether the latest get_or_analyse found the text
+        # without_parse's text key of a text it could not answer, for _analyse to reuse.
+        self._last_key: tuple[str, TextKey | None] | None = None
 
     def get_or_analyse(self, sql: str) -> Analysis:
         """The cached analysis of ``sql``, analysing (and caching) it on a miss."""
+        found = self._hit(sql)
+        if found is not None:
+            return found
+        return self._file(sql, self._analyse(sql))
+
+    def without_parse(self, sql: str) -> Analysis | None:
+        """What :meth:`get_or_analyse` returns, if it needs no parse (the text, or its
+        text shape, is known); else None, and nothing is counted or filed."""
+        found = self._hit(sql)
+        if found is not None:
+            return found
+        literals = text_key(sql)
+        self._last_key = (sql, literals)
+        if literals is None:
+            return None
+        found = self.text_shapes.lookup(literals)
+        return None if found is None else self._file(sql, found)
+
+    def _hit(self, sql: str) -> Analysis | None:
         entries = self._entries
         found = entries.get(sql)
         if found is not None:
             self.hits += 1
             self.last_hit = True
             entries.move_to_end(sql)
-            return found
+        return found
+
+    def _file(self, sql: str, result: Analysis) -> Analysis:
+        """Count a miss and keep ``result`` as the analysis of ``sql``."""
         self.misses += 1
         self.last_hit = False
-        result = self._analyse(sql)
+        entries = self._entries
         entries[sql] = result
         if len(entries) > self.maxsize:
             entries.popitem(last=False)
@@ -69,7 +94,9 @@ class AnalysisCache:
 
     def _analyse(self, sql: str) -> Analysis:
         """A text the cache has not seen: by its shape if known, else in full (and learn)."""
-        literals = text_key(sql)
+        last = self._last_key
+        literals = last[1] if last is not None and last[0] == sql else text_key(sql)
+        self._last_key = None
         if literals is not None:
             found = self.text_shapes.lookup(literals)
             if found is not None:
