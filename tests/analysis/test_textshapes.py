@@ -15,7 +15,7 @@ from analysis_corpus import POLICY, RLS_POLICY, load_cases
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from pglast.parser import parse_sql_json
-from test_shapes import variants, verdicts
+from test_shapes import through_one_cache, variants, verdicts
 
 from tenantgate.analysis import AnalysisCache
 from tenantgate.analysis.textshapes import literal_slots, text_key
@@ -178,6 +178,4 @@ templates = st.sampled_from(
 @settings(max_examples=300, deadline=None)
 @given(templates, st.lists(st.tuples(literal, literal), min_size=2, max_size=8))
 def test_generated_texts_through_one_cache(template: str, pairs: list[tuple[str, str]]) -> None:
-    cache = AnalysisCache(POLICY)
-    for a, b in pairs:
-        verdicts(POLICY, template.format(a, b), cache)
+    through_one_cache(template, pairs)

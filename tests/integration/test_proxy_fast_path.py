@@ -53,6 +53,20 @@ def enforce_policy(db: TenantDb, **overrides: Any) -> Any:
     return db.policy("enforce", metrics_port=0, upstream=upstream, **overrides)
 
 
+def assert_failed_transaction_recovers(
+    conn: psycopg.Connection[Any], sql: str, *, prepare: bool
+) -> None:
+    """In a failed transaction the statement gets the server's error; after ROLLBACK
+    it runs again (the fast path's tracker entries stayed in step)."""
+    conn.execute("BEGIN")
+    with pytest.raises(errors.DivisionByZero):
+        conn.execute("SELECT 1/0")
+    with pytest.raises(errors.InFailedSqlTransaction):
+        conn.execute(sql, ("acme", 0), prepare=prepare)
+    conn.execute("ROLLBACK")
+    assert conn.execute(sql, ("acme", 0), prepare=prepare).fetchone() == (5, "acme")
+
+
 @pytest.fixture
 def enforce_proxy(clean_tenant_db: TenantDb) -> Iterator[RunningProxy]:
     running = RunningProxy(enforce_policy(clean_tenant_db))
@@ -213,13 +227,7 @@ def test_prepared_statements_checked_on_every_execution(
             with pytest.raises(errors.InsufficientPrivilege, match="wrong_tenant"):
                 conn.execute(sql, ("globex", 0), prepare=True)
         assert conn.execute(sql, ("acme", 0), prepare=True).fetchone() == (5, "acme")
-        conn.execute("BEGIN")
-        with pytest.raises(errors.DivisionByZero):
-            conn.execute("SELECT 1/0")
-        with pytest.raises(errors.InFailedSqlTransaction):
-            conn.execute(sql, ("acme", 0), prepare=True)
-        conn.execute("ROLLBACK")
-        assert conn.execute(sql, ("acme", 0), prepare=True).fetchone() == (5, "acme")
+        assert_failed_transaction_recovers(conn, sql, prepare=True)
     port = enforce_proxy.app.metrics_port
     assert port is not None
     labels = {"tenant": "acme", "command": "select"}
@@ -257,13 +265,7 @@ def test_unnamed_parse_and_bind_checked_every_time(
             prepare=False,
         ).fetchall()
         assert len(rows) == 2
-        conn.execute("BEGIN")
-        with pytest.raises(errors.DivisionByZero):
-            conn.execute("SELECT 1/0")
-        with pytest.raises(errors.InFailedSqlTransaction):
-            conn.execute(sql, ("acme", 0), prepare=False)
-        conn.execute("ROLLBACK")
-        assert conn.execute(sql, ("acme", 0), prepare=False).fetchone() == (5, "acme")
+        assert_failed_transaction_recovers(conn, sql, prepare=False)
     port = enforce_proxy.app.metrics_port
     assert port is not None
     assert metric(port, "tenantgate_rejections_total", {"tenant": "acme"}) == 5
