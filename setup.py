@@ -52,7 +52,12 @@ def _extensions() -> list[Extension]:
             reason = "mypyc is not installed"
         else:
             # proxy/ has no __init__.py, so mypyc names these tenantgate.session etc.
-            return list(mypycify([f"proxy/{m}" for m in HOT_MODULES], opt_level="3"))
+            # The build environment has mypy but not tenantgate's dependencies, so
+            # the project's strict settings (checked by the test suite) are swapped
+            # for lenient ones here: unknown imports are Any to the compiler.
+            options = ["--config-file", os.devnull, "--ignore-missing-imports"]
+            sources = [f"proxy/{m}" for m in HOT_MODULES]
+            return list(mypycify([*sources, *options], opt_level="3"))
     print(f"tenantgate: building pure Python ({reason})", file=sys.stderr)
     return []
 

@@ -120,5 +120,6 @@ def test_the_installed_package_honours_the_switch() -> None:
     reason="only where tests/run.sh found a C compiler and built the extensions",
 )
 def test_ci_runs_what_it_built() -> None:
-    """tests/run.sh sets TENANTGATE_EXPECT_COMPILED when it built the compiled modules."""
+    """tests/run.sh sets TENANTGATE_EXPECT_COMPILED after installing a C compiler: the
+    suite must then run the compiled build (not a silent pure-Python fallback)."""
     assert tenantgate.COMPILED, tenantgate.COMPILED_WHY
