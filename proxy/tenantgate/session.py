@@ -32,7 +32,7 @@ from tenantgate.errors import (
     rejected,
     upstream_lost,
 )
-from tenantgate.hooks import Inspector, NullObserver, SessionObserver
+from tenantgate.hooks import Inspector, NullObserver, PortalInfo, SessionObserver
 from tenantgate.injection import StatementShape, TenantInjector, is_internal_name
 from tenantgate.protocol.backend import ErrorResponse, ParameterDescription, ParameterStatus
 from tenantgate.protocol.framing import frame, invalid_length, scan_frames
@@ -390,10 +390,10 @@ class Session:
 
         Exactly what _drain_client and _client_message do for those messages, in
         one pass: the Parse and the Bind are checked (each replaced as the general
-        path replaces it if refused), the rest is forwarded as is.  Enforce mode
-        only (no injection).
+        path replaces it if refused), in rls/both mode the injector's messages go
+        before the Execute as they would there, the rest is forwarded as is.
         """
-        if self.injector is not None or len(data) < 5:
+        if len(data) < 5:
             return False
         parse_end = 0
         if data[0] == 0x50:  # Parse
@@ -416,28 +416,57 @@ class Session:
         bind = Bind.decode(data[parse_end + 5 : end])
         if bind.portal or not self._rate_allows_now():
             return False
-        tracker, inspector = self.tracker, self.inspector
-        out = [data[parse_end:]]
+        tracker, inspector, injector = self.tracker, self.inspector, self.injector
+        if injector is not None:  # before any entry, as _drain_client does per chunk
+            injector.observe_state(tracker.status == "T" and tracker.idle)
+        parse_bytes, bind_bytes, changed = data[:parse_end], data[parse_end:end], False
         if parse is not None:
             error = _reserved(parse.name) or inspector.inspect_parse(parse)
             if error is not None:
                 tracker.expect(Pending(Kind.PARSE, rejection=error))
-                out.insert(0, Parse(parse.name, REJECT_SQL).encode())
+                parse_bytes, changed = Parse(parse.name, REJECT_SQL).encode(), True
             else:
                 tracker.expect(Pending(Kind.PARSE, on_done=self._parse_resolved(parse)))
-                out.insert(0, data[:parse_end])
         error = _reserved(bind.statement) or inspector.inspect_bind(bind)
         if error is not None:
-            out[-1] = self._reject_extended(error) + tail
+            bind_bytes, changed = self._reject_extended(error), True
         else:
             tracker.expect(Pending(Kind.BIND))
         if describe:
             tracker.expect(Pending(Kind.DESCRIBE_PORTAL))
         info = inspector.portal_info("")
+        injection = None if injector is None else self._before_execute(injector, info)
         self._expect_statement(Kind.EXECUTE, info.command, info.sql, info.would_reject)
+        if injector is not None:
+            injector.after_sync()
         tracker.expect(Pending(Kind.SYNC))
-        self._upstream_transport.write(out[0] if len(out) == 1 else b"".join(out))
+        if not changed and injection is None:
+            self._upstream_transport.write(data)  # as received
+        else:
+            execute_at = len(data) - len(_EXECUTE_SYNC)
+            describe_bytes = data[end:execute_at]
+            self._upstream_transport.write(
+                b"".join(
+                    (parse_bytes, bind_bytes, describe_bytes, injection or b"", data[execute_at:])
+                )
+            )
         return True
+
+    def _before_execute(self, injector: TenantInjector, info: PortalInfo) -> bytes | None:
+        """What the injector sends before a client's Execute of ``info`` (registering the
+        responses to hide), or None; what DEALLOCATE ALL does to its statement."""
+        tracker = self.tracker
+        parsing = not injector.prepared
+        injection = injector.before_execute(info.transaction_control)
+        if injection is not None:
+            if parsing:
+                tracker.expect(Pending(Kind.PARSE, injected=True, on_done=self._prepared(injector)))
+            tracker.expect(Pending(Kind.BIND, injected=True))
+            tracker.expect(Pending(Kind.EXECUTE, injected=True))
+            tracker.expect(Pending(Kind.CLOSE, injected=True))
+        if info.deallocates_all:
+            injector.statements_dropped()
+        return injection
 
     def _parse_resolved(self, parse: Parse) -> Callable[[bool], None]:
         """The callback that tells the inspector how the server answered ``parse``."""
@@ -510,20 +539,7 @@ class Session:
                 if (error := _reserved(portal)) is not None:
                     return self._reject_extended(error)
                 info = inspector.portal_info(portal)
-                injection = None
-                if injector is not None:
-                    parsing = not injector.prepared
-                    injection = injector.before_execute(info.transaction_control)
-                    if injection is not None:
-                        if parsing:
-                            tracker.expect(
-                                Pending(Kind.PARSE, injected=True, on_done=self._prepared(injector))
-                            )
-                        tracker.expect(Pending(Kind.BIND, injected=True))
-                        tracker.expect(Pending(Kind.EXECUTE, injected=True))
-                        tracker.expect(Pending(Kind.CLOSE, injected=True))
-                if info.deallocates_all and injector is not None:
-                    injector.statements_dropped()
+                injection = None if injector is None else self._before_execute(injector, info)
                 self._expect_statement(Kind.EXECUTE, info.command, info.sql, info.would_reject)
                 if injection is not None:
                     return injection + frame(b"E", payload)
