@@ -11,6 +11,8 @@ source, with the same behaviour.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import shutil
 import sys
@@ -43,6 +45,19 @@ def _why_not_compile() -> str | None:
     return None
 
 
+def _write_manifest() -> None:
+    """Record what is compiled: tenantgate.compiled runs the extensions only while
+    their sources still have these contents (see proxy/tenantgate/compiled.py)."""
+    package = Path(__file__).resolve().parent / "proxy" / "tenantgate"
+    digests = {
+        module.removeprefix("tenantgate/"): hashlib.sha256(
+            (package.parent / module).read_bytes()
+        ).hexdigest()
+        for module in HOT_MODULES
+    }
+    (package / "_compiled_sources.json").write_text(json.dumps(digests, indent=1) + "\n")
+
+
 def _extensions() -> list[Extension]:
     reason = _why_not_compile()
     if reason is None:
@@ -57,7 +72,9 @@ def _extensions() -> list[Extension]:
             # for lenient ones here: unknown imports are Any to the compiler.
             options = ["--config-file", os.devnull, "--ignore-missing-imports"]
             sources = [f"proxy/{m}" for m in HOT_MODULES]
-            return list(mypycify([*sources, *options], opt_level="3"))
+            built = list(mypycify([*sources, *options], opt_level="3"))
+            _write_manifest()
+            return built
     print(f"tenantgate: building pure Python ({reason})", file=sys.stderr)
     return []
 

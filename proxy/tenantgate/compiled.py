@@ -2,10 +2,12 @@
 
 Owns the choice between a module's compiled extension (built by ``setup.py``
 next to its ``.py`` file) and its Python source.  The import system prefers an
-extension, so an extension older than its source would silently run old code
-after an edit; :func:`choose` therefore falls back to source for *every*
-tenantgate module when any extension is stale, or when
-``TENANTGATE_PURE_PYTHON=1`` asks for it.  All or nothing, because compiled
+extension, so an extension built from other source would silently run old
+code after an edit; :func:`choose` therefore falls back to source for *every*
+tenantgate module when any extension is stale (its ``.py`` no longer has the
+SHA-256 ``setup.py`` recorded in :data:`MANIFEST` when it compiled it:
+contents, not modification times, which a wheel install does not keep in
+order), or when ``TENANTGATE_PURE_PYTHON=1`` asks for it.  All or nothing, because compiled
 modules share native classes: a compiled module next to the source version of
 its sibling would see two different classes of one name.
 
@@ -15,8 +17,10 @@ imported.  Imports nothing of tenantgate.
 
 from __future__ import annotations
 
+import hashlib
 import importlib.abc
 import importlib.machinery
+import json
 import os
 import sys
 from collections.abc import Sequence
@@ -24,6 +28,7 @@ from pathlib import Path
 from types import ModuleType
 
 PURE_ENV = "TENANTGATE_PURE_PYTHON"
+MANIFEST = "_compiled_sources.json"  # in the package: source path -> SHA-256 at compile time
 _PACKAGE = "tenantgate"
 
 
@@ -38,12 +43,26 @@ def source_of(extension: Path) -> Path:
     return extension.with_name(extension.name.split(".", 1)[0] + ".py")
 
 
-def stale(found: Sequence[Path]) -> list[Path]:
-    """The extensions whose source was changed after they were built."""
+def digest(source: Path) -> str:
+    return hashlib.sha256(source.read_bytes()).hexdigest()
+
+
+def stale(package_dir: Path, found: Sequence[Path]) -> list[Path]:
+    """The extensions whose source is not what they were compiled from (all of them
+    when the build left no readable manifest)."""
+    try:
+        recorded = json.loads((package_dir / MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return list(found)
+    if not isinstance(recorded, dict):
+        return list(found)
     out = []
     for extension in found:
         source = source_of(extension)
-        if source.exists() and source.stat().st_mtime > extension.stat().st_mtime:
+        if not source.exists():
+            continue  # an install without sources: the extension is all there is
+        key = source.relative_to(package_dir).as_posix()
+        if recorded.get(key) != digest(source):
             out.append(extension)
     return out
 
@@ -73,10 +92,10 @@ def choose(package_dir: Path) -> tuple[bool, str]:
     if os.environ.get(PURE_ENV) == "1":
         reason = f"{PURE_ENV}=1"
     else:
-        old = stale(found)
+        old = stale(package_dir, found)
         if old:
             name = source_of(old[0]).name
-            reason = f"{name} is newer than its compiled module; rebuild with pip install"
+            reason = f"{name} is not what was compiled; rebuild with pip install"
     if reason:
         if not any(isinstance(f, SourceOnlyFinder) for f in sys.meta_path):
             sys.meta_path.insert(0, SourceOnlyFinder())

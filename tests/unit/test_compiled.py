@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.machinery
+import json
 import os
 import subprocess
 import sys
@@ -26,16 +27,23 @@ def meta_path(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[object]]:
     sys.meta_path[:] = saved
 
 
-def _package(tmp_path: Path, *, extension_older: bool) -> Path:
+def _package(tmp_path: Path, *, edited: bool) -> Path:
+    """A package with one compiled module and the manifest of its build; ``edited``:
+    the source was changed after the build."""
     package = tmp_path / "pkg"
     (package / "sub").mkdir(parents=True)
     source = package / "sub" / "hot.py"
     source.write_text("X = 1\n")
+    manifest = {"sub/hot.py": compiled.digest(source)}
+    (package / compiled.MANIFEST).write_text(json.dumps(manifest))
     extension = package / "sub" / f"hot{SUFFIX}"
     extension.write_bytes(b"not really an extension")
     (package / "cold.py").write_text("Y = 2\n")
+    if edited:
+        source.write_text("X = 2\n")
+    # Modification times do not matter (a wheel install writes files in any order).
     now = source.stat().st_mtime
-    os.utime(extension, (now - 10, now - 10) if extension_older else (now + 10, now + 10))
+    os.utime(extension, (now - 10, now - 10))
     return package
 
 
@@ -47,7 +55,7 @@ def test_pure_install_has_nothing_to_choose(tmp_path: Path, meta_path: list[obje
 
 
 def test_fresh_extensions_are_used(tmp_path: Path, meta_path: list[object]) -> None:
-    package = _package(tmp_path, extension_older=False)
+    package = _package(tmp_path, edited=False)
     before = list(meta_path)
     assert compiled.extensions(package) == [package / "sub" / f"hot{SUFFIX}"]
     assert compiled.source_of(package / "sub" / f"hot{SUFFIX}") == package / "sub" / "hot.py"
@@ -58,27 +66,44 @@ def test_fresh_extensions_are_used(tmp_path: Path, meta_path: list[object]) -> N
 def test_a_stale_extension_switches_everything_to_source(
     tmp_path: Path, meta_path: list[object]
 ) -> None:
-    package = _package(tmp_path, extension_older=True)
-    assert compiled.stale(compiled.extensions(package)) == [package / "sub" / f"hot{SUFFIX}"]
+    package = _package(tmp_path, edited=True)
+    found = compiled.extensions(package)
+    assert compiled.stale(package, found) == [package / "sub" / f"hot{SUFFIX}"]
     used, why = compiled.choose(package)
     assert not used
-    assert "hot.py is newer than its compiled module" in why
+    assert "hot.py is not what was compiled" in why
     assert isinstance(meta_path[0], compiled.SourceOnlyFinder)
     compiled.choose(package)  # a second call does not stack a second finder
     assert sum(isinstance(f, compiled.SourceOnlyFinder) for f in meta_path) == 1
 
 
+def test_without_a_manifest_every_extension_is_stale(
+    tmp_path: Path, meta_path: list[object]
+) -> None:
+    package = _package(tmp_path, edited=False)
+    found = compiled.extensions(package)
+    (package / compiled.MANIFEST).write_text("not json")
+    assert compiled.stale(package, found) == found
+    (package / compiled.MANIFEST).unlink()
+    assert compiled.stale(package, found) == found
+    assert compiled.choose(package)[0] is False
+    # An install without sources: nothing for the extension to be stale against.
+    (package / compiled.MANIFEST).write_text(json.dumps({"sub/hot.py": "0" * 64}))
+    (package / "sub" / "hot.py").unlink()
+    assert compiled.stale(package, found) == []
+
+
 def test_the_environment_asks_for_source(
     tmp_path: Path, meta_path: list[object], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    package = _package(tmp_path, extension_older=False)
+    package = _package(tmp_path, edited=False)
     monkeypatch.setenv(compiled.PURE_ENV, "1")
     assert compiled.choose(package) == (False, "compiled modules ignored: TENANTGATE_PURE_PYTHON=1")
     assert isinstance(meta_path[0], compiled.SourceOnlyFinder)
 
 
 def test_source_only_finder_skips_extensions_and_other_packages(tmp_path: Path) -> None:
-    package = _package(tmp_path, extension_older=False)
+    package = _package(tmp_path, edited=False)
     finder = compiled.SourceOnlyFinder()
     spec = finder.find_spec("tenantgate.hot", [str(package / "sub")])
     assert spec is not None
@@ -110,7 +135,8 @@ def test_the_installed_package_honours_the_switch() -> None:
     assert all(path.endswith(".py") for path in pure[1:]), pure
     default = _module_files(env)
     found = compiled.extensions(Path(tenantgate.__file__).parent)
-    assert default[0] == str(bool(found) and not compiled.stale(found))
+    package_dir = Path(tenantgate.__file__).parent
+    assert default[0] == str(bool(found) and not compiled.stale(package_dir, found))
     if default[0] == "True":
         assert all(path.endswith(SUFFIX) for path in default[1:]), default
 
