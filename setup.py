@@ -1,12 +1,13 @@
 """Build hook: compile the per-message hot path with mypyc where a C compiler exists.
 
 Everything else about the package is in pyproject.toml.  The modules below run
-for every message a client or the server sends; compiled, they cost about a
-quarter less CPU (``benchmarks/cpu_cost.py --targets tenantgate,tenantgate-pure``).
+for every message a client or the server sends; compiled, they cost 5-15% less
+CPU under load (``benchmarks/cpu_cost.py --targets tenantgate,tenantgate-pure``).
 The same files stay importable as Python: without a compiler, with
-``TENANTGATE_PURE_PYTHON=1`` at build time, or when a compiled module is older
-than its source (see ``proxy/tenantgate/compiled.py``), tenantgate runs as
-source, with the same behaviour.
+``TENANTGATE_PURE_PYTHON=1`` at build time or run time, or when a source no
+longer matches what was compiled (``_compiled_sources.json``, see
+``proxy/tenantgate/compiled.py``), tenantgate runs as source, with the same
+behaviour.
 """
 
 from __future__ import annotations
