@@ -370,7 +370,8 @@ class PolicyInspector:
         self.last_analysis = analysis
         self.last_would_reject = False
         self.query_sent()
-        self.remember_query(message)
+        if self._cache.last_hit:  # its second sight (checked above: allowed, rememberable)
+            self._remember(message, sql, analysis)
         return KnownQuery(sql, _command(analysis.statements))
 
     def remember_query(self, message: bytes) -> None:
@@ -381,11 +382,14 @@ class PolicyInspector:
             return  # seen once: texts that never repeat (inlined literals) stay out
         if check_tenant(analysis, self._tenant) is not None or not _rememberable(analysis):
             return
+        self._remember(message, message[5:-1].decode("utf-8"), analysis)
+
+    def _remember(self, message: bytes, sql: str, analysis: Analysis) -> None:
+        """Record an allowed, rememberable Query for :meth:`known_query`."""
         constants = frozenset().union(*(s.tenant_constants for s in analysis.statements))
         known = self._known
         if len(known) >= self._cache.maxsize:
             known.clear()
-        sql = message[5:-1].decode("utf-8")
         known[message] = (sql, analysis, _command(analysis.statements), constants)
 
     def query_sent(self) -> None:

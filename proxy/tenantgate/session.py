@@ -32,7 +32,7 @@ from tenantgate.errors import (
     rejected,
     upstream_lost,
 )
-from tenantgate.hooks import Inspector, NullObserver, PortalInfo, SessionObserver
+from tenantgate.hooks import Inspector, NullObserver, SessionObserver
 from tenantgate.injection import StatementShape, TenantInjector, is_internal_name
 from tenantgate.protocol.backend import ErrorResponse, ParameterDescription, ParameterStatus
 from tenantgate.protocol.framing import frame, invalid_length, scan_frames
@@ -272,8 +272,7 @@ class Session:
         """
         frames, consumed = scan_frames(buffer, self._max_message)
         if self.injector is not None:
-            tracker = self.tracker
-            self.injector.observe_state(tracker.status == "T" and tracker.idle)
+            self.injector.observe_state(self.tracker.idle_in_block)
         out: list[bytes] = []
         run_start = 0
         stop = consumed
@@ -340,7 +339,7 @@ class Session:
             return False
         injector = self.injector
         if injector is not None:  # before the entry, as _drain_client does per chunk
-            injector.observe_state(self.tracker.status == "T" and self.tracker.idle)
+            injector.observe_state(self.tracker.idle_in_block)
         entry = self._expect_statement(Kind.QUERY, known.command, known.sql, False)
         if injector is not None:  # rls/both: what _client_message does
             statements = self.inspector.last_statements()
@@ -416,62 +415,73 @@ class Session:
         bind = Bind.decode(data[parse_end + 5 : end])
         if bind.portal or not self._rate_allows_now():
             return False
-        tracker, inspector, injector = self.tracker, self.inspector, self.injector
+        tracker, injector = self.tracker, self.injector
         if injector is not None:  # before any entry, as _drain_client does per chunk
-            injector.observe_state(tracker.status == "T" and tracker.idle)
-        parse_bytes, bind_bytes, changed = data[:parse_end], data[parse_end:end], False
-        if parse is not None:
-            error = _reserved(parse.name) or inspector.inspect_parse(parse)
-            if error is not None:
-                tracker.expect(Pending(Kind.PARSE, rejection=error))
-                parse_bytes, changed = Parse(parse.name, REJECT_SQL).encode(), True
-            else:
-                tracker.expect(Pending(Kind.PARSE, on_done=self._parse_resolved(parse)))
-        error = _reserved(bind.statement) or inspector.inspect_bind(bind)
-        if error is not None:
-            bind_bytes, changed = self._reject_extended(error), True
-        else:
-            tracker.expect(Pending(Kind.BIND))
+            injector.observe_state(tracker.idle_in_block)
+        parse_instead = None if parse is None else self._client_parse(parse)
+        bind_instead = self._client_bind(bind)
         if describe:
             tracker.expect(Pending(Kind.DESCRIBE_PORTAL))
-        info = inspector.portal_info("")
-        injection = None if injector is None else self._before_execute(injector, info)
-        self._expect_statement(Kind.EXECUTE, info.command, info.sql, info.would_reject)
+        injection = self._client_execute("")
         if injector is not None:
             injector.after_sync()
         tracker.expect(Pending(Kind.SYNC))
-        if not changed and injection is None:
+        if parse_instead is None and bind_instead is None and injection is None:
             self._upstream_transport.write(data)  # as received
         else:
             execute_at = len(data) - len(_EXECUTE_SYNC)
-            describe_bytes = data[end:execute_at]
-            self._upstream_transport.write(
-                b"".join(
-                    (parse_bytes, bind_bytes, describe_bytes, injection or b"", data[execute_at:])
-                )
+            pieces = (
+                data[:parse_end] if parse_instead is None else parse_instead,
+                data[parse_end:end] if bind_instead is None else bind_instead,
+                data[end:execute_at],  # the Describe, if any
+                injection or b"",
+                data[execute_at:],
             )
+            self._upstream_transport.write(b"".join(pieces))
         return True
 
-    def _before_execute(self, injector: TenantInjector, info: PortalInfo) -> bytes | None:
-        """What the injector sends before a client's Execute of ``info`` (registering the
-        responses to hide), or None; what DEALLOCATE ALL does to its statement."""
-        tracker = self.tracker
-        parsing = not injector.prepared
-        injection = injector.before_execute(info.transaction_control)
-        if injection is not None:
-            if parsing:
-                tracker.expect(Pending(Kind.PARSE, injected=True, on_done=self._prepared(injector)))
-            tracker.expect(Pending(Kind.BIND, injected=True))
-            tracker.expect(Pending(Kind.EXECUTE, injected=True))
-            tracker.expect(Pending(Kind.CLOSE, injected=True))
-        if info.deallocates_all:
-            injector.statements_dropped()
+    def _client_execute(self, portal: str) -> bytes | None:
+        """Register a client's Execute of ``portal``; in rls/both mode, what the injector
+        sends before it (its responses registered to be hidden), or None."""
+        info = self.inspector.portal_info(portal)
+        injector = self.injector
+        injection = None
+        if injector is not None:
+            tracker = self.tracker
+            parsing = not injector.prepared
+            injection = injector.before_execute(info.transaction_control)
+            if injection is not None:
+                if parsing:
+                    tracker.expect(
+                        Pending(Kind.PARSE, injected=True, on_done=self._prepared(injector))
+                    )
+                tracker.expect(Pending(Kind.BIND, injected=True))
+                tracker.expect(Pending(Kind.EXECUTE, injected=True))
+                tracker.expect(Pending(Kind.CLOSE, injected=True))
+            if info.deallocates_all:
+                injector.statements_dropped()
+        self._expect_statement(Kind.EXECUTE, info.command, info.sql, info.would_reject)
         return injection
 
-    def _parse_resolved(self, parse: Parse) -> Callable[[bool], None]:
-        """The callback that tells the inspector how the server answered ``parse``."""
+    def _client_parse(self, parse: Parse) -> bytes | None:
+        """Inspect and register a client's Parse; the message to send instead, if refused."""
+        error = _reserved(parse.name) or self.inspector.inspect_parse(parse)
+        if error is not None:
+            self.tracker.expect(Pending(Kind.PARSE, rejection=error))
+            return Parse(parse.name, REJECT_SQL).encode()
         inspector = self.inspector
-        return lambda ok: inspector.parse_resolved(parse, ok)
+        self.tracker.expect(
+            Pending(Kind.PARSE, on_done=lambda ok: inspector.parse_resolved(parse, ok))
+        )
+        return None
+
+    def _client_bind(self, bind: Bind) -> bytes | None:
+        """Inspect and register a client's Bind; the message to send instead, if refused."""
+        error = _reserved(bind.portal, bind.statement) or self.inspector.inspect_bind(bind)
+        if error is not None:
+            return self._reject_extended(error)
+        self.tracker.expect(Pending(Kind.BIND))
+        return None
 
     def _resume_deferred(self) -> None:
         if self._finished.done():
@@ -522,25 +532,14 @@ class Session:
                     return self._injected_query(injector, entry, payload[:-1], statements)
                 return None
             case 0x50:  # Parse
-                parse = Parse.decode(payload)
-                error = _reserved(parse.name) or inspector.inspect_parse(parse)
-                if error is not None:
-                    tracker.expect(Pending(Kind.PARSE, rejection=error))
-                    return Parse(parse.name, REJECT_SQL).encode()
-                tracker.expect(Pending(Kind.PARSE, on_done=self._parse_resolved(parse)))
+                return self._client_parse(Parse.decode(payload))
             case 0x42:  # Bind
-                bind = Bind.decode(payload)
-                error = _reserved(bind.portal, bind.statement) or inspector.inspect_bind(bind)
-                if error is not None:
-                    return self._reject_extended(error)
-                tracker.expect(Pending(Kind.BIND))
+                return self._client_bind(Bind.decode(payload))
             case 0x45:  # Execute
                 portal = Execute.decode(payload).portal
                 if (error := _reserved(portal)) is not None:
                     return self._reject_extended(error)
-                info = inspector.portal_info(portal)
-                injection = None if injector is None else self._before_execute(injector, info)
-                self._expect_statement(Kind.EXECUTE, info.command, info.sql, info.would_reject)
+                injection = self._client_execute(portal)
                 if injection is not None:
                     return injection + frame(b"E", payload)
             case 0x44:  # Describe

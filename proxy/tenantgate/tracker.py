@@ -173,6 +173,11 @@ class ResponseTracker:
         return not self._pending
 
     @property
+    def idle_in_block(self) -> bool:
+        """Nothing outstanding and the server is inside an explicit transaction block."""
+        return self.status == "T" and not self._pending
+
+    @property
     def busy_with_client_work(self) -> bool:
         """A client's request is running upstream (cancel is meaningful)."""
         return any(not p.injected for p in self._pending)
