@@ -27,6 +27,8 @@ HOT_MODULES = (
     "tenantgate/tracker.py",
     "tenantgate/enforcement.py",
     "tenantgate/telemetry.py",
+    "tenantgate/metrics.py",
+    "tenantgate/hooks.py",
     "tenantgate/limits.py",
     "tenantgate/protocol/framing.py",
     "tenantgate/analysis/cache.py",

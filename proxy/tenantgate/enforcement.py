@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 from tenantgate.analysis import (
     Analysis,
@@ -34,6 +34,8 @@ log = logging.getLogger("tenantgate.enforcement")
 MAX_TRACKED_PORTALS = 1000
 # Portal descriptions remembered per session by statement text (memory: texts x sessions).
 MAX_PORTAL_INFOS = 64
+# Analyses the Query fast path allowed, per session, by identity (see _fast_command).
+MAX_FAST_VERDICTS = 64
 
 
 def _asyncpg_reset_queries() -> frozenset[str]:
@@ -89,14 +91,29 @@ def analysis_policy(policy: Policy) -> AnalysisPolicy:
     )
 
 
-@dataclass(frozen=True, slots=True)
 class Prepared:
-    parse: Parse
-    analysis: Analysis
-    # What a portal bound to this statement is (computed once, not per Bind).
-    info: PortalInfo = UNKNOWN_PORTAL
-    # Parameter types the server reported (ParameterDescription) for this statement.
-    described: tuple[int, ...] = ()
+    """A client's Parse the proxy allowed, as the server may hold it.
+
+    Plain classes here and in :class:`_Slot`, not dataclasses: mypyc compiles
+    an explicit ``__init__`` but not a dataclass's generated one, and libpq's
+    unnamed statements make one of each per statement.
+    """
+
+    __slots__ = ("analysis", "described", "info", "parse")
+
+    def __init__(
+        self,
+        parse: Parse,
+        analysis: Analysis,
+        info: PortalInfo = UNKNOWN_PORTAL,
+        described: tuple[int, ...] = (),
+    ) -> None:
+        self.parse = parse
+        self.analysis = analysis
+        # What a portal bound to this statement is (computed once, not per Bind).
+        self.info = info
+        # Parameter types the server reported (ParameterDescription) for this statement.
+        self.described = described
 
     def param_type(self, index: int) -> int:
         declared = self.parse.param_types[index] if index < len(self.parse.param_types) else 0
@@ -105,10 +122,14 @@ class Prepared:
         return declared
 
 
-@dataclass(slots=True)
 class _Slot:
-    confirmed: Prepared | None = None
-    pending: list[Prepared] = field(default_factory=list)
+    """A statement name: the Parse the server confirmed, and those it has yet to answer."""
+
+    __slots__ = ("confirmed", "pending")
+
+    def __init__(self) -> None:
+        self.confirmed: Prepared | None = None
+        self.pending: list[Prepared] = []
 
     def candidates(self, unnamed: bool) -> list[Prepared]:
         """What a Bind of this name may run.
@@ -156,6 +177,7 @@ class PolicyInspector:
         self.rejections = 0
         self._known = cache.known_messages
         self._tenant_only = frozenset((tenant,))
+        self._fast: dict[int, tuple[Analysis, str]] = {}
 
     # --- verdicts ------------------------------------------------------------------
 
@@ -300,8 +322,9 @@ class PolicyInspector:
     def statement_described(self, name: str, type_oids: tuple[int, ...]) -> None:
         # Responses arrive in order, so the statement described is the confirmed one.
         slot = self._statements.get(name)
-        if slot is not None and slot.confirmed is not None:
-            slot.confirmed = replace(slot.confirmed, described=type_oids)
+        old = None if slot is None else slot.confirmed
+        if slot is not None and old is not None:
+            slot.confirmed = Prepared(old.parse, old.analysis, old.info, type_oids)
 
     def close_resolved(self, name: str, ok: bool) -> None:
         slot = self._statements.get(name)
@@ -353,26 +376,42 @@ class PolicyInspector:
             return None
         if int.from_bytes(message[1:5], "big") != end:
             return None
+        encoded = message[5:end]
         try:
-            sql = message[5:end].decode("utf-8")
+            sql = encoded.decode("utf-8")
         except UnicodeDecodeError:
             return None
         if sql in DRIVER_RESET_QUERIES:
             return None
-        analysis = self._cache.without_parse(sql)
-        if (
-            analysis is None
-            or analysis.rejection is not None
-            or not _rememberable(analysis)
-            or check_tenant(analysis, self._tenant) is not None
-        ):
+        analysis = self._cache.without_parse(sql, encoded)
+        command = None if analysis is None else self._fast_command(analysis)
+        if analysis is None or command is None:
             return None
         self.last_analysis = analysis
         self.last_would_reject = False
         self.query_sent()
         if self._cache.last_hit:  # its second sight (checked above: allowed, rememberable)
             self._remember(message, sql, analysis)
-        return KnownQuery(sql, _command(analysis.statements))
+        return KnownQuery(sql, command)
+
+    def _fast_command(self, analysis: Analysis) -> str | None:
+        """The metric label of an analysis the fast path may allow for this session, or
+        None.  Kept by identity: a text shape hands out one analysis object per tenant
+        values, so W4-like traffic asks about the same few objects again and again."""
+        known = self._fast.get(id(analysis))
+        if known is not None and known[0] is analysis:
+            return known[1]
+        if (
+            analysis.rejection is not None
+            or not _rememberable(analysis)
+            or check_tenant(analysis, self._tenant) is not None
+        ):
+            return None
+        command = _command(analysis.statements)
+        if len(self._fast) >= MAX_FAST_VERDICTS:
+            self._fast.clear()
+        self._fast[id(analysis)] = (analysis, command)  # holding it keeps its id unique
+        return command
 
     def remember_query(self, message: bytes) -> None:
         analysis = self.last_analysis

@@ -31,12 +31,18 @@ class PortalInfo:
 UNKNOWN_PORTAL = PortalInfo(False, "other", None)
 
 
-@dataclass(frozen=True, slots=True)
 class KnownQuery:
-    """What the session needs of a Query allowed before: its text and metric label."""
+    """What the session needs of a Query allowed before: its text and metric label.
 
-    sql: str
-    command: str
+    A plain class: one is made per such Query, and mypyc compiles an explicit
+    ``__init__`` but not a dataclass's generated one.
+    """
+
+    __slots__ = ("command", "sql")
+
+    def __init__(self, sql: str, command: str) -> None:
+        self.sql = sql
+        self.command = command
 
 
 class Inspector(Protocol):

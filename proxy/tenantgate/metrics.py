@@ -328,7 +328,8 @@ class Metrics:
         if tenant != UNKNOWN_TENANT and tenant not in self._tenants:
             return _DISCARD
         self._series[metric].add(labels)
-        return metric.labels(*labels)
+        # (mypyc's build, which has no prometheus_client stubs, cannot tell the child's type.)
+        return metric.labels(*labels)  # type: ignore[return-value, unused-ignore]
 
     # --- sessions ----------------------------------------------------------------------
 

@@ -17,8 +17,8 @@ from hypothesis import strategies as st
 from pglast.parser import parse_sql_json
 from test_shapes import through_one_cache, variants, verdicts
 
-from tenantgate.analysis import AnalysisCache
-from tenantgate.analysis.textshapes import literal_slots, text_key
+from tenantgate.analysis import AnalysisCache, analyse_sql, check_tenant
+from tenantgate.analysis.textshapes import literal_slots, literals_of, text_key
 
 CASES = load_cases()
 BASE = "SELECT id FROM orders WHERE tenant_id = 'acme' AND id = 10"
@@ -46,7 +46,7 @@ def test_a_new_text_of_a_known_key_is_not_parsed() -> None:
 def test_text_key_masks_only_standalone_literals() -> None:
     key = text_key("SELECT a1, 'x''y', -42, $1, 1.5, t.2, E'z', U&'w', 7e3 FROM t LIMIT 5")
     assert key is not None
-    assert [m.group() for m in key[1]] == ["'x''y'", "-42", "5"]
+    assert literals_of(key) == ["'x''y'", "-42", "5"]
     assert key[0] == (
         "SELECT a1, \x00s6\x00, \x00I3\x00, $1, 1.5, t.2, E'z', U&'w', 7e3 FROM t LIMIT \x00i1\x00"
     )
@@ -179,3 +179,169 @@ templates = st.sampled_from(
 @given(templates, st.lists(st.tuples(literal, literal), min_size=2, max_size=8))
 def test_generated_texts_through_one_cache(template: str, pairs: list[tuple[str, str]]) -> None:
     through_one_cache(template, pairs)
+
+
+# --- the digit key: a text's key found without the literal scan ---------------------------
+
+
+def _filed(policy: object, learnt: str) -> AnalysisCache:
+    """A cache that knows ``learnt``'s text key and has looked ``learnt`` up by it (which
+    files it under its digit key, if it qualifies)."""
+    cache = AnalysisCache(policy)  # type: ignore[arg-type]
+    cache.get_or_analyse(learnt)
+    key = text_key(learnt)
+    if key is not None:
+        cache.text_shapes.lookup(key)
+    return cache
+
+
+def _digit_answer(cache: AnalysisCache, sql: str) -> object:
+    """The digit level's answer for ``sql``, checked against the literal scan and a
+    fresh analysis whenever it gives one."""
+    found = cache.text_shapes.lookup_bytes(sql.encode())
+    if found is not None:
+        key = text_key(sql)
+        assert key is not None
+        assert found == cache.text_shapes.lookup(key), sql
+        fresh = analyse_sql(sql, cache.policy)
+        assert found == fresh, sql
+        for tenant in ("acme", "gbex", "1234", "42"):
+            assert check_tenant(found, tenant) == check_tenant(fresh, tenant)
+    return found
+
+
+def test_a_text_differing_in_literal_digits_is_answered_by_its_digit_key() -> None:
+    cache = _filed(POLICY, BASE)
+    hits = cache.text_shapes.hits
+    for number in ("12", "00", "99", "10"):
+        assert _digit_answer(cache, BASE.replace("10", number)) is not None
+    assert cache.text_shapes.hits == hits + 8  # each answer, and the literal scan's check
+    # Through the cache's entry points, which try it first.
+    sql = BASE.replace("10", "37")
+    assert cache.without_parse(sql, sql.encode()) == analyse_sql(sql, POLICY)
+    assert cache.get_or_analyse(BASE.replace("10", "38")) == analyse_sql(
+        BASE.replace("10", "38"), POLICY
+    )
+    assert cache.text_shapes.hits == hits + 10
+
+
+@pytest.mark.parametrize(
+    ("learnt", "then"),
+    [
+        # Digits outside integer literals are compared: names, $n, strings.
+        (
+            "SELECT id FROM orders o1 WHERE tenant_id = 'acme' AND id = 1",
+            "SELECT id FROM orders o2 WHERE tenant_id = 'acme' AND id = 1",
+        ),
+        (
+            "SELECT id AS c1 FROM orders WHERE tenant_id = 'acme' AND id = 1",
+            "SELECT id AS c2 FROM orders WHERE tenant_id = 'acme' AND id = 1",
+        ),
+        (
+            "SELECT \"i1\" FROM orders WHERE tenant_id = 'acme' AND id = 1",
+            "SELECT \"i2\" FROM orders WHERE tenant_id = 'acme' AND id = 1",
+        ),
+        (
+            "SELECT id FROM orders WHERE tenant_id = 'acme' AND id = $1",
+            "SELECT id FROM orders WHERE tenant_id = 'acme' AND id = $2",
+        ),
+        (
+            "SELECT id FROM orders WHERE tenant_id = 'ac1' AND id = 1",
+            "SELECT id FROM orders WHERE tenant_id = 'ac2' AND id = 1",
+        ),
+        # An integer literal that changes between int4 and numeric changes the key.
+        (
+            "SELECT id FROM orders WHERE tenant_id = 'acme' AND id = 2147483647",
+            "SELECT id FROM orders WHERE tenant_id = 'acme' AND id = 2147483648",
+        ),
+        (
+            "SELECT id FROM orders WHERE tenant_id = 'acme' AND id = -2147483647",
+            "SELECT id FROM orders WHERE tenant_id = 'acme' AND id = -2147483648",
+        ),
+    ],
+)
+def test_the_digit_key_declines_what_the_literal_scan_would_tell_apart(
+    learnt: str, then: str
+) -> None:
+    cache = _filed(POLICY, learnt)
+    assert _digit_answer(cache, learnt) is not None  # filed: the refusal below is the check's
+    assert cache.text_shapes.lookup_bytes(then.encode()) is None
+    verdicts(POLICY, then, cache)
+
+
+def test_texts_with_other_string_literals_get_no_digit_key() -> None:
+    sql = "UPDATE orders SET item = 'book' WHERE tenant_id = 'acme' AND id = 1"
+    cache = _filed(POLICY, sql)
+    assert cache.text_shapes.hits == 1  # the text level answers; the digit level does not
+    assert cache.text_shapes.lookup_bytes(sql.replace("= 1", "= 3").encode()) is None
+
+
+def test_integer_tenant_values_are_read_from_the_new_text() -> None:
+    cache = _filed(POLICY, "SELECT id FROM orders WHERE tenant_id = 1234 AND id = 1")
+    for tenant in ("1234", "4321", "0042", "9999"):
+        found = _digit_answer(cache, f"SELECT id FROM orders WHERE tenant_id = {tenant} AND id = 1")
+        assert found is not None
+        assert found.statements[0].tenant_constants == {str(int(tenant))}  # type: ignore[attr-defined]
+
+
+def test_corpus_digit_variants_through_the_digit_key() -> None:
+    answered = 0
+    for case in CASES:
+        cache = _filed(RLS_POLICY if case.mode == "rls" else POLICY, case.sql)
+        for digit in "0123456789":
+            variant = "".join(digit if char.isdigit() else char for char in case.sql)
+            answered += _digit_answer(cache, variant) is not None
+    assert answered > 100  # the level is exercised, not bypassed
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    templates,
+    st.tuples(literal, literal),
+    st.lists(st.tuples(st.integers(0, 200), st.sampled_from("0123456789")), max_size=6),
+)
+def test_generated_digit_changes_get_the_literal_scans_answer(
+    template: str, pair: tuple[str, str], changes: list[tuple[int, str]]
+) -> None:
+    learnt = template.format(*pair)
+    cache = _filed(POLICY, learnt)
+    digits = [i for i, char in enumerate(learnt) if char.isdigit()]
+    then = list(learnt)
+    for index, digit in changes:
+        if digits:
+            then[digits[index % len(digits)]] = digit
+    _digit_answer(cache, "".join(then))
+
+
+def test_analyses_are_shared_by_key_and_tenant_values_only() -> None:
+    cache = _filed(POLICY, BASE)
+    shapes = cache.text_shapes
+    first = shapes.lookup_bytes(BASE.replace("10", "11").encode())
+    again = shapes.lookup_bytes(BASE.replace("10", "12").encode())
+    other = shapes.lookup_bytes(BASE.replace("acme", "gbex").replace("10", "13").encode())
+    assert first is not None
+    assert again is first
+    assert other is None  # another tenant's text is another digit key ...
+    key = text_key(BASE.replace("acme", "gbex"))
+    assert key is not None
+    gbex = shapes.lookup(key)  # ... which the literal scan answers, with its own value
+    assert gbex is not None
+    assert gbex is not first
+    assert gbex.statements[0].tenant_constants == {"gbex"}
+    assert first.statements[0].tenant_constants == {"acme"}
+    shapes.clear()
+    assert shapes.lookup_bytes(BASE.encode()) is None
+
+
+def test_texts_of_one_digit_key_but_other_names_keep_their_own_text_keys() -> None:
+    # Tenants named with digits: one digit key, a text key per tenant, each answered.
+    texts = [f"SELECT id FROM orders WHERE tenant_id = 'ac{n}' AND id = 1" for n in range(5)]
+    cache = _filed(POLICY, texts[0])
+    for sql in texts[1:]:
+        key = text_key(sql)
+        assert key is not None
+        cache.text_shapes.lookup(key)
+    for n, sql in enumerate(texts):
+        found = _digit_answer(cache, sql.replace("= 1", "= 7"))
+        assert found is not None
+        assert found.statements[0].tenant_constants == {f"ac{n}"}  # type: ignore[attr-defined]

@@ -468,16 +468,15 @@ async def test_http_close_frees_the_port() -> None:
 
 
 async def test_http_render_failure_is_a_500(
-    served: tuple[Metrics, dict[str, object], int],
-    monkeypatch: pytest.MonkeyPatch,
-    caplog: pytest.LogCaptureFixture,
+    served: tuple[Metrics, dict[str, object], int], caplog: pytest.LogCaptureFixture
 ) -> None:
     m, _, port = served
 
-    async def broken() -> bytes:
-        raise RuntimeError("boom")
+    class Broken:
+        def collect(self) -> list[object]:
+            raise RuntimeError("boom")
 
-    monkeypatch.setattr(m, "render_async", broken)
+    m.registry.register(Broken())  # type: ignore[arg-type]
     assert (await http(port, get("/metrics")))[0] == 500
     assert "rendering metrics failed" in caplog.text
     assert (await http(port, get("/healthz")))[0] == 200

@@ -81,7 +81,6 @@ class Recorder:
                 hidden_statements=request.hidden,
                 on_done=self._done(index),
                 position_shifts=request.shifts,
-                statement_index=0,
             )
             entry.command = str(index)  # identifies the entry in the events
             if request.describe_callback:

@@ -60,12 +60,20 @@ class AnalysisCache:
             return found
         return self._file(sql, self._analyse(sql))
 
-    def without_parse(self, sql: str) -> Analysis | None:
+    def without_parse(self, sql: str, encoded: bytes | None = None) -> Analysis | None:
         """What :meth:`get_or_analyse` returns, if it needs no parse (the text, or its
-        text shape, is known); else None, and nothing is counted or filed."""
+        text shape, is known); else None, and nothing is counted or filed.
+
+        ``encoded``: ``sql`` in UTF-8, if the caller has it (lets the text-shape
+        level try the text's digit key before its literal scan).
+        """
         found = self._hit(sql)
         if found is not None:
             return found
+        if encoded is not None:
+            found = self.text_shapes.lookup_bytes(encoded)
+            if found is not None:
+                return self._file(sql, found)
         literals = text_key(sql)
         self._last_key = (sql, literals)
         if literals is None:
@@ -95,8 +103,15 @@ class AnalysisCache:
     def _analyse(self, sql: str) -> Analysis:
         """A text the cache has not seen: by its shape if known, else in full (and learn)."""
         last = self._last_key
-        literals = last[1] if last is not None and last[0] == sql else text_key(sql)
         self._last_key = None
+        if last is not None and last[0] == sql:
+            literals = last[1]  # without_parse has tried this text's keys
+        else:
+            if sql.isascii():  # (a digit key is only ever made of an ASCII text)
+                found = self.text_shapes.lookup_bytes(sql.encode("ascii"))
+                if found is not None:
+                    return found
+            literals = text_key(sql)
         if literals is not None:
             found = self.text_shapes.lookup(literals)
             if found is not None:

@@ -39,14 +39,20 @@ from .model import Analysis, StatementAnalysis
 from .shapes import Shape, constants_of, with_tenant_constants
 
 # A plain string literal, or a decimal integer (maybe with a minus), standing alone.
-# The lookahead first lets the regex engine skip to candidate characters quickly.
+# The lookahead first lets the regex engine skip to candidate characters quickly; the
+# group makes ``split`` return the literals between the other pieces (no match objects).
 _LITERAL = re.compile(
-    r"(?=['\d-])(?<![\w$.'&])(?:'[^']*(?:''[^']*)*'(?!')|-?\d+(?![\w$.]))", re.ASCII
+    r"(?=['\d-])(?<![\w$.'&])('[^']*(?:''[^']*)*'(?!')|-?\d+(?![\w$.]))", re.ASCII
 )
 _INT4_MAX = 2**31 - 1
+_INT4_DIGITS = len(str(_INT4_MAX))
 _A_CONST = '{"A_Const":'
+# Every digit to 0: texts that differ only in digits get one digit key.
+_DIGITS_TO_ZERO = bytes.maketrans(b"123456789", b"000000000")
 
-TextKey = tuple[str, list[re.Match[str]]]
+# (the text with its literals masked, the text split around its literals: the pieces
+# between them at even indexes, the literals at odd ones).
+TextKey = tuple[str, list[str]]
 
 
 def _kind(token: str) -> str:
@@ -56,8 +62,13 @@ def _kind(token: str) -> str:
     if token[0] == "'":
         return "s"
     if token[0] == "-":
-        return "I" if int(token[1:]) <= _INT4_MAX else "N"
-    return "i" if int(token) <= _INT4_MAX else "n"
+        digits = len(token) - 1
+        if digits < _INT4_DIGITS or int(token[1:]) <= _INT4_MAX:
+            return "I"
+        return "N"
+    if len(token) < _INT4_DIGITS or int(token) <= _INT4_MAX:
+        return "i"
+    return "n"
 
 
 def _value(token: str, kind: str) -> str:
@@ -68,19 +79,32 @@ def _value(token: str, kind: str) -> str:
 
 
 def text_key(sql: str) -> TextKey | None:
-    """(the text with its literals masked, the literals), or None if not ASCII."""
+    """(the text with its literals masked, its pieces), or None if not ASCII."""
     if not sql.isascii():
         return None  # libpg_query's locations count bytes; only ASCII keeps them in step
-    found = list(_LITERAL.finditer(sql))
-    pieces: list[str] = []
-    end = 0
-    for literal in found:
-        token = literal.group()
-        pieces.append(sql[end : literal.start()])
-        pieces.append(f"\x00{_kind(token)}{len(token)}\x00")  # NUL never occurs in SQL text
-        end = literal.end()
-    pieces.append(sql[end:])
-    return "".join(pieces), found
+    pieces = _LITERAL.split(sql)
+    masked = pieces.copy()
+    for index in range(1, len(pieces), 2):
+        token = pieces[index]
+        masked[index] = f"\x00{_kind(token)}{len(token)}\x00"  # NUL never occurs in SQL text
+    return "".join(masked), pieces
+
+
+def literals_of(key: TextKey) -> list[str]:
+    """The literals of ``key``'s text, in text order."""
+    return key[1][1::2]
+
+
+def _literal_starts(key: TextKey) -> list[int]:
+    """Where each literal of ``key``'s text starts (a character offset, which is a byte
+    offset: keys are made of ASCII texts only)."""
+    starts: list[int] = []
+    position = 0
+    for index, piece in enumerate(key[1]):
+        if index % 2:
+            starts.append(position)
+        position += len(piece)
+    return starts
 
 
 def _constant_value(constant: re.Match[str], negative: bool) -> tuple[str, str] | None:
@@ -108,17 +132,17 @@ def literal_slots(key: TextKey, json_text: str) -> list[int] | None:
     each constant located at its literal's first character with the literal's
     kind and value (see the module docstring for why this is the whole check).
     """
-    literals = key[1]
+    literals = literals_of(key)
     constants = constants_of(json_text)
     if len(constants) != len(literals) or json_text.count(_A_CONST) != len(constants):
         return None
-    index_at = {literal.start(): i for i, literal in enumerate(literals)}
+    index_at = {start: i for i, start in enumerate(_literal_starts(key))}
     slots: list[int] = []
     for constant in constants:
         index = index_at.pop(int(constant.group("location")), None)
         if index is None:
             return None
-        token = literals[index].group()
+        token = literals[index]
         kind = _kind(token)
         if _constant_value(constant, token[0] == "-") != (kind, _value(token, kind)):
             return None
@@ -126,41 +150,146 @@ def literal_slots(key: TextKey, json_text: str) -> list[int] | None:
     return slots
 
 
-class TextShapes:
-    """Text key -> (statement template, literal indexes of its tenant values)."""
+class _DigitKey:
+    """The texts of one digit key: where their literals are, and which text keys they have.
 
-    __slots__ = ("_entries", "hits", "maxsize")
+    All texts of a digit key have their literals at the same places (the
+    literal scan cannot tell their digits apart); they differ in the digits
+    outside integer literals (``fixed_at``: in names, strings, ``$1``, which
+    are part of the text key) and in the int4-or-numeric kind of integer
+    literals of ten digits or more (``long``).  ``variants`` maps those digits
+    and kinds to the text key; ``tenant_spans`` says where the tenant literals
+    are.
+    """
+
+    __slots__ = ("fixed_at", "long", "tenant_spans", "variants")
+
+    def __init__(
+        self,
+        fixed_at: tuple[int, ...],
+        long: tuple[tuple[int, int], ...],
+        tenant_spans: tuple[tuple[int, int], ...],
+    ) -> None:
+        self.fixed_at = fixed_at
+        self.long = long
+        self.tenant_spans = tenant_spans
+        self.variants: dict[tuple[bytes, str], str] = {}
+
+    def variant(self, sql: bytes) -> tuple[bytes, str]:
+        """What tells apart the text keys of this digit key's texts, for ``sql``."""
+        fixed = bytes([sql[at] for at in self.fixed_at])
+        kinds = "".join([_kind(sql[start:end].decode("ascii")) for start, end in self.long])
+        return fixed, kinds
+
+
+class TextShapes:
+    """Text key -> (statement template, where its tenant values are in the text).
+
+    The analyses handed out are kept too, by key and tenant literals: a text
+    shape's traffic repeats its tenants' values, and an analysis is immutable,
+    so the next text of that key and those values gets the same object
+    instead of a new one (building one costs more than the rest of a lookup).
+
+    In front of the text keys, :meth:`lookup_bytes` finds the key of a text
+    without the literal scan: a text that has been looked up (and whose only
+    string literals are tenant values, which repeat) is filed under its *digit
+    key*, its bytes with every digit made ``0``.  Another text of that digit key
+    differs from it in digits only, digit for digit.  :data:`_LITERAL` never
+    tells two digits apart (it asks only whether a character is a digit, a
+    quote, a word character...), so it finds the same literals at the same
+    places in both; if their digits outside integer literals are the same and
+    each integer literal keeps its int4-or-numeric kind (:class:`_DigitKey`'s
+    variants), both texts have one text key and :meth:`lookup` would answer the
+    same.
+    """
+
+    __slots__ = ("_digit_variants", "_digits", "_entries", "_made", "hits", "maxsize")
 
     def __init__(self, maxsize: int) -> None:
         self.maxsize = maxsize
+        # masked text -> (template, indexes in the key's pieces of the tenant literals)
         self._entries: dict[str, tuple[StatementAnalysis, tuple[int, ...]]] = {}
+        self._made: dict[tuple[str, tuple[str, ...]], Analysis] = {}
+        self._digits: dict[bytes, _DigitKey] = {}
+        self._digit_variants = 0  # in all of _digits (what bounds its size)
         self.hits = 0
 
     def lookup(self, key: TextKey) -> Analysis | None:
         """The analysis of the text ``key`` was made from, if its key is known."""
-        entry = self._entries.get(key[0])
+        masked, pieces = key
+        entry = self._entries.get(masked)
         if entry is None:
             return None
-        template, slots = entry
-        literals = key[1]
-        constants = set()
-        for slot in slots:
-            token = literals[slot].group()
-            kind = _kind(token)
-            if kind in "nN":
-                return None  # not a tenant id as the analyser reads one
-            constants.add(_value(token, kind))
+        slots = entry[1]
+        found = self._analysis(masked, tuple([pieces[slot] for slot in slots]))
+        if found is not None and len(pieces) > 1:
+            self._file_digits(key, slots)
+        return found
+
+    def lookup_bytes(self, sql: bytes) -> Analysis | None:
+        """What :meth:`lookup` answers for the text ``sql`` (UTF-8), if its digit key
+        tells its text key; None means only that this level cannot tell."""
+        digit_key = self._digits.get(sql.translate(_DIGITS_TO_ZERO))
+        if digit_key is None:
+            return None
+        masked = digit_key.variants.get(digit_key.variant(sql))
+        if masked is None:
+            return None
+        spans = digit_key.tenant_spans
+        return self._analysis(
+            masked, tuple([sql[start:end].decode("ascii") for start, end in spans])
+        )
+
+    def _analysis(self, masked: str, tokens: tuple[str, ...]) -> Analysis | None:
+        """The analysis of a text of key ``masked`` whose tenant literals are ``tokens``."""
+        made_key = (masked, tokens)
+        found = self._made.get(made_key)
+        if found is None:
+            entry = self._entries.get(masked)
+            if entry is None:
+                return None
+            found = _with_literals(entry[0], tokens)
+            if found is None:
+                return None
+            if len(self._made) >= self.maxsize:
+                self._made.clear()
+            self._made[made_key] = found
         self.hits += 1
-        return with_tenant_constants(template, frozenset(constants))
+        return found
+
+    def _file_digits(self, key: TextKey, tenant_slots: tuple[int, ...]) -> None:
+        """File the text of ``key`` under its digit key, unless it has string literals
+        other than tenant values (names, say: its digit key would not come back)."""
+        masked, pieces = key
+        text = "".join(pieces).encode("ascii")
+        digit_key_bytes = text.translate(_DIGITS_TO_ZERO)
+        digit_key = self._digits.get(digit_key_bytes)
+        if digit_key is None:
+            digit_key = _digit_key(pieces, tenant_slots)
+            if digit_key is None:
+                return
+            if self._digit_variants >= self.maxsize:
+                self._digits.clear()
+                self._digit_variants = 0
+            self._digits[digit_key_bytes] = digit_key
+        self._digit_variants += 1
+        digit_key.variants[digit_key.variant(text)] = masked
 
     def learn(self, key: TextKey, json_text: str, shape: Shape) -> bool:
         """Record ``key`` from a text of a known tree shape, if they pair up; says if it did."""
         slots = literal_slots(key, json_text)
         if slots is None:
             return False
-        if len(self._entries) >= self.maxsize:
-            self._entries.clear()
-        self._entries[key[0]] = (shape.statement, tuple(slots[s] for s in shape.tenant_slots))
+        entries = self._entries
+        if key[0] in entries:
+            # What was made from its old template goes with it.
+            self._made.clear()
+            self._digits.clear()
+            self._digit_variants = 0
+        elif len(entries) >= self.maxsize:
+            self.clear()
+        tenant_pieces = tuple(2 * slots[s] + 1 for s in shape.tenant_slots)
+        entries[key[0]] = (shape.statement, tenant_pieces)
         return True
 
     def __contains__(self, key: TextKey) -> bool:
@@ -171,3 +300,37 @@ class TextShapes:
 
     def clear(self) -> None:
         self._entries.clear()
+        self._made.clear()
+        self._digits.clear()
+        self._digit_variants = 0
+
+
+def _with_literals(template: StatementAnalysis, tokens: tuple[str, ...]) -> Analysis | None:
+    """``template``'s analysis for a text whose tenant literals are ``tokens``."""
+    constants = set()
+    for token in tokens:
+        kind = _kind(token)
+        if kind in "nN":
+            return None  # not a tenant id as the analyser reads one
+        constants.add(_value(token, kind))
+    return with_tenant_constants(template, frozenset(constants))
+
+
+def _digit_key(pieces: list[str], tenant_slots: tuple[int, ...]) -> _DigitKey | None:
+    """The digit key of the text split into ``pieces``, None if it has string literals
+    other than those at ``tenant_slots``."""
+    fixed_at: list[int] = []
+    long: list[tuple[int, int]] = []
+    spans: dict[int, tuple[int, int]] = {}
+    position = 0
+    for index, piece in enumerate(pieces):
+        end = position + len(piece)
+        if index % 2 and piece[0] == "'" and index not in tenant_slots:
+            return None
+        if index % 2 == 0 or piece[0] == "'":
+            fixed_at.extend(position + i for i, char in enumerate(piece) if "0" <= char <= "9")
+        elif len(piece) - (piece[0] == "-") >= _INT4_DIGITS:
+            long.append((position, end))
+        spans[index] = (position, end)
+        position = end
+    return _DigitKey(tuple(fixed_at), tuple(long), tuple(spans[i] for i in tenant_slots))
