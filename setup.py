@@ -61,6 +61,22 @@ def _write_manifest() -> None:
     (package / "_compiled_sources.json").write_text(json.dumps(digests, indent=1) + "\n")
 
 
+def _remove_stale_extensions(built: list[Extension]) -> None:
+    """Delete extension files in the source tree this build no longer makes.
+
+    An editable build leaves the extensions of an earlier one in place: a module
+    dropped from HOT_MODULES would keep its old compiled file (which
+    tenantgate.compiled then refuses, so every module runs as source), and
+    each change of the module set leaves a group library behind.
+    """
+    suffix = sysconfig.get_config_var("EXT_SUFFIX") or ".so"
+    root = Path(__file__).resolve().parent / "proxy"
+    wanted = {f"{ext.name.replace('.', '/')}{suffix}" for ext in built}
+    for path in [*root.glob(f"*{suffix}"), *(root / "tenantgate").rglob(f"*{suffix}")]:
+        if path.relative_to(root).as_posix() not in wanted:
+            path.unlink()
+
+
 def _extensions() -> list[Extension]:
     reason = _why_not_compile()
     if reason is None:
@@ -76,6 +92,7 @@ def _extensions() -> list[Extension]:
             options = ["--config-file", os.devnull, "--ignore-missing-imports"]
             sources = [f"proxy/{m}" for m in HOT_MODULES]
             built = list(mypycify([*sources, *options], opt_level="3"))
+            _remove_stale_extensions(built)
             _write_manifest()
             return built
     print(f"tenantgate: building pure Python ({reason})", file=sys.stderr)
