@@ -156,11 +156,18 @@ _FORWARD: tuple[Action, bytes | None] = (Action.FORWARD, None)
 _DROP: tuple[Action, bytes | None] = (Action.DROP, None)
 
 
-def _count_rows(entry: Pending, payload: bytes) -> None:
-    """Add the row count of a CommandComplete tag (SELECT n, INSERT 0 n, COPY n ...)."""
-    space = payload.rfind(b" ")
-    if space > 0:
-        count = payload[space + 1 : -1] if payload[-1:] == b"\x00" else payload[space + 1 :]
+def _count_rows(
+    entry: Pending, buffer: bytes | bytearray, start: int = 0, end: int | None = None
+) -> None:
+    """Add the row count of a CommandComplete tag (SELECT n, INSERT 0 n, COPY n ...):
+    the payload ``buffer[start:end]`` (read in place: no copy of it is made)."""
+    if end is None:
+        end = len(buffer)
+    if end > start and buffer[end - 1] == 0:
+        end -= 1
+    space = buffer.rfind(b" ", start, end)
+    if space > start:
+        count = buffer[space + 1 : end]
         if count.isdigit():
             entry.rows += int(count)
 
@@ -267,7 +274,7 @@ class ResponseTracker:
                 if msg_type not in _STATEMENT_END:
                     return pos
                 if msg_type == 0x43:
-                    _count_rows(head, bytes(buffer[pos + 5 : end]))
+                    _count_rows(head, buffer, pos + 5, end)
                 head.statement_index += 1
                 pos = end
                 continue
@@ -277,7 +284,7 @@ class ResponseTracker:
                     continue
                 if msg_type != 0x43:
                     return pos
-                _count_rows(head, bytes(buffer[pos + 5 : end]))
+                _count_rows(head, buffer, pos + 5, end)
             elif kind is _DESCRIBE_PORTAL:
                 if msg_type not in _COMPLETES[_DESCRIBE_PORTAL]:
                     return pos

@@ -18,7 +18,7 @@ from pglast.parser import parse_sql_json
 from test_shapes import through_one_cache, variants, verdicts
 
 from tenantgate.analysis import AnalysisCache, analyse_sql, check_tenant
-from tenantgate.analysis.textshapes import literal_slots, literals_of, text_key
+from tenantgate.analysis.textshapes import _kind, literal_slots, literals_of, text_key
 
 CASES = load_cases()
 BASE = "SELECT id FROM orders WHERE tenant_id = 'acme' AND id = 10"
@@ -345,3 +345,11 @@ def test_texts_of_one_digit_key_but_other_names_keep_their_own_text_keys() -> No
         found = _digit_answer(cache, sql.replace("= 1", "= 7"))
         assert found is not None
         assert found.statements[0].tenant_constants == {f"ac{n}"}  # type: ignore[attr-defined]
+
+
+@given(st.integers(0, 10**12) | st.integers(2**31 - 3, 2**31 + 3), st.integers(0, 12))
+def test_int4_or_numeric_is_decided_by_the_value(value: int, zeros: int) -> None:
+    digits = "0" * zeros + str(value)
+    fits = value <= 2**31 - 1
+    assert _kind(digits) == ("i" if fits else "n")
+    assert _kind("-" + digits) == ("I" if fits else "N")

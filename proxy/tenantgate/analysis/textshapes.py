@@ -45,7 +45,8 @@ _LITERAL = re.compile(
     r"(?=['\d-])(?<![\w$.'&])('[^']*(?:''[^']*)*'(?!')|-?\d+(?![\w$.]))", re.ASCII
 )
 _INT4_MAX = 2**31 - 1
-_INT4_DIGITS = len(str(_INT4_MAX))
+_INT4_MAX_DIGITS = str(_INT4_MAX)
+_INT4_DIGITS = len(_INT4_MAX_DIGITS)
 _A_CONST = '{"A_Const":'
 # Every digit to 0: texts that differ only in digits get one digit key.
 _DIGITS_TO_ZERO = bytes.maketrans(b"123456789", b"000000000")
@@ -62,13 +63,19 @@ def _kind(token: str) -> str:
     if token[0] == "'":
         return "s"
     if token[0] == "-":
-        digits = len(token) - 1
-        if digits < _INT4_DIGITS or int(token[1:]) <= _INT4_MAX:
-            return "I"
-        return "N"
-    if len(token) < _INT4_DIGITS or int(token) <= _INT4_MAX:
-        return "i"
-    return "n"
+        return "I" if _fits_int4(token[1:]) else "N"
+    return "i" if _fits_int4(token) else "n"
+
+
+def _fits_int4(digits: str) -> bool:
+    """Whether a run of decimal digits is at most 2**31 - 1 (compared as text: for digit
+    strings of one length, text order is numeric order)."""
+    if len(digits) < _INT4_DIGITS:
+        return True
+    digits = digits.lstrip("0")
+    return len(digits) < _INT4_DIGITS or (
+        len(digits) == _INT4_DIGITS and digits <= _INT4_MAX_DIGITS
+    )
 
 
 def _value(token: str, kind: str) -> str:
