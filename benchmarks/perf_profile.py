@@ -22,9 +22,9 @@ import argparse
 import contextlib
 import re
 import shutil
+import signal
 import subprocess
 import sys
-import tempfile
 import time
 from collections import Counter
 from pathlib import Path
@@ -32,8 +32,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "proxy"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from profile_w1 import cpu_seconds, pgbench
-from services import Database, Scale, Tenantgate, stop_process
+from profile_w1 import cpu_seconds, pgbench, start_services
+from services import stop_process
 from workloads import CASES
 
 import tenantgate
@@ -109,17 +109,12 @@ def main() -> int:
     if shutil.which("perf") is None:
         print("perf is not installed: apt-get install -y linux-perf", file=sys.stderr)
         return 2
+    signal.signal(signal.SIGTERM, lambda s, f: (_ for _ in ()).throw(KeyboardInterrupt()))
     case = next(c for c in CASES if c.key == args.case)
-    scale = Scale(accounts=20_000)
     with contextlib.ExitStack() as stack:
-        workdir = Path(tempfile.mkdtemp(prefix="tenantgate-perf-"))
-        stack.callback(shutil.rmtree, workdir, True)
-        db = Database(scale, max_connections=300)
-        stack.callback(db.stop)
-        db.start()
-        proxy = Tenantgate(workdir, db, case.mode)
-        stack.callback(proxy.stop)
-        proxy.start()
+        workdir, proxy, scale = start_services(
+            stack, case.mode, pure=False, prefix="tenantgate-perf-"
+        )
         script = workdir / "case.sql"
         script.write_text(case.proxy_script)
         bench = pgbench(proxy, args.protocol, args.clients, args.seconds + 6, script, scale)
@@ -158,4 +153,8 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:
+        print("interrupted: everything started was stopped", file=sys.stderr)
+        sys.exit(130)

@@ -114,6 +114,23 @@ def pgbench(
     )  # fmt: skip
 
 
+def start_services(
+    stack: contextlib.ExitStack, mode: str, *, pure: bool, prefix: str
+) -> tuple[Path, Tenantgate, Scale]:
+    """PostgreSQL with the bench schema and one tenantgate in ``mode``, stopped (and
+    their work directory removed) when ``stack`` unwinds: (workdir, proxy, scale)."""
+    scale = Scale(accounts=20_000)
+    workdir = Path(tempfile.mkdtemp(prefix=prefix))
+    stack.callback(shutil.rmtree, workdir, True)
+    db = Database(scale, max_connections=300)
+    stack.callback(db.stop)
+    db.start()
+    proxy = Tenantgate(workdir, db, mode, pure=pure)
+    stack.callback(proxy.stop)
+    proxy.start()
+    return workdir, proxy, scale
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description="py-spy profile of tenantgate under W1")
     parser.add_argument("--protocols", default="simple,prepared")
@@ -130,16 +147,10 @@ def main() -> int:
     signal.signal(signal.SIGTERM, lambda s, f: (_ for _ in ()).throw(KeyboardInterrupt()))
     args.out.mkdir(parents=True, exist_ok=True)
     case = next(c for c in CASES if c.key == (args.case or f"W1-{args.mode}"))
-    scale = Scale(accounts=20_000)
     with contextlib.ExitStack() as stack:
-        workdir = Path(tempfile.mkdtemp(prefix="tenantgate-profile-"))
-        stack.callback(shutil.rmtree, workdir, True)
-        db = Database(scale, max_connections=300)
-        stack.callback(db.stop)
-        db.start()
-        proxy = Tenantgate(workdir, db, case.mode, pure=True)
-        stack.callback(proxy.stop)
-        proxy.start()
+        workdir, proxy, scale = start_services(
+            stack, case.mode, pure=True, prefix="tenantgate-profile-"
+        )
         script = workdir / "w1.sql"
         script.write_text(case.proxy_script)
         for index, protocol in enumerate(args.protocols.split(",")):
