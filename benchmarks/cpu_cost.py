@@ -22,7 +22,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -42,6 +41,7 @@ from services import (
     Scale,
     Tenantgate,
     free_port,
+    run_command,
     stop_process,
     wait_port,
 )
@@ -162,7 +162,6 @@ def main() -> int:
     parser.add_argument("--markdown", type=Path, default=None, help="write the median table")
     args = parser.parse_args()
     print(f"tenantgate: {tenantgate.COMPILED_WHY} (tenantgate-pure: source)", flush=True)
-    signal.signal(signal.SIGTERM, lambda s, f: (_ for _ in ()).throw(KeyboardInterrupt()))
     cases = [c for c in CASES if c.key in args.cases.split(",")]
     targets = args.targets.split(",")
     scale = Scale(accounts=args.accounts)
@@ -254,7 +253,4 @@ def median_table(results: list[Cost]) -> str:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except KeyboardInterrupt:
-        sys.exit(130)
+    run_command(main)

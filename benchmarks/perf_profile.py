@@ -22,7 +22,6 @@ import argparse
 import contextlib
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -33,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "proxy"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from profile_w1 import cpu_seconds, pgbench, start_services
-from services import stop_process
+from services import run_command, stop_process
 from workloads import CASES
 
 import tenantgate
@@ -109,7 +108,6 @@ def main() -> int:
     if shutil.which("perf") is None:
         print("perf is not installed: apt-get install -y linux-perf", file=sys.stderr)
         return 2
-    signal.signal(signal.SIGTERM, lambda s, f: (_ for _ in ()).throw(KeyboardInterrupt()))
     case = next(c for c in CASES if c.key == args.case)
     with contextlib.ExitStack() as stack:
         workdir, proxy, scale = start_services(
@@ -153,8 +151,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except KeyboardInterrupt:
-        print("interrupted: everything started was stopped", file=sys.stderr)
-        sys.exit(130)
+    run_command(main)

@@ -21,7 +21,6 @@ import contextlib
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -40,6 +39,7 @@ from services import (
     Database,
     Scale,
     Tenantgate,
+    run_command,
     stop_process,
 )
 from workloads import CASES, HOT_KEYS
@@ -144,7 +144,6 @@ def main() -> int:
     if not os.access(pyspy, os.X_OK):
         print("py-spy is not installed: .venv/bin/pip install py-spy", file=sys.stderr)
         return 2
-    signal.signal(signal.SIGTERM, lambda s, f: (_ for _ in ()).throw(KeyboardInterrupt()))
     args.out.mkdir(parents=True, exist_ok=True)
     case = next(c for c in CASES if c.key == (args.case or f"W1-{args.mode}"))
     with contextlib.ExitStack() as stack:
@@ -198,8 +197,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except KeyboardInterrupt:
-        print("interrupted: everything started was stopped", file=sys.stderr)
-        sys.exit(130)
+    run_command(main)

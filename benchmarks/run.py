@@ -21,12 +21,10 @@ import os
 import platform
 import shlex
 import shutil
-import signal
 import sys
 import tempfile
 import time
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "proxy"))
@@ -46,6 +44,7 @@ from services import (
     Tenantgate,
     cpu_model,
     raise_nofile,
+    run_command,
     tool_version,
 )
 from workloads import (
@@ -97,10 +96,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def _interrupt(signum: int, frame: FrameType | None) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
 def check_visibility(endpoints: dict[str, Endpoint], case: Case) -> None:
     """Each target returns the tenant's row: RLS and the proxy are set up as intended."""
     for target, ep in endpoints.items():
@@ -137,7 +132,6 @@ def machine_info(db: Database, bouncer: PgBouncer) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    signal.signal(signal.SIGTERM, _interrupt)
     raise_nofile()  # inherited by tenantgate / PgBouncer: 5,000 clients need ~10,000 fds
     command = ".venv/bin/python benchmarks/run.py " + shlex.join(
         argv if argv is not None else sys.argv[1:]
@@ -308,8 +302,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except KeyboardInterrupt:
-        print("interrupted: everything started was stopped", file=sys.stderr)
-        sys.exit(130)
+    run_command(main)

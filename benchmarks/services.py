@@ -20,8 +20,11 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from types import FrameType
+from typing import NoReturn
 
 import yaml
 
@@ -74,6 +77,25 @@ def wait_port(port: int, proc: subprocess.Popen[bytes], what: str, timeout: floa
         except OSError:
             time.sleep(0.05)
     raise RuntimeError(f"{what} did not listen on {HOST}:{port} within {timeout:g}s")
+
+
+def _interrupt(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def run_command(main: Callable[[], int]) -> NoReturn:
+    """Run a benchmark command's ``main`` and exit with its status.
+
+    SIGTERM acts as Ctrl-C, so the ExitStack ``main`` holds stops everything it
+    started either way; an interrupted run exits 130.
+    """
+    signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        status = main()
+    except KeyboardInterrupt:
+        print("interrupted: everything started was stopped", file=sys.stderr)
+        status = 130
+    sys.exit(status)
 
 
 def stop_process(
