@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from pglast.parser import parse_sql_json
 from test_shapes import through_one_cache, variants, verdicts
 
-from tenantgate.analysis import AnalysisCache, analyse_sql, check_tenant
+from tenantgate.analysis import AnalysisCache, AnalysisPolicy, analyse_sql, check_tenant
 from tenantgate.analysis.textshapes import _kind, literal_slots, literals_of, text_key
 
 CASES = load_cases()
@@ -353,3 +353,44 @@ def test_int4_or_numeric_is_decided_by_the_value(value: int, zeros: int) -> None
     fits = value <= 2**31 - 1
     assert _kind(digits) == ("i" if fits else "n")
     assert _kind("-" + digits) == ("I" if fits else "N")
+
+
+# Tables whose names differ in a digit, scoped by different columns: which literal is the
+# tenant value depends on a digit outside the literals.
+DIGIT_TABLES = AnalysisPolicy(
+    scoped_tables={"t1": "a", "t2": "b", "t3": "a"}, shared_tables=frozenset({"t4"})
+)
+DIGIT_TEXT = "SELECT x FROM t{} WHERE a = {} AND b = {}"
+
+
+def test_tenant_literals_are_the_text_keys_not_the_digit_keys() -> None:
+    cache = _filed(DIGIT_TABLES, DIGIT_TEXT.format(1, 11, 22))
+    key = text_key(DIGIT_TEXT.format(2, 11, 22))
+    assert key is not None
+    cache.get_or_analyse(DIGIT_TEXT.format(2, 33, 44))  # learns t2's text key
+    assert cache.text_shapes.lookup(key) is not None  # files t2 under the same digit key
+    # t2's tenant value is b's literal: 99 here, whatever a's literal says.
+    found = _digit_answer(cache, DIGIT_TEXT.format(2, 77, 99))
+    assert found is not None
+    assert found.statements[0].tenant_constants == {"99"}  # type: ignore[attr-defined]
+    found = _digit_answer(cache, DIGIT_TEXT.format(1, 77, 99))
+    assert found is not None
+    assert found.statements[0].tenant_constants == {"77"}  # type: ignore[attr-defined]
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(st.tuples(st.integers(1, 4), st.integers(10, 99), st.integers(10, 99)), max_size=4),
+    st.tuples(st.integers(1, 4), st.integers(10, 99), st.integers(10, 99)),
+)
+def test_generated_texts_of_one_digit_key_get_their_own_tenant_literals(
+    learnt: list[tuple[int, int, int]], then: tuple[int, int, int]
+) -> None:
+    cache = _filed(DIGIT_TABLES, DIGIT_TEXT.format(1, 10, 20))
+    for table, a, b in learnt:
+        sql = DIGIT_TEXT.format(table, a, b)
+        cache.get_or_analyse(sql)
+        key = text_key(sql)
+        assert key is not None
+        cache.text_shapes.lookup(key)
+    _digit_answer(cache, DIGIT_TEXT.format(*then))

@@ -160,27 +160,28 @@ def literal_slots(key: TextKey, json_text: str) -> list[int] | None:
 class _DigitKey:
     """The texts of one digit key: where their literals are, and which text keys they have.
 
-    All texts of a digit key have their literals at the same places (the
-    literal scan cannot tell their digits apart); they differ in the digits
-    outside integer literals (``fixed_at``: in names, strings, ``$1``, which
-    are part of the text key) and in the int4-or-numeric kind of integer
-    literals of ten digits or more (``long``).  ``variants`` maps those digits
-    and kinds to the text key; ``tenant_spans`` says where the tenant literals
-    are.
+    All texts of a digit key have their literals at the same places
+    (``spans``; the literal scan cannot tell their digits apart).  They differ
+    in the digits outside integer literals (``fixed_at``: in names, strings,
+    ``$1``, which are part of the text key) and in the int4-or-numeric kind of
+    integer literals of ten digits or more (``long``).  ``variants`` maps those
+    digits and kinds to the text key and to where *its* tenant literals are: a
+    digit in a name can change the table, so which literals are tenant values
+    is a property of the text key, never of the digit key.
     """
 
-    __slots__ = ("fixed_at", "long", "tenant_spans", "variants")
+    __slots__ = ("fixed_at", "long", "spans", "variants")
 
     def __init__(
         self,
         fixed_at: tuple[int, ...],
         long: tuple[tuple[int, int], ...],
-        tenant_spans: tuple[tuple[int, int], ...],
+        spans: tuple[tuple[int, int], ...],
     ) -> None:
         self.fixed_at = fixed_at
         self.long = long
-        self.tenant_spans = tenant_spans
-        self.variants: dict[tuple[bytes, str], str] = {}
+        self.spans = spans
+        self.variants: dict[tuple[bytes, str], tuple[str, tuple[tuple[int, int], ...]]] = {}
 
     def variant(self, sql: bytes) -> tuple[bytes, str]:
         """What tells apart the text keys of this digit key's texts, for ``sql``."""
@@ -239,10 +240,10 @@ class TextShapes:
         digit_key = self._digits.get(sql.translate(_DIGITS_TO_ZERO))
         if digit_key is None:
             return None
-        masked = digit_key.variants.get(digit_key.variant(sql))
-        if masked is None:
+        found = digit_key.variants.get(digit_key.variant(sql))
+        if found is None:
             return None
-        spans = digit_key.tenant_spans
+        masked, spans = found
         return self._analysis(
             masked, tuple([sql[start:end].decode("ascii") for start, end in spans])
         )
@@ -268,19 +269,19 @@ class TextShapes:
         """File the text of ``key`` under its digit key, unless it has string literals
         other than tenant values (names, say: its digit key would not come back)."""
         masked, pieces = key
+        if any(pieces[i][0] == "'" for i in range(1, len(pieces), 2) if i not in tenant_slots):
+            return
         text = "".join(pieces).encode("ascii")
         digit_key_bytes = text.translate(_DIGITS_TO_ZERO)
         digit_key = self._digits.get(digit_key_bytes)
         if digit_key is None:
-            digit_key = _digit_key(pieces, tenant_slots)
-            if digit_key is None:
-                return
             if self._digit_variants >= self.maxsize:
                 self._digits.clear()
                 self._digit_variants = 0
-            self._digits[digit_key_bytes] = digit_key
+            digit_key = self._digits[digit_key_bytes] = _digit_key(pieces)
         self._digit_variants += 1
-        digit_key.variants[digit_key.variant(text)] = masked
+        tenant_spans = tuple(digit_key.spans[slot // 2] for slot in tenant_slots)
+        digit_key.variants[digit_key.variant(text)] = (masked, tenant_spans)
 
     def learn(self, key: TextKey, json_text: str, shape: Shape) -> bool:
         """Record ``key`` from a text of a known tree shape, if they pair up; says if it did."""
@@ -323,21 +324,19 @@ def _with_literals(template: StatementAnalysis, tokens: tuple[str, ...]) -> Anal
     return with_tenant_constants(template, frozenset(constants))
 
 
-def _digit_key(pieces: list[str], tenant_slots: tuple[int, ...]) -> _DigitKey | None:
-    """The digit key of the text split into ``pieces``, None if it has string literals
-    other than those at ``tenant_slots``."""
+def _digit_key(pieces: list[str]) -> _DigitKey:
+    """The digit key's structure, from one of its texts split into ``pieces``."""
     fixed_at: list[int] = []
     long: list[tuple[int, int]] = []
-    spans: dict[int, tuple[int, int]] = {}
+    spans: list[tuple[int, int]] = []
     position = 0
     for index, piece in enumerate(pieces):
         end = position + len(piece)
-        if index % 2 and piece[0] == "'" and index not in tenant_slots:
-            return None
         if index % 2 == 0 or piece[0] == "'":
             fixed_at.extend(position + i for i, char in enumerate(piece) if "0" <= char <= "9")
         elif len(piece) - (piece[0] == "-") >= _INT4_DIGITS:
             long.append((position, end))
-        spans[index] = (position, end)
+        if index % 2:
+            spans.append((position, end))
         position = end
-    return _DigitKey(tuple(fixed_at), tuple(long), tuple(spans[i] for i in tenant_slots))
+    return _DigitKey(tuple(fixed_at), tuple(long), tuple(spans))
