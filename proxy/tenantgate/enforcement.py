@@ -391,7 +391,7 @@ class PolicyInspector:
         self.last_would_reject = False
         self.query_sent()
         if self._cache.last_hit:  # its second sight (checked above: allowed, rememberable)
-            self._remember(message, sql, analysis)
+            self._remember(message, sql, analysis, command)
         return KnownQuery(sql, command)
 
     def _fast_command(self, analysis: Analysis) -> str | None:
@@ -419,17 +419,18 @@ class PolicyInspector:
             return
         if not self._cache.last_hit:
             return  # seen once: texts that never repeat (inlined literals) stay out
-        if check_tenant(analysis, self._tenant) is not None or not _rememberable(analysis):
+        command = self._fast_command(analysis)
+        if command is None:
             return
-        self._remember(message, message[5:-1].decode("utf-8"), analysis)
+        self._remember(message, message[5:-1].decode("utf-8"), analysis, command)
 
-    def _remember(self, message: bytes, sql: str, analysis: Analysis) -> None:
-        """Record an allowed, rememberable Query for :meth:`known_query`."""
+    def _remember(self, message: bytes, sql: str, analysis: Analysis, command: str) -> None:
+        """Record a Query :meth:`_fast_command` allowed, for :meth:`known_query`."""
         constants = frozenset().union(*(s.tenant_constants for s in analysis.statements))
         known = self._known
         if len(known) >= self._cache.maxsize:
             known.clear()
-        known[message] = (sql, analysis, _command(analysis.statements), constants)
+        known[message] = (sql, analysis, command, constants)
 
     def query_sent(self) -> None:
         # A simple Query destroys the unnamed prepared statement.
