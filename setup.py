@@ -31,6 +31,7 @@ HOT_MODULES = (
     "tenantgate/hooks.py",
     "tenantgate/limits.py",
     "tenantgate/protocol/framing.py",
+    "tenantgate/protocol/frontend.py",
     "tenantgate/analysis/cache.py",
     "tenantgate/analysis/shapes.py",
     "tenantgate/analysis/textshapes.py",

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import struct
+from collections.abc import Callable
 
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
@@ -30,6 +31,7 @@ from tenantgate.protocol.backend import (
     RowDescription,
     decode_backend,
 )
+from tenantgate.protocol.codec import PayloadCursor
 from tenantgate.protocol.framing import FirstPacketReader, MessageReader, frame
 from tenantgate.protocol.frontend import (
     Bind,
@@ -316,3 +318,69 @@ def test_frame_helper_matches_reader() -> None:
     reader = MessageReader()
     reader.feed(frame(b"d", b"abc"))
     assert reader.drain() == [(ord("d"), b"abc")]
+
+
+# --- Bind's hand-written decoder against the cursor's reading of the same bytes -------
+
+
+def bind_by_cursor(payload: bytes) -> Bind:
+    """Bind read field by field with PayloadCursor: the reference for Bind.decode."""
+    cursor = PayloadCursor(payload, "Bind")
+    portal = cursor.cstring()
+    statement = cursor.cstring()
+    formats = tuple(cursor.int16() for _ in range(cursor.uint16()))
+    params: list[bytes | None] = []
+    for _ in range(cursor.uint16()):
+        size = cursor.int32()
+        if size < -1:
+            raise RemoteProtocolError("Bind: invalid parameter length")
+        params.append(None if size == -1 else cursor.take(size))
+    results = tuple(cursor.int16() for _ in range(cursor.uint16()))
+    cursor.expect_end()
+    return Bind(portal, statement, formats, tuple(params), results)
+
+
+def outcome(decode: Callable[[bytes], Bind], payload: bytes) -> Bind | None:
+    try:
+        return decode(payload)
+    except RemoteProtocolError:
+        return None
+
+
+BIND_PAYLOADS = st.one_of(
+    st.builds(
+        Bind,
+        TEXT,
+        TEXT,
+        st.lists(INT16, max_size=5).map(tuple),
+        st.lists(VALUE, max_size=5).map(tuple),
+        st.lists(INT16, max_size=5).map(tuple),
+    ).map(lambda bind: bind.encode()[5:]),
+    st.binary(max_size=60),
+)
+
+
+@FUZZ
+@given(BIND_PAYLOADS, st.integers(0, 60), st.binary(max_size=4))
+@example(b"\x00\x00\x00\x01\x80\x00\x00\x00\x00\x00", 99, b"")  # format -32768
+@example(b"\x00\x00\x00\x00\x00\x01\xff\xff\xff\xff\x00\x00", 99, b"")  # one NULL
+def test_bind_decode_agrees_with_cursor(payload: bytes, cut: int, tail: bytes) -> None:
+    """Whole, cut short, or with bytes appended: the fast decoder accepts exactly what
+    the cursor accepts, with the same fields."""
+    for candidate in (payload, payload[:cut], payload + tail):
+        assert outcome(Bind.decode, candidate) == outcome(bind_by_cursor, candidate)
+
+
+def test_messages_are_values() -> None:
+    """Equal when of one class with equal fields, hashing alike; never equal across
+    classes with the same fields; repr names every field."""
+    assert Parse("s", "q") == Parse("s", "q", ())
+    assert hash(Parse("s", "q")) == hash(Parse("s", "q", ()))
+    assert Parse("s", "q") != Parse("s", "q", (23,))
+    assert Query("x") != CopyFail("x")
+    assert Describe("P") != Close("P")
+    assert Sync() == Sync()
+    assert Sync() != Flush()
+    assert len({Bind("", "a", (), (b"1",)), Bind("", "a", (), (b"1",)), Bind("", "b")}) == 2
+    assert repr(Execute("p", 5)) == "Execute(portal='p', max_rows=5)"
+    assert repr(Terminate()) == "Terminate()"

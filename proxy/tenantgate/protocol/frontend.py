@@ -3,18 +3,21 @@
 Covers every message a client may send after startup: Query, Parse, Bind,
 Execute, Describe, Close, Sync, Flush, Terminate, CopyData/CopyDone/CopyFail,
 FunctionCall, and the authentication responses ('p').
+
+The messages are plain classes on :class:`_Message` (value equality, hash and
+repr over :attr:`_Message.FIELDS`), not dataclasses: mypyc compiles this module,
+and it would leave a dataclass's generated ``__init__`` interpreted, which every
+Parse and Bind of every client calls.  Treat them as immutable values; the type
+checker does (their attributes are ``Final``).
 """
 
 from __future__ import annotations
 
-import struct
-from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, Final
 
 from tenantgate.errors import RemoteProtocolError
 from tenantgate.protocol.codec import (
     INT32,
-    UINT16,
     UINT32,
     PayloadCursor,
     count16,
@@ -25,34 +28,66 @@ from tenantgate.protocol.codec import (
 from tenantgate.protocol.framing import frame
 
 
-@dataclass(frozen=True, slots=True)
-class Query:
+class _Message:
+    """Value semantics for the messages below: equal, and hashing alike, when of one
+    class with equal :attr:`FIELDS`."""
+
+    __slots__ = ()
+    TYPE: ClassVar[bytes] = b""
+    FIELDS: ClassVar[tuple[str, ...]] = ()
+
+    def values(self) -> tuple[object, ...]:
+        """The message's fields, in :attr:`FIELDS` order."""
+        return tuple(getattr(self, name) for name in self.FIELDS)
+
+    def __eq__(self, other: object) -> bool:
+        if type(other) is not type(self):
+            return NotImplemented
+        assert isinstance(other, _Message)
+        return self.values() == other.values()
+
+    def __hash__(self) -> int:
+        return hash((type(self).__name__, self.values()))
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{name}={getattr(self, name)!r}" for name in self.FIELDS)
+        return f"{type(self).__name__}({fields})"
+
+
+class Query(_Message):
+    FIELDS: ClassVar[tuple[str, ...]] = ("query",)
+    __slots__ = FIELDS
     TYPE: ClassVar[bytes] = b"Q"
-    query: str
+
+    def __init__(self, query: str) -> None:
+        self.query: Final = query
 
     def encode(self) -> bytes:
         return frame(b"Q", cstring(self.query))
 
-    @classmethod
-    def decode(cls, payload: bytes) -> Query:
+    @staticmethod
+    def decode(payload: bytes) -> Query:
         cursor = PayloadCursor(payload, "Query")
         query = cursor.cstring()
         cursor.expect_end()
-        return cls(query)
+        return Query(query)
 
 
-@dataclass(frozen=True, slots=True)
-class Parse:
+class Parse(_Message):
+    FIELDS: ClassVar[tuple[str, ...]] = ("name", "query", "param_types")
+    __slots__ = FIELDS
     TYPE: ClassVar[bytes] = b"P"
-    name: str
-    query: str
-    param_types: tuple[int, ...] = ()
+
+    def __init__(self, name: str, query: str, param_types: tuple[int, ...] = ()) -> None:
+        self.name: Final = name
+        self.query: Final = query
+        self.param_types: Final = param_types
 
     def encode(self) -> bytes:
         return frame(b"P", cstring(self.name) + cstring(self.query) + int32_list(self.param_types))
 
-    @classmethod
-    def decode(cls, payload: bytes) -> Parse:
+    @staticmethod
+    def decode(payload: bytes) -> Parse:
         # Hot path (drivers Parse the unnamed statement for every statement): two C
         # strings and no parameter types; anything else takes the cursor.
         first = payload.find(0)
@@ -60,7 +95,7 @@ class Parse:
         if second >= 0 and payload[second + 1 :] == b"\x00\x00":
             try:
                 name = payload[:first].decode("utf-8")
-                return cls(name, payload[first + 1 : second].decode("utf-8"), ())
+                return Parse(name, payload[first + 1 : second].decode("utf-8"), ())
             except UnicodeDecodeError:
                 pass  # the cursor reports it precisely
         cursor = PayloadCursor(payload, "Parse")
@@ -69,17 +104,33 @@ class Parse:
         count = cursor.uint16()
         types = tuple(cursor.uint32() for _ in range(count))
         cursor.expect_end()
-        return cls(name, query, types)
+        return Parse(name, query, types)
 
 
-@dataclass(frozen=True, slots=True)
-class Bind:
+class Bind(_Message):
+    FIELDS: ClassVar[tuple[str, ...]] = (
+        "portal",
+        "statement",
+        "param_formats",
+        "params",
+        "result_formats",
+    )
+    __slots__ = FIELDS
     TYPE: ClassVar[bytes] = b"B"
-    portal: str
-    statement: str
-    param_formats: tuple[int, ...] = ()
-    params: tuple[bytes | None, ...] = ()
-    result_formats: tuple[int, ...] = ()
+
+    def __init__(
+        self,
+        portal: str,
+        statement: str,
+        param_formats: tuple[int, ...] = (),
+        params: tuple[bytes | None, ...] = (),
+        result_formats: tuple[int, ...] = (),
+    ) -> None:
+        self.portal: Final = portal
+        self.statement: Final = statement
+        self.param_formats: Final = param_formats
+        self.params: Final = params
+        self.result_formats: Final = result_formats
 
     def encode(self) -> bytes:
         parts = [cstring(self.portal), cstring(self.statement), int16_list(self.param_formats)]
@@ -92,25 +143,22 @@ class Bind:
         parts.append(int16_list(self.result_formats))
         return frame(b"B", b"".join(parts))
 
-    @classmethod
-    def decode(cls, payload: bytes) -> Bind:
-        # Hot path (every Bind of every client): plain struct calls, same checks
-        # as PayloadCursor would make.
+    @staticmethod
+    def decode(payload: bytes) -> Bind:
+        # Hot path (every Bind of every client): fields read by indexing the bytes,
+        # which compiles to plain C; the same checks as PayloadCursor would make.
         try:
             end = payload.index(0)
             portal = payload[:end].decode("utf-8")
             start = end + 1
             end = payload.index(0, start)
             statement = payload[start:end].decode("utf-8")
-            pos = end + 1
-            (count,) = UINT16.unpack_from(payload, pos)
-            formats = struct.unpack_from(f"!{count}h", payload, pos + 2) if count else ()
-            pos += 2 + 2 * count
-            (count,) = UINT16.unpack_from(payload, pos)
+            formats, pos = _int16_array(payload, end + 1)
+            count = _uint16_at(payload, pos)
             pos += 2
             params: list[bytes | None] = []
             for _ in range(count):
-                (size,) = INT32.unpack_from(payload, pos)
+                size = _int32_at(payload, pos)
                 pos += 4
                 if size == -1:
                     params.append(None)
@@ -121,14 +169,12 @@ class Bind:
                     raise RemoteProtocolError("Bind: truncated message")
                 params.append(payload[pos : pos + size])
                 pos += size
-            (count,) = UINT16.unpack_from(payload, pos)
-            results = struct.unpack_from(f"!{count}h", payload, pos + 2) if count else ()
-            pos += 2 + 2 * count
-        except (ValueError, struct.error):
+            results, pos = _int16_array(payload, pos)
+        except (ValueError, IndexError):  # no terminator, bad UTF-8, or short
             raise RemoteProtocolError("Bind: truncated or malformed message") from None
         if pos != len(payload):
             raise RemoteProtocolError("Bind: unexpected trailing bytes")
-        return cls(portal, statement, formats, tuple(params), results)
+        return Bind(portal, statement, formats, tuple(params), results)
 
     def param_is_binary(self, index: int) -> bool:
         """Whether parameter ``index`` (0-based) is in binary format."""
@@ -139,49 +185,72 @@ class Bind:
         return index < len(self.param_formats) and self.param_formats[index] == 1
 
 
-def _int16s(cursor: PayloadCursor, what: str) -> tuple[int, ...]:
-    count = cursor.uint16()
-    return tuple(cursor.int16() for _ in range(count))
+def _uint16_at(data: bytes, pos: int) -> int:
+    return (data[pos] << 8) | data[pos + 1]
 
 
-@dataclass(frozen=True, slots=True)
-class Execute:
+def _int32_at(data: bytes, pos: int) -> int:
+    value = (data[pos] << 24) | (data[pos + 1] << 16) | (data[pos + 2] << 8) | data[pos + 3]
+    return value - 0x1_0000_0000 if value & 0x8000_0000 else value
+
+
+def _int16_array(data: bytes, pos: int) -> tuple[tuple[int, ...], int]:
+    """The Int16 count and values at ``pos``, and the position after them."""
+    count = _uint16_at(data, pos)
+    end = pos + 2 + 2 * count
+    if end > len(data):
+        raise IndexError(pos)
+    values = []
+    for at in range(pos + 2, end, 2):
+        value = _uint16_at(data, at)
+        values.append(value - 0x1_0000 if value & 0x8000 else value)
+    return tuple(values), end
+
+
+class Execute(_Message):
+    FIELDS: ClassVar[tuple[str, ...]] = ("portal", "max_rows")
+    __slots__ = FIELDS
     TYPE: ClassVar[bytes] = b"E"
-    portal: str = ""
-    max_rows: int = 0
+
+    def __init__(self, portal: str = "", max_rows: int = 0) -> None:
+        self.portal: Final = portal
+        self.max_rows: Final = max_rows
 
     def encode(self) -> bytes:
         return frame(b"E", cstring(self.portal) + INT32.pack(self.max_rows))
 
-    @classmethod
-    def decode(cls, payload: bytes) -> Execute:
+    @staticmethod
+    def decode(payload: bytes) -> Execute:
         if payload == _EXECUTE_UNNAMED_ALL:
             return _UNNAMED_EXECUTE  # what drivers send for nearly every statement
         cursor = PayloadCursor(payload, "Execute")
         portal = cursor.cstring()
         rows = cursor.int32()
         cursor.expect_end()
-        return cls(portal, rows)
+        return Execute(portal, rows)
 
 
-@dataclass(frozen=True, slots=True)
-class Describe:
+class Describe(_Message):
+    FIELDS: ClassVar[tuple[str, ...]] = ("kind", "name")
+    __slots__ = FIELDS
     TYPE: ClassVar[bytes] = b"D"
-    kind: str  # "S" statement or "P" portal
-    name: str = ""
+
+    def __init__(self, kind: str, name: str = "") -> None:
+        self.kind: Final = kind  # "S" statement or "P" portal
+        self.name: Final = name
 
     def encode(self) -> bytes:
         return frame(b"D", self.kind.encode("ascii") + cstring(self.name))
 
-    @classmethod
-    def decode(cls, payload: bytes) -> Describe:
+    @staticmethod
+    def decode(payload: bytes) -> Describe:
         if payload == b"P\x00":
             return _UNNAMED_PORTAL_DESCRIBE  # what libpq sends before every Execute
         cursor = PayloadCursor(payload, "Describe")
         kind = _statement_or_portal(cursor.byte(), "Describe")
         name = cursor.cstring()
         cursor.expect_end()
-        return cls(kind, name)
+        return Describe(kind, name)
 
 
 _EXECUTE_UNNAMED_ALL = b"\x00\x00\x00\x00\x00"
@@ -189,22 +258,25 @@ _UNNAMED_EXECUTE = Execute("", 0)
 _UNNAMED_PORTAL_DESCRIBE = Describe("P", "")
 
 
-@dataclass(frozen=True, slots=True)
-class Close:
+class Close(_Message):
+    FIELDS: ClassVar[tuple[str, ...]] = ("kind", "name")
+    __slots__ = FIELDS
     TYPE: ClassVar[bytes] = b"C"
-    kind: str
-    name: str = ""
+
+    def __init__(self, kind: str, name: str = "") -> None:
+        self.kind: Final = kind
+        self.name: Final = name
 
     def encode(self) -> bytes:
         return frame(b"C", self.kind.encode("ascii") + cstring(self.name))
 
-    @classmethod
-    def decode(cls, payload: bytes) -> Close:
+    @staticmethod
+    def decode(payload: bytes) -> Close:
         cursor = PayloadCursor(payload, "Close")
         kind = _statement_or_portal(cursor.byte(), "Close")
         name = cursor.cstring()
         cursor.expect_end()
-        return cls(kind, name)
+        return Close(kind, name)
 
 
 def _statement_or_portal(value: int, what: str) -> str:
@@ -213,96 +285,112 @@ def _statement_or_portal(value: int, what: str) -> str:
     return chr(value)
 
 
-@dataclass(frozen=True, slots=True)
-class Sync:
+class Sync(_Message):
+    __slots__ = ()
     TYPE: ClassVar[bytes] = b"S"
 
     def encode(self) -> bytes:
         return frame(b"S")
 
 
-@dataclass(frozen=True, slots=True)
-class Flush:
+class Flush(_Message):
+    __slots__ = ()
     TYPE: ClassVar[bytes] = b"H"
 
     def encode(self) -> bytes:
         return frame(b"H")
 
 
-@dataclass(frozen=True, slots=True)
-class Terminate:
+class Terminate(_Message):
+    __slots__ = ()
     TYPE: ClassVar[bytes] = b"X"
 
     def encode(self) -> bytes:
         return frame(b"X")
 
 
-@dataclass(frozen=True, slots=True)
-class CopyData:
+class CopyData(_Message):
+    FIELDS: ClassVar[tuple[str, ...]] = ("data",)
+    __slots__ = FIELDS
     TYPE: ClassVar[bytes] = b"d"
-    data: bytes
+
+    def __init__(self, data: bytes) -> None:
+        self.data: Final = data
 
     def encode(self) -> bytes:
         return frame(b"d", self.data)
 
 
-@dataclass(frozen=True, slots=True)
-class CopyDone:
+class CopyDone(_Message):
+    __slots__ = ()
     TYPE: ClassVar[bytes] = b"c"
 
     def encode(self) -> bytes:
         return frame(b"c")
 
 
-@dataclass(frozen=True, slots=True)
-class CopyFail:
+class CopyFail(_Message):
+    FIELDS: ClassVar[tuple[str, ...]] = ("message",)
+    __slots__ = FIELDS
     TYPE: ClassVar[bytes] = b"f"
-    message: str
+
+    def __init__(self, message: str) -> None:
+        self.message: Final = message
 
     def encode(self) -> bytes:
         return frame(b"f", cstring(self.message))
 
-    @classmethod
-    def decode(cls, payload: bytes) -> CopyFail:
+    @staticmethod
+    def decode(payload: bytes) -> CopyFail:
         cursor = PayloadCursor(payload, "CopyFail")
         message = cursor.cstring()
         cursor.expect_end()
-        return cls(message)
+        return CopyFail(message)
 
 
-@dataclass(frozen=True, slots=True)
-class FunctionCall:
+class FunctionCall(_Message):
     """Decoded only so it can be named in errors; the proxy never forwards it."""
 
+    FIELDS: ClassVar[tuple[str, ...]] = ("function_oid", "raw_arguments")
+    __slots__ = FIELDS
     TYPE: ClassVar[bytes] = b"F"
-    function_oid: int
-    raw_arguments: bytes
+
+    def __init__(self, function_oid: int, raw_arguments: bytes) -> None:
+        self.function_oid: Final = function_oid
+        self.raw_arguments: Final = raw_arguments
 
     def encode(self) -> bytes:
         return frame(b"F", UINT32.pack(self.function_oid) + self.raw_arguments)
 
-    @classmethod
-    def decode(cls, payload: bytes) -> FunctionCall:
+    @staticmethod
+    def decode(payload: bytes) -> FunctionCall:
         cursor = PayloadCursor(payload, "FunctionCall")
         oid = cursor.uint32()
-        return cls(oid, cursor.rest())
+        return FunctionCall(oid, cursor.rest())
 
 
-@dataclass(frozen=True, slots=True)
-class PasswordMessage:
+class PasswordMessage(_Message):
     """'p': PasswordMessage, SASLInitialResponse or SASLResponse (context decides)."""
 
+    FIELDS: ClassVar[tuple[str, ...]] = ("data",)
+    __slots__ = FIELDS
     TYPE: ClassVar[bytes] = b"p"
-    data: bytes
+
+    def __init__(self, data: bytes) -> None:
+        self.data: Final = data
 
     def encode(self) -> bytes:
         return frame(b"p", self.data)
 
 
-@dataclass(frozen=True, slots=True)
-class SASLInitialResponse:
-    mechanism: str
-    response: bytes | None
+class SASLInitialResponse(_Message):
+    FIELDS: ClassVar[tuple[str, ...]] = ("mechanism", "response")
+    __slots__ = FIELDS
+    TYPE: ClassVar[bytes] = b"p"
+
+    def __init__(self, mechanism: str, response: bytes | None) -> None:
+        self.mechanism: Final = mechanism
+        self.response: Final = response
 
     def encode(self) -> bytes:
         body = cstring(self.mechanism)
@@ -312,14 +400,14 @@ class SASLInitialResponse:
             body += INT32.pack(len(self.response)) + self.response
         return frame(b"p", body)
 
-    @classmethod
-    def decode(cls, payload: bytes) -> SASLInitialResponse:
+    @staticmethod
+    def decode(payload: bytes) -> SASLInitialResponse:
         cursor = PayloadCursor(payload, "SASLInitialResponse")
         mechanism = cursor.cstring()
         size = cursor.int32()
         response = None if size == -1 else cursor.take(size)
         cursor.expect_end()
-        return cls(mechanism, response)
+        return SASLInitialResponse(mechanism, response)
 
 
 NO_PAYLOAD_TYPES = frozenset(b"SHXc")
