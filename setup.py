@@ -29,6 +29,7 @@ HOT_MODULES = (
     "tenantgate/telemetry.py",
     "tenantgate/metrics.py",
     "tenantgate/hooks.py",
+    "tenantgate/injection.py",
     "tenantgate/limits.py",
     "tenantgate/protocol/framing.py",
     "tenantgate/protocol/frontend.py",

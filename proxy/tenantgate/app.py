@@ -54,7 +54,7 @@ class ProxyApp:
         self.server.on_session_start = self._session_started
         self.server.on_session_end = self._session_ended
         self.server.on_auth_failure = self.metrics.auth_failure
-        self.server.rate_limit = self._rate_limit
+        self.server.rate_limit = self.limiter.reserve
         self.metrics.set_upstream_source(self._upstream_counts)
         self._telemetry: dict[str, SessionTelemetry] = {}
         self._audit_task: asyncio.Task[None] | None = None
@@ -92,14 +92,6 @@ class ProxyApp:
         telemetry = self._telemetry.pop(session.info.session_id, None)
         if telemetry is not None:
             telemetry.closed()
-
-    def _rate_limit(self, session: Session) -> float | None:
-        delay = self.limiter.reserve(session.info.tenant)
-        if delay:
-            telemetry = self._telemetry.get(session.info.session_id)
-            if telemetry is not None:
-                telemetry.rate_limited()
-        return delay
 
     def _upstream_counts(self) -> dict[str, int]:
         sessions = list(self.server.sessions.values())

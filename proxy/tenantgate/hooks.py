@@ -108,6 +108,9 @@ class SessionObserver(Protocol):
     def traffic(self, bytes_in: int, bytes_out: int) -> None:
         """Bytes received from and sent to the client."""
 
+    def rate_limited(self) -> None:
+        """A statement waits for the tenant's rate limit."""
+
     def closed(self) -> None:
         """The session ended."""
 
@@ -120,6 +123,9 @@ class NullObserver:
         return None
 
     def traffic(self, bytes_in: int, bytes_out: int) -> None:
+        return None
+
+    def rate_limited(self) -> None:
         return None
 
     def closed(self) -> None:

@@ -23,8 +23,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Protocol
+from typing import Final, Protocol
 
 from tenantgate.protocol.frontend import Bind, Close, Execute, Parse
 
@@ -50,14 +49,20 @@ class StatementShape(Protocol):
     def command(self) -> str: ...  # the metric label: select/insert/update/delete/other
 
 
-@dataclass(frozen=True, slots=True)
 class Rewrite:
-    """A simple Query with the tenant spliced in."""
+    """A simple Query with the tenant spliced in (a plain class: mypyc compiles this
+    module, and a dataclass's ``__init__`` would stay interpreted)."""
 
-    text: bytes
-    hidden_statements: frozenset[int]
-    # (character position in ``text``, characters inserted there): to map error positions back.
-    shifts: tuple[tuple[int, int], ...]
+    __slots__ = ("hidden_statements", "shifts", "text")
+
+    def __init__(
+        self, text: bytes, hidden_statements: frozenset[int], shifts: tuple[tuple[int, int], ...]
+    ) -> None:
+        self.text: Final = text
+        self.hidden_statements: Final = hidden_statements
+        # (character position in ``text``, characters inserted there): to map error
+        # positions back.
+        self.shifts: Final = shifts
 
 
 def original_position(position: int, shifts: tuple[tuple[int, int], ...]) -> int | None:
@@ -87,6 +92,7 @@ class TenantInjector:
     """Per-session injection state for one tenant."""
 
     __slots__ = (
+        "_bind",
         "_execute",
         "_generation",
         "_in_block",
@@ -117,7 +123,13 @@ class TenantInjector:
         # under a new name after the client's DEALLOCATE ALL dropped it.
         self._generation = 0
         self.prepared = False
+        self._bind = self._encode_bind()
         self._execute = Execute(INTERNAL_PORTAL, 0).encode() + Close("P", INTERNAL_PORTAL).encode()
+
+    def _encode_bind(self) -> bytes:
+        """The Bind of the internal statement with the setting and the tenant."""
+        parameters = (self._setting, self._tenant)
+        return Bind(INTERNAL_PORTAL, self.statement_name, (0,), parameters, ()).encode()
 
     @property
     def statement_name(self) -> str:
@@ -130,6 +142,7 @@ class TenantInjector:
         """
         self._generation += 1
         self.prepared = False
+        self._bind = self._encode_bind()
 
     def observe_state(self, idle_in_block: bool) -> None:
         """Before a chunk of client messages: is the upstream idle in an explicit block?
@@ -217,13 +230,12 @@ class TenantInjector:
         if not self._needs_injection:
             return None
         self._needs_injection = False
-        name = self.statement_name
-        bind = Bind(INTERNAL_PORTAL, name, (0,), (self._setting, self._tenant), ()).encode()
         if self.prepared:
-            return bind + self._execute
-        parse = Parse(name, "SELECT pg_catalog.set_config($1, $2, true)", (25, 25)).encode()
+            return self._bind + self._execute
+        sql = "SELECT pg_catalog.set_config($1, $2, true)"
+        parse = Parse(self.statement_name, sql, (25, 25)).encode()
         self.prepared = True
-        return parse + bind + self._execute
+        return parse + self._bind + self._execute
 
     def after_sync(self) -> None:
         self._needs_injection = True

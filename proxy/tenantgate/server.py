@@ -90,8 +90,9 @@ class ProxyServer:
         self.on_session_start: Callable[[Session], None] | None = None
         self.on_session_end: Callable[[Session], None] | None = None
         self.on_auth_failure: Callable[[str], None] | None = None
-        # Per-statement rate limit: seconds to wait, or None to refuse (53400).
-        self.rate_limit: Callable[[Session], float | None] | None = None
+        # Per-statement rate limit, given the tenant: seconds to wait, or None to
+        # refuse (53400).
+        self.rate_limit: Callable[[str], float | None] | None = None
 
     # --- lifecycle -------------------------------------------------------------------
 

@@ -120,7 +120,8 @@ class Session:
         self._upstream_gone = asyncio.Event()
         self._client_buffer = bytearray()
         self._max_message = max_message_bytes
-        self.rate_limit: Callable[[Session], float | None] | None = None
+        # The rate limit (TenantLimiter.reserve): called with the tenant per statement.
+        self.rate_limit: Callable[[str], float | None] | None = None
         self.rate: float | None = None
         self.idle_timeout_s: float | None = None
         self._loop = asyncio.get_running_loop()
@@ -287,7 +288,7 @@ class Session:
                     if self._rate_decided is not None:  # taken by _known_query for this message
                         (delay,), self._rate_decided = self._rate_decided, None
                     else:
-                        delay = self.rate_limit(self)
+                        delay = self._reserve_rate(self.rate_limit)
                     if delay is not None and delay > 0:
                         self._deferred = True
                         self._client_transport.pause_reading()
@@ -356,11 +357,18 @@ class Session:
         """
         if self.rate_limit is None:
             return True
-        delay = self.rate_limit(self)
+        delay = self._reserve_rate(self.rate_limit)
         if delay == 0.0:
             return True
         self._rate_decided = (delay,)
         return False
+
+    def _reserve_rate(self, reserve: Callable[[str], float | None]) -> float | None:
+        """One statement's token: seconds to wait (0.0: now), or None to refuse."""
+        delay = reserve(self.info.tenant)
+        if delay:
+            self.observer.rate_limited()
+        return delay
 
     def _expect_statement(
         self, kind: Kind, command: str, sql: str | None, would_reject: bool
