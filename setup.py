@@ -34,6 +34,7 @@ HOT_MODULES = (
     "tenantgate/protocol/framing.py",
     "tenantgate/protocol/frontend.py",
     "tenantgate/analysis/cache.py",
+    "tenantgate/analysis/params.py",
     "tenantgate/analysis/shapes.py",
     "tenantgate/analysis/textshapes.py",
 )

@@ -34,7 +34,7 @@ log = logging.getLogger("tenantgate.enforcement")
 MAX_TRACKED_PORTALS = 1000
 # Portal descriptions remembered per session by statement text (memory: texts x sessions).
 MAX_PORTAL_INFOS = 64
-# Analyses the Query fast path allowed, per session, by identity (see _fast_command).
+# Verdicts per session, kept by analysis identity (see _fast_command and _verdict).
 MAX_FAST_VERDICTS = 64
 
 
@@ -178,15 +178,25 @@ class PolicyInspector:
         self._known = cache.known_messages
         self._tenant_only = frozenset((tenant,))
         self._fast: dict[int, tuple[Analysis, str]] = {}
+        self._verdicts: dict[int, tuple[Analysis, Rejection | None]] = {}
 
     # --- verdicts ------------------------------------------------------------------
 
     def _verdict(self, sql: str) -> tuple[Analysis, Rejection | None]:
         analysis = self._cache.get_or_analyse(sql)
         self.last_analysis = analysis
-        rejection = analysis.rejection or check_tenant(analysis, self._tenant)
-        if rejection is None:
-            rejection = self._check_timeouts(analysis)
+        # Kept by identity, as _fast_command keeps its answers: a cached text hands
+        # out the same analysis object, and the answer depends on nothing else.
+        known = self._verdicts.get(id(analysis))
+        if known is not None and known[0] is analysis:
+            rejection = known[1]
+        else:
+            rejection = analysis.rejection or check_tenant(analysis, self._tenant)
+            if rejection is None:
+                rejection = self._check_timeouts(analysis)
+            if len(self._verdicts) >= MAX_FAST_VERDICTS:
+                self._verdicts.clear()
+            self._verdicts[id(analysis)] = (analysis, rejection)  # holding it keeps the id
         self.last_would_reject = rejection is not None and self._dry_run
         return analysis, rejection
 

@@ -172,3 +172,18 @@ def test_known_query_never_disagrees_with_inspect_query(calls: list[tuple[str, s
             # Whatever the fast path lets through, the general path allows too.
             assert session.inspect_query(sql) is None
         run(session, sql)
+
+
+def test_repeated_parses_keep_each_sessions_verdict() -> None:
+    """Verdicts are kept per analysis object: the cached analysis of one text is shared
+    by every session, its verdict is not (tenant constants, timeout limits)."""
+    cache = AnalysisCache(POLICY)
+    acme, globex = inspector(cache, "acme"), inspector(cache, "globex", timeout=1000)
+    own = "SELECT id FROM orders WHERE tenant_id = 'acme'"
+    slow = "SET statement_timeout = 5000"
+    for _ in range(3):  # the first sight fills the memo, the later ones read it
+        assert acme.inspect_parse(Parse("", own)) is None
+        assert globex.inspect_parse(Parse("", own)) is not None
+        assert acme.inspect_parse(Parse("", slow)) is None
+        assert globex.inspect_parse(Parse("", slow)) is not None
+    assert acme.last_analysis is cache.get_or_analyse(slow)  # one shared analysis
