@@ -192,17 +192,18 @@ def test_random_first_packet_bodies(code: int, rest: bytes) -> None:
 
 # --- generated messages round-trip -----------------------------------------------------
 
+BINDS = st.builds(
+    Bind,
+    TEXT,
+    TEXT,
+    st.lists(INT16, max_size=5).map(tuple),
+    st.lists(VALUE, max_size=5).map(tuple),
+    st.lists(INT16, max_size=5).map(tuple),
+)
 FRONTEND_MESSAGES: st.SearchStrategy[FrontendMessage] = st.one_of(
     st.builds(Query, TEXT),
     st.builds(Parse, TEXT, TEXT, st.lists(UINT32, max_size=8).map(tuple)),
-    st.builds(
-        Bind,
-        TEXT,
-        TEXT,
-        st.lists(INT16, max_size=5).map(tuple),
-        st.lists(VALUE, max_size=5).map(tuple),
-        st.lists(INT16, max_size=5).map(tuple),
-    ),
+    BINDS,
     st.builds(Execute, TEXT, INT32),
     st.builds(Describe, st.sampled_from("SP"), TEXT),
     st.builds(Close, st.sampled_from("SP"), TEXT),
@@ -348,14 +349,7 @@ def outcome(decode: Callable[[bytes], Bind], payload: bytes) -> Bind | None:
 
 
 BIND_PAYLOADS = st.one_of(
-    st.builds(
-        Bind,
-        TEXT,
-        TEXT,
-        st.lists(INT16, max_size=5).map(tuple),
-        st.lists(VALUE, max_size=5).map(tuple),
-        st.lists(INT16, max_size=5).map(tuple),
-    ).map(lambda bind: bind.encode()[5:]),
+    BINDS.map(lambda bind: bind.encode()[5:]),
     st.binary(max_size=60),
 )
 
