@@ -165,11 +165,17 @@ def _count_rows(
         end = len(buffer)
     if end > start and buffer[end - 1] == 0:
         end -= 1
-    space = buffer.rfind(b" ", start, end)
-    if space > start:
-        count = buffer[space + 1 : end]
-        if count.isdigit():
-            entry.rows += int(count)
+    # The count is the run of ASCII digits after the tag's last space; read byte by
+    # byte (plain C once compiled) rather than sliced and converted with int().
+    digits = end
+    while digits > start and 0x30 <= buffer[digits - 1] <= 0x39:
+        digits -= 1
+    if digits == end or digits - 1 <= start or buffer[digits - 1] != 0x20:
+        return
+    rows = 0
+    for position in range(digits, end):
+        rows = rows * 10 + buffer[position] - 0x30
+    entry.rows += rows
 
 
 def _shift_position(payload: bytes, shifts: tuple[tuple[int, int], ...]) -> bytes:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from tenantgate.errors import PgError, RemoteProtocolError, rejected
 from tenantgate.protocol.backend import (
@@ -21,7 +23,7 @@ from tenantgate.protocol.backend import (
     RowDescription,
     decode_backend,
 )
-from tenantgate.tracker import Action, Kind, Pending, ResponseTracker
+from tenantgate.tracker import Action, Kind, Pending, ResponseTracker, _count_rows
 
 FORWARD, DROP, REPLACE = Action.FORWARD, Action.DROP, Action.REPLACE
 
@@ -603,3 +605,33 @@ def test_messages_sent_after_an_error_and_before_sync_are_skipped() -> None:
     tracker.expect(seen.entry(Kind.QUERY, "q2"))
     assert actions(tracker, [done("SELECT 1"), rfq("I")]) == [FORWARD, FORWARD]
     assert dict(seen.results)["q2"] is True
+
+
+def rows_by_slicing(payload: bytes) -> int:
+    """The row count of a CommandComplete payload, read the plain way: the reference."""
+    tag = payload[:-1] if payload.endswith(b"\x00") else payload
+    head, space, count = tag.rpartition(b" ")
+    return int(count) if space and head and count.isdigit() else 0
+
+
+@settings(max_examples=300, deadline=None, database=None)
+@given(
+    st.one_of(
+        st.builds(
+            lambda tag, rows, nul: tag + str(rows).encode() + nul,
+            st.sampled_from([b"SELECT ", b"INSERT 0 ", b"COPY ", b"UPDATE ", b"X", b" ", b""]),
+            st.integers(0, 10**20),
+            st.sampled_from([b"\x00", b""]),
+        ),
+        st.binary(max_size=16),
+        st.text("0123456789 A\x00\u0663", max_size=12).map(str.encode),
+    ),
+    st.binary(max_size=3),
+    st.binary(max_size=3),
+)
+def test_row_count_read_in_place(payload: bytes, before: bytes, after: bytes) -> None:
+    """Read in place from a larger buffer, the count is what slicing and int() give."""
+    entry = Pending(Kind.QUERY)
+    buffer = bytearray(before + payload + after)
+    _count_rows(entry, buffer, len(before), len(before) + len(payload))
+    assert entry.rows == rows_by_slicing(payload)
