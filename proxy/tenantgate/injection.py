@@ -32,6 +32,8 @@ INTERNAL_PORTAL = "__tenantgate_set_tenant_portal"
 INTERNAL_PREFIX = "__tenantgate"
 REWRITE_CACHE_ENTRIES = 256
 _SAFE_VALUE = re.compile(r"^[A-Za-z0-9_.:@$-]+$")
+_NOTHING_HIDDEN: frozenset[int] = frozenset()
+_FIRST_HIDDEN = frozenset((0,))
 
 
 class StatementShape(Protocol):
@@ -97,7 +99,9 @@ class TenantInjector:
         "_generation",
         "_in_block",
         "_needs_injection",
+        "_prefix_shift",
         "_query_injection",
+        "_query_prefix",
         "_rewritten",
         "_setting",
         "_tenant",
@@ -109,6 +113,9 @@ class TenantInjector:
         self._query_injection = (
             f"SELECT pg_catalog.set_config({_literal(tenant_setting)}, {_literal(tenant)}, true)"
         ).encode()
+        # What a one-statement Query gets in front: the common case, see rewrite_query.
+        self._query_prefix = self._query_injection + b";"
+        self._prefix_shift = ((0, len(self._query_prefix)),)
         self._needs_injection = True
         # The tenant was set in the current explicit transaction block and no
         # transaction control ran since (a ROLLBACK TO could have reverted it).
@@ -166,6 +173,13 @@ class TenantInjector:
         # turn a one-statement Query into two, which PostgreSQL 18 commits at its end.
         has_tenant = self._in_block or not self._needs_injection
         self._needs_injection = True  # whatever the string does, the next Execute re-checks
+        if len(statements) == 1 and statements[0].transaction is None:
+            # Nearly every Query: what _rewrite makes of one statement, without the
+            # per-text cache (texts with inlined values never repeat).
+            self.tenant_in_block = True
+            if has_tenant:
+                return Rewrite(sql, _NOTHING_HIDDEN, ())
+            return Rewrite(self._query_prefix + sql, _FIRST_HIDDEN, self._prefix_shift)
         key = (sql, has_tenant)
         result = self._rewritten.get(key)
         if result is None:

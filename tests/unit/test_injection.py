@@ -134,3 +134,31 @@ def test_query_joining_an_injected_unsynced_segment_is_left_alone() -> None:
     assert injector.rewrite_query(b"SELECT 1", select).text == b"SELECT 1"
     # After the Query the next Execute checks again (the Query may have ended it).
     assert injector.before_execute(transaction_control=False) is not None
+
+
+@pytest.mark.parametrize(
+    "sql",
+    [
+        "SELECT * FROM orders",
+        "SELECT 'é' FROM orders WHERE id = 1;",
+        "  UPDATE orders SET note = 'a;b' WHERE id = 2  ",
+        "INSERT INTO orders (id) VALUES (3) -- trailing comment",
+    ],
+)
+@pytest.mark.parametrize("in_block", [False, True])
+def test_one_statement_shortcut_is_the_general_rewrite(sql: str, in_block: bool) -> None:
+    """rewrite_query answers one-statement Queries without _rewrite (or its cache): the
+    same text, hidden statements and position shifts as _rewrite would give."""
+    statements = analyse_sql(sql, POLICY).statements
+    assert len(statements) == 1
+    injector = TenantInjector("app.tenant_id", "acme")
+    injector.tenant_in_block = in_block
+    injector.observe_state(idle_in_block=in_block)
+    fast = injector.rewrite_query(sql.encode(), statements)
+    general = TenantInjector("app.tenant_id", "acme")._rewrite(sql.encode(), statements, in_block)
+    assert (fast.text, fast.hidden_statements, fast.shifts) == (
+        general.text,
+        general.hidden_statements,
+        general.shifts,
+    )
+    assert injector.tenant_in_block
