@@ -34,7 +34,7 @@ log = logging.getLogger("tenantgate.enforcement")
 MAX_TRACKED_PORTALS = 1000
 # Portal descriptions remembered per session by statement text (memory: texts x sessions).
 MAX_PORTAL_INFOS = 64
-# Verdicts per session, kept by analysis identity (see _fast_command and _verdict).
+# Verdicts per session, kept by analysis identity (see _judge).
 MAX_FAST_VERDICTS = 64
 
 
@@ -177,28 +177,38 @@ class PolicyInspector:
         self.rejections = 0
         self._known = cache.known_messages
         self._tenant_only = frozenset((tenant,))
-        self._fast: dict[int, tuple[Analysis, str]] = {}
-        self._verdicts: dict[int, tuple[Analysis, Rejection | None]] = {}
+        # _judge's answers: id -> (the analysis, held so its id stays unique, answer).
+        self._judged: dict[int, tuple[Analysis, Rejection | None, str | None]] = {}
 
     # --- verdicts ------------------------------------------------------------------
 
     def _verdict(self, sql: str) -> tuple[Analysis, Rejection | None]:
         analysis = self._cache.get_or_analyse(sql)
         self.last_analysis = analysis
-        # Kept by identity, as _fast_command keeps its answers: a cached text hands
-        # out the same analysis object, and the answer depends on nothing else.
-        known = self._verdicts.get(id(analysis))
-        if known is not None and known[0] is analysis:
-            rejection = known[1]
-        else:
-            rejection = analysis.rejection or check_tenant(analysis, self._tenant)
-            if rejection is None:
-                rejection = self._check_timeouts(analysis)
-            if len(self._verdicts) >= MAX_FAST_VERDICTS:
-                self._verdicts.clear()
-            self._verdicts[id(analysis)] = (analysis, rejection)  # holding it keeps the id
+        rejection, _ = self._judge(analysis)
         self.last_would_reject = rejection is not None and self._dry_run
         return analysis, rejection
+
+    def _judge(self, analysis: Analysis) -> tuple[Rejection | None, str | None]:
+        """This session's verdict on ``analysis`` and, if the fast path may allow it
+        (allowed, nothing left to check: see _rememberable), its metric label.
+
+        Kept by identity: a cached text hands out the same analysis object (a text
+        shape one per tenant values, so W4-like traffic asks about the same few
+        objects again and again), and the answer depends on nothing else.
+        """
+        known = self._judged.get(id(analysis))
+        if known is not None and known[0] is analysis:
+            return known[1], known[2]
+        rejection = analysis.rejection or check_tenant(analysis, self._tenant)
+        if rejection is None:
+            rejection = self._check_timeouts(analysis)
+        fast = rejection is None and _rememberable(analysis)
+        command = _command(analysis.statements) if fast else None
+        if len(self._judged) >= MAX_FAST_VERDICTS:
+            self._judged.clear()
+        self._judged[id(analysis)] = (analysis, rejection, command)
+        return rejection, command
 
     def _check_timeouts(self, analysis: Analysis) -> Rejection | None:
         """The tenant's timeouts are upstream session defaults: lowering is fine, raising not."""
@@ -406,22 +416,8 @@ class PolicyInspector:
 
     def _fast_command(self, analysis: Analysis) -> str | None:
         """The metric label of an analysis the fast path may allow for this session, or
-        None.  Kept by identity: a text shape hands out one analysis object per tenant
-        values, so W4-like traffic asks about the same few objects again and again."""
-        known = self._fast.get(id(analysis))
-        if known is not None and known[0] is analysis:
-            return known[1]
-        if (
-            analysis.rejection is not None
-            or not _rememberable(analysis)
-            or check_tenant(analysis, self._tenant) is not None
-        ):
-            return None
-        command = _command(analysis.statements)
-        if len(self._fast) >= MAX_FAST_VERDICTS:
-            self._fast.clear()
-        self._fast[id(analysis)] = (analysis, command)  # holding it keeps its id unique
-        return command
+        None (see _judge)."""
+        return self._judge(analysis)[1]
 
     def remember_query(self, message: bytes) -> None:
         analysis = self.last_analysis
