@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
+from typing import Final
 
 from tenantgate.analysis import (
     Analysis,
@@ -29,13 +30,13 @@ from tenantgate.hooks import UNKNOWN_PORTAL, KnownQuery, PortalInfo
 from tenantgate.injection import StatementShape
 from tenantgate.protocol.frontend import Bind, Parse
 
-log = logging.getLogger("tenantgate.enforcement")
+log: Final = logging.getLogger("tenantgate.enforcement")
 # Portals die at transaction end, which the inspector does not see; bound the map.
-MAX_TRACKED_PORTALS = 1000
+MAX_TRACKED_PORTALS: Final = 1000
 # Portal descriptions remembered per session by statement text (memory: texts x sessions).
-MAX_PORTAL_INFOS = 64
+MAX_PORTAL_INFOS: Final = 64
 # Verdicts per session, kept by analysis identity (see _judge).
-MAX_FAST_VERDICTS = 64
+MAX_FAST_VERDICTS: Final = 64
 
 
 def _asyncpg_reset_queries() -> frozenset[str]:
@@ -54,7 +55,7 @@ def _asyncpg_reset_queries() -> frozenset[str]:
     return frozenset(texts)
 
 
-DRIVER_RESET_QUERIES = _asyncpg_reset_queries()
+DRIVER_RESET_QUERIES: Final = _asyncpg_reset_queries()
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,7 +77,7 @@ def _command(statements: Sequence[StatementShape]) -> str:
     return "other"
 
 
-_NO_STATEMENTS = Analysis((), None)
+_NO_STATEMENTS: Final = Analysis((), None)
 
 
 def analysis_policy(policy: Policy) -> AnalysisPolicy:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Final, Protocol
 
 from tenantgate.errors import PgError
 from tenantgate.injection import StatementShape
@@ -28,7 +28,7 @@ class PortalInfo:
     deallocates_all: bool = False  # DEALLOCATE ALL: drops the proxy's internal statement too
 
 
-UNKNOWN_PORTAL = PortalInfo(False, "other", None)
+UNKNOWN_PORTAL: Final = PortalInfo(False, "other", None)
 
 
 class KnownQuery:

@@ -27,13 +27,13 @@ from typing import Final, Protocol
 
 from tenantgate.protocol.frontend import Bind, Close, Execute, Parse
 
-INTERNAL_STATEMENT = "__tenantgate_set_tenant"
-INTERNAL_PORTAL = "__tenantgate_set_tenant_portal"
-INTERNAL_PREFIX = "__tenantgate"
-REWRITE_CACHE_ENTRIES = 256
-_SAFE_VALUE = re.compile(r"^[A-Za-z0-9_.:@$-]+$")
-_NOTHING_HIDDEN: frozenset[int] = frozenset()
-_FIRST_HIDDEN = frozenset((0,))
+INTERNAL_STATEMENT: Final = "__tenantgate_set_tenant"
+INTERNAL_PORTAL: Final = "__tenantgate_set_tenant_portal"
+INTERNAL_PREFIX: Final = "__tenantgate"
+REWRITE_CACHE_ENTRIES: Final = 256
+_SAFE_VALUE: Final = re.compile(r"^[A-Za-z0-9_.:@$-]+$")
+_NOTHING_HIDDEN: Final[frozenset[int]] = frozenset()
+_FIRST_HIDDEN: Final = frozenset((0,))
 
 
 class StatementShape(Protocol):

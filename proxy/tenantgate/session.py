@@ -15,11 +15,10 @@ import contextlib
 import logging
 import re
 import secrets
-import struct
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from time import perf_counter
-from typing import cast
+from typing import Final, cast
 
 from tenantgate.errors import (
     PgError,
@@ -35,34 +34,35 @@ from tenantgate.errors import (
 from tenantgate.hooks import Inspector, NullObserver, SessionObserver
 from tenantgate.injection import StatementShape, TenantInjector, is_internal_name
 from tenantgate.protocol.backend import ErrorResponse, ParameterDescription, ParameterStatus
-from tenantgate.protocol.framing import frame, invalid_length, scan_frames
+from tenantgate.protocol.framing import HeldBytes, frame, invalid_length, scan_frames, uint32_at
 from tenantgate.protocol.frontend import Bind, Close, Describe, Execute, Parse, Query, Sync
 from tenantgate.tracker import Action, Kind, Pending, ResponseTracker
 from tenantgate.upstream import LEXING_PINS, UpstreamConnection
 
-log = logging.getLogger("tenantgate.session")
+log: Final = logging.getLogger("tenantgate.session")
 
 # A statement that fails to parse upstream with SQLSTATE 42601: sent in place of
 # a rejected message, so the server itself produces the error (and skips the
 # rest of a pipeline) at exactly the position the client expects it.
-REJECT_SQL = "tenantgate: statement rejected by policy"
-REJECT_STATEMENT = "__tenantgate_rejected"
-UPSTREAM_MAX_MESSAGE = 1024 * 1024 * 1024 + 64
-_PARSE_REJECT = Parse(REJECT_STATEMENT, REJECT_SQL).encode()
+REJECT_SQL: Final = "tenantgate: statement rejected by policy"
+REJECT_STATEMENT: Final = "__tenantgate_rejected"
+UPSTREAM_MAX_MESSAGE: Final = 1024 * 1024 * 1024 + 64
+_PARSE_REJECT: Final = Parse(REJECT_STATEMENT, REJECT_SQL).encode()
 # Client messages forwarded without a look: Flush, CopyData, CopyDone, CopyFail.
-_CLIENT_PASSTHROUGH = frozenset(b"Hdcf")
+_CLIENT_PASSTHROUGH: Final = frozenset(b"Hdcf")
 # Client messages that start a statement (counted by the rate limit).
-_STATEMENT_STARTS = frozenset(b"QE")
+_STATEMENT_STARTS: Final = frozenset(b"QE")
 # Backend messages whose payload the proxy reads (errors, status, tags, settings, types).
-_READ_PAYLOAD = frozenset(b"EZCSt")
-_QUERY_REJECT = Query(REJECT_SQL).encode()
-_LENGTH = struct.Struct("!I")
-_FORWARD = Action.FORWARD
+_READ_PAYLOAD: Final = frozenset(b"EZCSt")
+_QUERY_REJECT: Final = Query(REJECT_SQL).encode()
+_FORWARD: Final = Action.FORWARD
+# The clock of statement durations (a C static once compiled, not a globals lookup).
+_perf_counter: Final = time.perf_counter
 # What follows the Bind when a driver runs a prepared statement on the unnamed portal.
-_EXECUTE_SYNC = Execute("", 0).encode() + Sync().encode()
-_DESCRIBE_EXECUTE_SYNC = Describe("P", "").encode() + _EXECUTE_SYNC
-_PARSE_OR_BIND = frozenset(b"PB")  # the first message of a chunk _bound_execute may take
-_FUNCTION_CALL_REJECTION = rejected(
+_EXECUTE_SYNC: Final = Execute("", 0).encode() + Sync().encode()
+_DESCRIBE_EXECUTE_SYNC: Final = Describe("P", "").encode() + _EXECUTE_SYNC
+_PARSE_OR_BIND: Final = frozenset(b"PB")  # the first message of a chunk _bound_execute may take
+_FUNCTION_CALL_REJECTION: Final = rejected(
     "function_call",
     "the FunctionCall protocol message is not allowed",
     "Call functions with a SELECT statement instead.",
@@ -113,12 +113,14 @@ class Session:
         self.tracker = ResponseTracker()
         self._closing_error: PgError | None = None
         self._fatal_forwarded = False
-        self._upstream_buffer = bytearray()
+        self._upstream_held = HeldBytes()  # an incomplete server message
         self._deferred = False  # a message waits for the rate limit (token reserved)
         # The rate limit's answer for the next statement, already asked by _known_query.
         self._rate_decided: tuple[float | None] | None = None
         self._upstream_gone = asyncio.Event()
-        self._client_buffer = bytearray()
+        # Client bytes not handled yet: an incomplete message, or messages the rate
+        # limit deferred (complete; handled when the delay is over).
+        self._client_held = HeldBytes()
         self._max_message = max_message_bytes
         # The rate limit (TenantLimiter.reserve): called with the tenant per statement.
         self.rate_limit: Callable[[str], float | None] | None = None
@@ -248,10 +250,11 @@ class Session:
             self.observer.traffic(len(data), 0)
             if self.idle_timeout_s is not None:
                 self._last_activity = self._loop.time()
-            if self._client_buffer or self._deferred:
-                self._client_buffer += data
-                if not self._deferred:
-                    self._drain_client(self._client_buffer)
+            held = self._client_held
+            if len(held) or self._deferred:
+                held.add(data)
+                if not self._deferred and held.ready:
+                    self._drain_client(held.take())
             else:
                 first = data[0]
                 if first == 0x51:
@@ -262,14 +265,14 @@ class Session:
         except Exception as exc:
             self._failed(exc)
 
-    def _drain_client(self, buffer: bytes | bytearray) -> None:
+    def _drain_client(self, buffer: bytes) -> None:
         """Handle every complete client message, unless the rate limit defers one.
 
-        ``buffer`` is the session's buffer, or the chunk just received when
-        nothing was buffered (the common case: no copy).  What is left over
-        (an incomplete message, or messages deferred by the rate limit) is kept
-        in the session's buffer.  Messages the proxy does not change are
-        forwarded as runs of raw bytes.
+        ``buffer`` is what the session held joined with the chunk just
+        received, or that chunk alone when nothing was held (the common case:
+        no copy).  What is left over (an incomplete message, or messages
+        deferred by the rate limit) is held for later.  Messages the proxy does
+        not change are forwarded as runs of raw bytes.
         """
         frames, consumed = scan_frames(buffer, self._max_message)
         if self.injector is not None:
@@ -297,29 +300,27 @@ class Session:
                         break
                     if delay is None:
                         if run_start < header:
-                            out.append(bytes(buffer[run_start:header]))
-                        out.append(self._rate_rejection(msg_type, bytes(buffer[start:end])))
+                            out.append(buffer[run_start:header])
+                        out.append(self._rate_rejection(msg_type, buffer[start:end]))
                         run_start = end
                         continue
             if msg_type == 0x58:  # Terminate
-                out.append(bytes(buffer[run_start:end]))
+                out.append(buffer[run_start:end])
                 self._upstream_transport.write(b"".join(out))
                 self._finish(None)
                 return
-            replacement = self._client_message(msg_type, bytes(buffer[start:end]))
+            replacement = self._client_message(msg_type, buffer[start:end])
             if replacement is None:
                 continue
             if run_start < header:
-                out.append(bytes(buffer[run_start:header]))
+                out.append(buffer[run_start:header])
             out.append(replacement)
             run_start = end
         if run_start < stop:
             # Slicing all of a bytes object returns it: the common case copies nothing.
-            out.append(bytes(buffer[run_start:stop]))
-        if buffer is self._client_buffer:
-            del self._client_buffer[:stop]
-        elif stop < len(buffer):
-            self._client_buffer += buffer[stop:]
+            out.append(buffer[run_start:stop])
+        if stop < len(buffer):
+            self._client_held.keep(buffer, stop)
         if out:
             self._upstream_transport.write(out[0] if len(out) == 1 else b"".join(out))
 
@@ -375,7 +376,7 @@ class Session:
     ) -> Pending:
         """Register a client's Query or Execute with the tracker, timed from now."""
         entry = Pending(kind, command=command, sql=sql, would_reject=would_reject)
-        entry.started = perf_counter()
+        entry.started = _perf_counter()
         self.tracker.expect(entry)
         return entry
 
@@ -404,11 +405,11 @@ class Session:
             return False
         parse_end = 0
         if data[0] == 0x50:  # Parse
-            (length,) = _LENGTH.unpack_from(data, 1)
+            length = uint32_at(data, 1)
             parse_end = 1 + length
             if length < 4 or length - 4 > self._max_message or len(data) < parse_end + 5:
                 return False
-        (length,) = _LENGTH.unpack_from(data, parse_end + 1)
+        length = uint32_at(data, parse_end + 1)
         end = parse_end + 1 + length
         if data[parse_end] != 0x42 or length < 4 or length - 4 > self._max_message:
             return False  # the general path reports it
@@ -496,7 +497,7 @@ class Session:
             return
         if not self._client_transport.is_closing():
             self._client_transport.resume_reading()
-        self._guard(lambda _: self._drain_client(self._client_buffer), b"")
+        self._guard(lambda _: self._drain_client(self._client_held.take()), b"")
 
     def _rate_rejection(self, msg_type: int, payload: bytes) -> bytes:
         error = rate_limited(self.rate or 0.0)
@@ -627,10 +628,12 @@ class Session:
         answers without a call per message; every other message goes through
         the framing checks (scan_frames' checks, inlined) and ``route``.
         """
-        buffer: bytes | bytearray
-        if self._upstream_buffer:
-            buffer = self._upstream_buffer
-            buffer += data
+        held = self._upstream_held
+        if len(held):
+            held.add(data)
+            if not held.ready:
+                return  # still inside one large message
+            buffer = held.take()
         else:
             buffer = data
         tracker = self.tracker
@@ -641,13 +644,13 @@ class Session:
         pos = pass_plain(buffer, 0)
         while size - pos >= 5:
             msg_type = buffer[pos]
-            (length,) = _LENGTH.unpack_from(buffer, pos + 1)
+            length = uint32_at(buffer, pos + 1)
             end = pos + 1 + length
             if length < 4 or length - 4 > UPSTREAM_MAX_MESSAGE:
                 raise invalid_length(msg_type, length, UPSTREAM_MAX_MESSAGE)
             if end > size:
                 break
-            payload = bytes(buffer[pos + 5 : end]) if msg_type in _READ_PAYLOAD else b""
+            payload = buffer[pos + 5 : end] if msg_type in _READ_PAYLOAD else b""
             if msg_type == 0x53:  # ParameterStatus
                 self._check_pinned(payload)
             action, replacement = tracker.route(msg_type, payload)
@@ -656,19 +659,16 @@ class Session:
                     self._fatal_forwarded = True
             else:
                 if run_start < pos:
-                    out.append(bytes(buffer[run_start:pos]))
+                    out.append(buffer[run_start:pos])
                 if replacement is not None:
                     out.append(replacement)
                 run_start = end
             pos = pass_plain(buffer, end)
         if run_start < pos:
             # Slicing all of a bytes object returns it: the common case copies nothing.
-            out.append(bytes(buffer[run_start:pos]))
-        if buffer is data:
-            if pos < size:
-                self._upstream_buffer += data[pos:]
-        else:
-            del self._upstream_buffer[:pos]
+            out.append(buffer[run_start:pos])
+        if pos < size:
+            held.keep(buffer, pos)
         if out:
             chunk = out[0] if len(out) == 1 else b"".join(out)
             self.observer.traffic(0, len(chunk))
@@ -710,8 +710,8 @@ class _Side(asyncio.Protocol):
         self._session.side_paused(self._client, paused=False)
 
 
-_LEADING_KEYWORD = re.compile(r"\s*(\w+)")
-_COMMANDS = frozenset({"select", "insert", "update", "delete"})
+_LEADING_KEYWORD: Final = re.compile(r"\s*(\w+)")
+_COMMANDS: Final = frozenset({"select", "insert", "update", "delete"})
 
 
 def command_of(sql: str) -> str:

@@ -13,14 +13,15 @@ request.
 
 from __future__ import annotations
 
-import struct
 from collections import deque
 from collections.abc import Callable
 from enum import Enum, IntEnum
+from typing import Final
 
 from tenantgate.errors import PgError, RemoteProtocolError
 from tenantgate.injection import original_position
 from tenantgate.protocol.backend import ErrorResponse
+from tenantgate.protocol.framing import uint32_at
 
 
 class Kind(IntEnum):
@@ -35,12 +36,14 @@ class Kind(IntEnum):
     SYNC = 8  # 'Z'
 
 
-# Module constants: a global lookup is cheaper than an enum attribute per message.
-_QUERY, _EXECUTE, _SYNC = Kind.QUERY, Kind.EXECUTE, Kind.SYNC
-_DESCRIBE_PORTAL = Kind.DESCRIBE_PORTAL
+# Final module constants: a C static once compiled, not an enum attribute per message.
+_QUERY: Final = Kind.QUERY
+_EXECUTE: Final = Kind.EXECUTE
+_SYNC: Final = Kind.SYNC
+_DESCRIBE_PORTAL: Final = Kind.DESCRIBE_PORTAL
 
 # What ends each kind of entry (besides an ErrorResponse).
-_COMPLETES: dict[Kind, frozenset[int]] = {
+_COMPLETES: Final[dict[Kind, frozenset[int]]] = {
     Kind.QUERY: frozenset(b"Z"),
     Kind.PARSE: frozenset(b"1"),
     Kind.BIND: frozenset(b"2"),
@@ -51,14 +54,14 @@ _COMPLETES: dict[Kind, frozenset[int]] = {
     Kind.SYNC: frozenset(b"Z"),
 }
 # Responses that may precede the completing one within an entry.
-_INTERMEDIATE: dict[Kind, frozenset[int]] = {
+_INTERMEDIATE: Final[dict[Kind, frozenset[int]]] = {
     Kind.QUERY: frozenset(b"TDGHdc"),
     Kind.EXECUTE: frozenset(b"DGHdc"),
     Kind.DESCRIBE_STATEMENT: frozenset(b"t"),
 }
-ASYNC_TYPES = frozenset(b"NSA")
-_EMPTY: frozenset[int] = frozenset()
-SYNTAX_ERROR = "42601"
+ASYNC_TYPES: Final = frozenset(b"NSA")
+_EMPTY: Final[frozenset[int]] = frozenset()
+SYNTAX_ERROR: Final = "42601"
 
 
 class Pending:
@@ -140,25 +143,22 @@ class Action(Enum):
     REPLACE = 2
 
 
-_STATUSES = {b"I": "I", b"T": "T", b"E": "E"}
-_STATUS_BYTES = {0x49: "I", 0x54: "T", 0x45: "E"}
-_QUERY_ROWS = frozenset(b"DT")  # DataRow, RowDescription
-_LENGTH = struct.Struct("!I")
+_STATUSES: Final = {b"I": "I", b"T": "T", b"E": "E"}
+_STATUS_BYTES: Final = {0x49: "I", 0x54: "T", 0x45: "E"}
+_QUERY_ROWS: Final = frozenset(b"DT")  # DataRow, RowDescription
 # Per kind: the one message that completes a plain entry in pass_plain (ReadyForQuery,
 # which ends Query and Sync, is handled on its own).
-_PLAIN_COMPLETE: dict[Kind, int] = {
+_PLAIN_COMPLETE: Final[dict[Kind, int]] = {
     Kind.PARSE: 0x31,
     Kind.BIND: 0x32,
     Kind.CLOSE: 0x33,
 }
-_STATEMENT_END = frozenset(b"CI")
-_FORWARD: tuple[Action, bytes | None] = (Action.FORWARD, None)
-_DROP: tuple[Action, bytes | None] = (Action.DROP, None)
+_STATEMENT_END: Final = frozenset(b"CI")
+_FORWARD: Final[tuple[Action, bytes | None]] = (Action.FORWARD, None)
+_DROP: Final[tuple[Action, bytes | None]] = (Action.DROP, None)
 
 
-def _count_rows(
-    entry: Pending, buffer: bytes | bytearray, start: int = 0, end: int | None = None
-) -> None:
+def _count_rows(entry: Pending, buffer: bytes, start: int = 0, end: int | None = None) -> None:
     """Add the row count of a CommandComplete tag (SELECT n, INSERT 0 n, COPY n ...):
     the payload ``buffer[start:end]`` (read in place: no copy of it is made)."""
     if end is None:
@@ -232,7 +232,7 @@ class ResponseTracker:
         """A client's request is running upstream (cancel is meaningful)."""
         return any(not p.injected for p in self._pending)
 
-    def pass_plain(self, buffer: bytes | bytearray, pos: int) -> int:
+    def pass_plain(self, buffer: bytes, pos: int) -> int:
         """Route, without a call per message, the run of messages at ``pos`` the
         client sees unchanged; return where the first other message starts.
 
@@ -248,7 +248,6 @@ class ResponseTracker:
         """
         pending = self._pending
         size = len(buffer)
-        unpack = _LENGTH.unpack_from
         head: Pending | None = None
         kind = _QUERY
         while pending and size - pos >= 5:
@@ -260,7 +259,7 @@ class ResponseTracker:
                     return pos
                 kind = head.kind
             msg_type = buffer[pos]
-            (length,) = unpack(buffer, pos + 1)
+            length = uint32_at(buffer, pos + 1)
             end = pos + 1 + length
             if length < 4 or end > size:
                 return pos
@@ -294,7 +293,7 @@ class ResponseTracker:
             elif kind is _DESCRIBE_PORTAL:
                 if msg_type not in _COMPLETES[_DESCRIBE_PORTAL]:
                     return pos
-            elif msg_type != _PLAIN_COMPLETE.get(kind):
+            elif msg_type != _PLAIN_COMPLETE.get(kind, -1):
                 return pos
             pending.popleft()
             self._done(head, True)

@@ -6,15 +6,20 @@ import struct
 from collections.abc import Callable
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from tenantgate.errors import RemoteProtocolError
 from tenantgate.protocol.framing import (
     DEFAULT_MAX_MESSAGE,
     MAX_STARTUP_PACKET,
     FirstPacketReader,
+    HeldBytes,
     MessageReader,
     frame,
     frame_first_packet,
+    scan_frames,
+    uint32_at,
 )
 
 SSL_BODY = struct.pack("!I", 80877103)
@@ -223,3 +228,99 @@ def test_message_reader_cap_boundary() -> None:
     reader.feed(frame(b"d", b"x" * (cap + 1))[:5])
     with pytest.raises(RemoteProtocolError, match="limit 1028"):
         reader.next_message()
+
+
+# --- scan_frames and HeldBytes: how the session's pumps frame a stream ------------------
+
+
+def pump(chunks: list[bytes], max_size: int = DEFAULT_MAX_MESSAGE) -> tuple[list[bytes], int, int]:
+    """Frame ``chunks`` as Session's pumps do: scan a chunk as it is when nothing is held,
+    else hold it until the head frame is complete.  The frames found (whole), the bytes
+    left held, and how many times a scan ran."""
+    held = HeldBytes()
+    found: list[bytes] = []
+    scans = 0
+    for chunk in chunks:
+        if len(held):
+            held.add(chunk)
+            if not held.ready:
+                continue
+            buffer = held.take()
+        else:
+            buffer = chunk
+        scans += 1
+        frames, consumed = scan_frames(buffer, max_size)
+        found.extend(buffer[start - 5 : end] for _, start, end in frames)
+        if consumed < len(buffer):
+            held.keep(buffer, consumed)
+    return found, len(held), scans
+
+
+STREAM = [frame(b"Q", b"SELECT 1\x00"), frame(b"S"), frame(b"D", b"x" * 300), frame(b"H")]
+
+
+@pytest.mark.parametrize("split", SPLITTERS)
+def test_pump_finds_every_frame(split: Callable[[bytes], list[bytes]]) -> None:
+    data = b"".join(STREAM)
+    found, left, _ = pump(split(data))
+    assert found == STREAM
+    assert left == 0
+
+
+@pytest.mark.parametrize("split", SPLITTERS)
+def test_pump_holds_trailing_partial_frame(split: Callable[[bytes], list[bytes]]) -> None:
+    data = b"".join(STREAM) + NEXT_MESSAGE[:7]
+    found, left, _ = pump(split(data))
+    assert found == STREAM
+    assert left == 7
+
+
+def test_large_frame_is_scanned_once_complete() -> None:
+    big = frame(b"D", bytes(range(256)) * 4096)  # 1 MiB, in 1,000 chunks after its header
+    chunks = [big[:10]] + [big[i : i + 1049] for i in range(10, len(big), 1049)]
+    found, left, scans = pump(chunks)
+    assert found == [big]
+    assert left == 0
+    assert scans == 2  # the header's chunk, then the chunk that completes the frame
+
+
+def test_scan_frames_rejects_bad_length_from_header_alone() -> None:
+    with pytest.raises(RemoteProtocolError, match="invalid length"):
+        scan_frames(b"D" + struct.pack("!I", 2**31), 1024)
+    with pytest.raises(RemoteProtocolError, match="invalid length"):
+        scan_frames(NEXT_MESSAGE + b"D\x00\x00\x00\x03", 1024)
+
+
+def test_held_bytes_keep_needs_an_empty_holder() -> None:
+    held = HeldBytes()
+    held.keep(NEXT_MESSAGE, len(NEXT_MESSAGE) - 3)  # less than a header: wait for 5 bytes
+    assert len(held) == 3 and not held.ready
+    held.add(NEXT_MESSAGE[:2])
+    assert held.ready
+    with pytest.raises(AssertionError):
+        held.keep(NEXT_MESSAGE, 0)
+    assert held.take() == NEXT_MESSAGE[-3:] + NEXT_MESSAGE[:2]
+    assert len(held) == 0 and held.ready
+
+
+@given(st.lists(st.binary(max_size=40), max_size=12), st.lists(st.integers(1, 64), max_size=40))
+def test_pump_agrees_with_message_reader(payloads: list[bytes], cuts: list[int]) -> None:
+    data = b"".join(frame(b"d", p) for p in payloads)
+    chunks, pos = [], 0
+    for cut in cuts:
+        chunks.append(data[pos : pos + cut])
+        pos += cut
+    chunks.append(data[pos:])
+    found, left, _ = pump([c for c in chunks if c])
+    reference, buffered = messages(chunks)
+    assert [(f[0], f[5:]) for f in found] == reference
+    assert left == buffered == 0
+
+
+@given(st.binary(min_size=4, max_size=12), st.integers(0, 8))
+def test_uint32_at_is_struct(data: bytes, pos: int) -> None:
+    if pos + 4 <= len(data):
+        assert uint32_at(data, pos) == struct.unpack_from("!I", data, pos)[0]
+    else:
+        with pytest.raises(IndexError):
+            uint32_at(data, pos)

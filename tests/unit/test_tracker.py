@@ -632,6 +632,6 @@ def rows_by_slicing(payload: bytes) -> int:
 def test_row_count_read_in_place(payload: bytes, before: bytes, after: bytes) -> None:
     """Read in place from a larger buffer, the count is what slicing and int() give."""
     entry = Pending(Kind.QUERY)
-    buffer = bytearray(before + payload + after)
+    buffer = before + payload + after
     _count_rows(entry, buffer, len(before), len(before) + len(payload))
     assert entry.rows == rows_by_slicing(payload)

@@ -193,18 +193,19 @@ def drive_like_the_session(
     for edge in edges:
         buffer += stream[previous:edge]
         previous = edge
-        pos = tracker.pass_plain(buffer, 0)
-        while len(buffer) - pos >= 5:
-            (length,) = struct.unpack_from("!I", buffer, pos + 1)
+        data = bytes(buffer)  # the session scans bytes (see framing.HeldBytes)
+        pos = tracker.pass_plain(data, 0)
+        while len(data) - pos >= 5:
+            (length,) = struct.unpack_from("!I", data, pos + 1)
             end = pos + 1 + length
-            if end > len(buffer):
+            if end > len(data):
                 break
             try:
-                verdict = tracker.route(buffer[pos], bytes(buffer[pos + 5 : end]))
+                verdict = tracker.route(data[pos], data[pos + 5 : end])
             except RemoteProtocolError:
                 return routed, True
             routed.append((base + pos, verdict))
-            pos = tracker.pass_plain(buffer, end)
+            pos = tracker.pass_plain(data, end)
         del buffer[:pos]
         base += pos
     return routed, False

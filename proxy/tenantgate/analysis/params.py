@@ -21,10 +21,11 @@ Owns :func:`tenant_param_matches`.  Rules (anything else is ``False``; NULL is
 from __future__ import annotations
 
 import uuid
+from typing import Final
 
-_TEXT_OIDS = frozenset({0, 25, 1043, 705})
-_INT_SIZES = {21: 2, 23: 4, 20: 8}
-UUID_OID = 2950
+_TEXT_OIDS: Final = frozenset({0, 25, 1043, 705})
+_INT_SIZES: Final = {21: 2, 23: 4, 20: 8}
+UUID_OID: Final = 2950
 
 
 def _canonical_uuid(text: str) -> str | None:

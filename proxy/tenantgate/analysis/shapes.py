@@ -32,18 +32,19 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass
+from typing import Final
 
 from .model import Analysis, StatementAnalysis
 
 # One A_Const object of libpg_query's JSON: kind, optional value, location.
-_CONSTANT = re.compile(
+_CONSTANT: Final = re.compile(
     r'\{"A_Const":\{(?:"(?P<kind>sval|ival|fval|bsval|boolval)":\{'
     r'(?:"(?P=kind)":(?P<value>"(?:[^"\\]|\\.)*"|-?\d+|true|false))?\},'
     r'|(?P<null>"isnull":true,))"location":(?P<location>-?\d+)\}\}'
 )
-_CONSTANT_START = '{"A_Const":'
-_SHAPED_TAGS = frozenset({"SELECT", "INSERT", "UPDATE", "DELETE"})
-_UNSHAPED = object()  # a shape known not to qualify: skip the probe next time
+_CONSTANT_START: Final = '{"A_Const":'
+_SHAPED_TAGS: Final = frozenset({"SELECT", "INSERT", "UPDATE", "DELETE"})
+_UNSHAPED: Final = object()  # a shape known not to qualify: skip the probe next time
 
 
 @dataclass(frozen=True, slots=True)

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import json
 import re
+from typing import Final
 
 from .model import Analysis, StatementAnalysis
 from .shapes import Shape, constants_of, with_tenant_constants
@@ -41,15 +42,15 @@ from .shapes import Shape, constants_of, with_tenant_constants
 # A plain string literal, or a decimal integer (maybe with a minus), standing alone.
 # The lookahead first lets the regex engine skip to candidate characters quickly; the
 # group makes ``split`` return the literals between the other pieces (no match objects).
-_LITERAL = re.compile(
+_LITERAL: Final = re.compile(
     r"(?=['\d-])(?<![\w$.'&])('[^']*(?:''[^']*)*'(?!')|-?\d+(?![\w$.]))", re.ASCII
 )
-_INT4_MAX = 2**31 - 1
-_INT4_MAX_DIGITS = str(_INT4_MAX)
-_INT4_DIGITS = len(_INT4_MAX_DIGITS)
-_A_CONST = '{"A_Const":'
+_INT4_MAX: Final = 2**31 - 1
+_INT4_MAX_DIGITS: Final = str(_INT4_MAX)
+_INT4_DIGITS: Final = len(_INT4_MAX_DIGITS)
+_A_CONST: Final = '{"A_Const":'
 # Every digit to 0: texts that differ only in digits get one digit key.
-_DIGITS_TO_ZERO = bytes.maketrans(b"123456789", b"000000000")
+_DIGITS_TO_ZERO: Final = bytes.maketrans(b"123456789", b"000000000")
 
 # (the text with its literals masked, the text split around its literals: the pieces
 # between them at even indexes, the literals at odd ones).

@@ -11,13 +11,23 @@ buffered, so a 2 GiB header cannot cost 2 GiB of memory.
 from __future__ import annotations
 
 import struct
+from typing import Final
 
 from tenantgate.errors import RemoteProtocolError
 
-MAX_STARTUP_PACKET = 10000
-DEFAULT_MAX_MESSAGE = 64 * 1024 * 1024
-_HEADER = struct.Struct("!cI")
-_INT32 = struct.Struct("!I")
+MAX_STARTUP_PACKET: Final = 10000
+DEFAULT_MAX_MESSAGE: Final = 64 * 1024 * 1024
+_HEADER: Final = struct.Struct("!cI")
+_INT32: Final = struct.Struct("!I")
+
+
+def uint32_at(data: bytes, pos: int) -> int:
+    """The big-endian UInt32 at ``pos`` (IndexError when short).
+
+    Indexing ``bytes`` compiles to plain C; ``struct`` would be a call into an
+    interpreted-level API with a tuple and a boxed int per message.
+    """
+    return (data[pos] << 24) | (data[pos + 1] << 16) | (data[pos + 2] << 8) | data[pos + 3]
 
 
 class FirstPacketReader:
@@ -118,7 +128,7 @@ def frame_first_packet(body: bytes) -> bytes:
 
 
 def scan_frames(
-    buffer: bytes | bytearray, max_size: int = DEFAULT_MAX_MESSAGE
+    buffer: bytes, max_size: int = DEFAULT_MAX_MESSAGE
 ) -> tuple[list[tuple[int, int, int]], int]:
     """Locate the complete typed messages in ``buffer`` without copying them.
 
@@ -129,14 +139,61 @@ def scan_frames(
     frames: list[tuple[int, int, int]] = []
     pos = 0
     size = len(buffer)
-    unpack = _HEADER.unpack_from
     while size - pos >= 5:
-        msg_type, length = unpack(buffer, pos)
+        msg_type = buffer[pos]
+        length = uint32_at(buffer, pos + 1)
         if length < 4 or length - 4 > max_size:
-            raise invalid_length(msg_type[0], length, max_size)
+            raise invalid_length(msg_type, length, max_size)
         end = pos + 1 + length
         if end > size:
             break
-        frames.append((msg_type[0], pos + 5, end))
+        frames.append((msg_type, pos + 5, end))
         pos = end
     return frames, pos
+
+
+class HeldBytes:
+    """The unconsumed tail of a message stream, until there is a frame's worth.
+
+    The forwarding loops scan ``bytes`` (indexing them compiles to plain C;
+    a ``bytearray`` or a union of both does not).  A chunk received with
+    nothing held is scanned as it is; what a scan leaves (an incomplete frame,
+    or frames deferred by the rate limit) is kept here with the size the head
+    frame needs, and later chunks are only appended until that size is
+    reached: each byte is copied into the holder once and out once, however
+    many chunks a large message spans.
+    """
+
+    __slots__ = ("_held", "_wanted")
+
+    def __init__(self) -> None:
+        self._held = bytearray()
+        self._wanted = 0
+
+    def __len__(self) -> int:
+        return len(self._held)
+
+    def add(self, data: bytes) -> None:
+        self._held += data
+
+    @property
+    def ready(self) -> bool:
+        """The head frame is complete (or the length word can be read)."""
+        return len(self._held) >= self._wanted
+
+    def take(self) -> bytes:
+        """Everything held, as one ``bytes``; the holder is then empty."""
+        buffer = bytes(self._held)
+        self._held.clear()
+        self._wanted = 0
+        return buffer
+
+    def keep(self, buffer: bytes, pos: int) -> None:
+        """Hold ``buffer[pos:]``, whose head frame's length word (if there) was checked.
+
+        The holder must be empty: the caller scanned what it took (or a chunk
+        received while nothing was held).
+        """
+        assert not self._held, "keep() after take(): the held bytes were scanned"
+        self._held += memoryview(buffer)[pos:]
+        self._wanted = 1 + uint32_at(buffer, pos + 1) if len(buffer) - pos >= 5 else 5

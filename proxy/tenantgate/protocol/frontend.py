@@ -253,9 +253,9 @@ class Describe(_Message):
         return Describe(kind, name)
 
 
-_EXECUTE_UNNAMED_ALL = b"\x00\x00\x00\x00\x00"
-_UNNAMED_EXECUTE = Execute("", 0)
-_UNNAMED_PORTAL_DESCRIBE = Describe("P", "")
+_EXECUTE_UNNAMED_ALL: Final = b"\x00\x00\x00\x00\x00"
+_UNNAMED_EXECUTE: Final = Execute("", 0)
+_UNNAMED_PORTAL_DESCRIBE: Final = Describe("P", "")
 
 
 class Close(_Message):
@@ -410,7 +410,7 @@ class SASLInitialResponse(_Message):
         return SASLInitialResponse(mechanism, response)
 
 
-NO_PAYLOAD_TYPES = frozenset(b"SHXc")
+NO_PAYLOAD_TYPES: Final = frozenset(b"SHXc")
 
 
 FrontendMessage = (
