@@ -100,7 +100,7 @@ class Prepared:
     unnamed statements make one of each per statement.
     """
 
-    __slots__ = ("analysis", "described", "info", "parse")
+    __slots__ = ("_tenant_params", "analysis", "described", "info", "parse")
 
     def __init__(
         self,
@@ -115,6 +115,16 @@ class Prepared:
         self.info = info
         # Parameter types the server reported (ParameterDescription) for this statement.
         self.described = described
+        self._tenant_params: tuple[int, ...] | None = None
+
+    def tenant_params(self) -> tuple[int, ...]:
+        """The numbers ($n) of the parameters that must be the tenant, ascending
+        (worked out at the first Bind: a prepared statement is bound many times)."""
+        numbers = self._tenant_params
+        if numbers is None:
+            found = {n for statement in self.analysis.statements for n in statement.tenant_params}
+            numbers = self._tenant_params = tuple(sorted(found))
+        return numbers
 
     def param_type(self, index: int) -> int:
         declared = self.parse.param_types[index] if index < len(self.parse.param_types) else 0
@@ -312,19 +322,17 @@ class PolicyInspector:
         return None
 
     def _check_params(self, prepared: Prepared, bind: Bind) -> Rejection | None:
-        for statement in prepared.analysis.statements:
-            for number in statement.tenant_params:
-                index = number - 1
-                value = bind.params[index] if index < len(bind.params) else None
-                type_oid = prepared.param_type(index)
-                if not tenant_param_matches(
-                    value, bind.param_is_binary(index), type_oid, self._tenant
-                ):
-                    return Rejection(
-                        "wrong_tenant_param",
-                        f"parameter ${number} must be this session's tenant id",
-                        f"bind ${number} to the tenant id you logged in as",
-                    )
+        params = bind.params
+        for number in prepared.tenant_params():
+            index = number - 1
+            value = params[index] if index < len(params) else None
+            type_oid = prepared.param_type(index)
+            if not tenant_param_matches(value, bind.param_is_binary(index), type_oid, self._tenant):
+                return Rejection(
+                    "wrong_tenant_param",
+                    f"parameter ${number} must be this session's tenant id",
+                    f"bind ${number} to the tenant id you logged in as",
+                )
         return None
 
     def parse_resolved(self, parse: Parse, ok: bool) -> None:

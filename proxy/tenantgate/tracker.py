@@ -154,6 +154,7 @@ _PLAIN_COMPLETE: Final[dict[Kind, int]] = {
     Kind.CLOSE: 0x33,
 }
 _STATEMENT_END: Final = frozenset(b"CI")
+_DESCRIBE_PORTAL_COMPLETES: Final = _COMPLETES[Kind.DESCRIBE_PORTAL]
 _FORWARD: Final[tuple[Action, bytes | None]] = (Action.FORWARD, None)
 _DROP: Final[tuple[Action, bytes | None]] = (Action.DROP, None)
 
@@ -248,56 +249,58 @@ class ResponseTracker:
         """
         pending = self._pending
         size = len(buffer)
-        head: Pending | None = None
-        kind = _QUERY
-        while pending and size - pos >= 5:
-            if pending[0] is not head:  # a new head: is it plain?
-                head = pending[0]
-                if head.injected or head.rejection is not None or head.position_shifts:
-                    return pos
-                if head.hidden_statements or head.on_parameter_description is not None:
-                    return pos
-                kind = head.kind
-            msg_type = buffer[pos]
-            length = uint32_at(buffer, pos + 1)
-            end = pos + 1 + length
-            if length < 4 or end > size:
+        while pending:
+            head = pending[0]  # read once per entry, not per message
+            if head.injected or head.rejection is not None or head.position_shifts:
                 return pos
-            if msg_type == 0x5A and (kind is _QUERY or kind is _SYNC):  # ReadyForQuery
-                status = _STATUS_BYTES.get(buffer[pos + 5]) if length == 5 else None
-                if status is None:
+            if head.hidden_statements or head.on_parameter_description is not None:
+                return pos
+            kind = head.kind
+            complete = _PLAIN_COMPLETE.get(kind, -1)
+            while True:  # the messages of this entry
+                if size - pos < 5:
                     return pos
-                self.status = status
-                pending.popleft()
-                self._done(head, not head.failed)
-                pos = end
-                continue
-            if kind is _QUERY:
-                if msg_type in _QUERY_ROWS:
+                msg_type = buffer[pos]
+                length = uint32_at(buffer, pos + 1)
+                end = pos + 1 + length
+                if length < 4 or end > size:
+                    return pos
+                if msg_type == 0x5A and (kind is _QUERY or kind is _SYNC):  # ReadyForQuery
+                    status = _STATUS_BYTES.get(buffer[pos + 5]) if length == 5 else None
+                    if status is None:
+                        return pos
+                    self.status = status
+                    pending.popleft()
+                    self._done(head, not head.failed)
+                    pos = end
+                    break
+                if kind is _QUERY:
+                    if msg_type in _QUERY_ROWS:
+                        pos = end
+                        continue
+                    if msg_type not in _STATEMENT_END:
+                        return pos
+                    if msg_type == 0x43:
+                        _count_rows(head, buffer, pos + 5, end)
+                    head.statement_index += 1
                     pos = end
                     continue
-                if msg_type not in _STATEMENT_END:
-                    return pos
-                if msg_type == 0x43:
+                if kind is _EXECUTE:
+                    if msg_type == 0x44:
+                        pos = end
+                        continue
+                    if msg_type != 0x43:
+                        return pos
                     _count_rows(head, buffer, pos + 5, end)
-                head.statement_index += 1
+                elif kind is _DESCRIBE_PORTAL:
+                    if msg_type not in _DESCRIBE_PORTAL_COMPLETES:
+                        return pos
+                elif msg_type != complete:
+                    return pos
+                pending.popleft()
+                self._done(head, True)
                 pos = end
-                continue
-            if kind is _EXECUTE:
-                if msg_type == 0x44:
-                    pos = end
-                    continue
-                if msg_type != 0x43:
-                    return pos
-                _count_rows(head, buffer, pos + 5, end)
-            elif kind is _DESCRIBE_PORTAL:
-                if msg_type not in _COMPLETES[_DESCRIBE_PORTAL]:
-                    return pos
-            elif msg_type != _PLAIN_COMPLETE.get(kind, -1):
-                return pos
-            pending.popleft()
-            self._done(head, True)
-            pos = end
+                break
         return pos
 
     @property

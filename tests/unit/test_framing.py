@@ -294,13 +294,15 @@ def test_scan_frames_rejects_bad_length_from_header_alone() -> None:
 def test_held_bytes_keep_needs_an_empty_holder() -> None:
     held = HeldBytes()
     held.keep(NEXT_MESSAGE, len(NEXT_MESSAGE) - 3)  # less than a header: wait for 5 bytes
-    assert len(held) == 3 and not held.ready
+    assert len(held) == 3
+    assert not held.ready
     held.add(NEXT_MESSAGE[:2])
     assert held.ready
     with pytest.raises(AssertionError):
         held.keep(NEXT_MESSAGE, 0)
     assert held.take() == NEXT_MESSAGE[-3:] + NEXT_MESSAGE[:2]
-    assert len(held) == 0 and held.ready
+    assert len(held) == 0
+    assert held.ready
 
 
 @given(st.lists(st.binary(max_size=40), max_size=12), st.lists(st.integers(1, 64), max_size=40))

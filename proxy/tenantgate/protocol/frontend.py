@@ -148,11 +148,11 @@ class Bind(_Message):
         # Hot path (every Bind of every client): fields read by indexing the bytes,
         # which compiles to plain C; the same checks as PayloadCursor would make.
         try:
-            end = payload.index(0)
-            portal = payload[:end].decode("utf-8")
+            end = _terminator(payload, 0)
+            portal = payload[:end].decode("utf-8") if end else ""
             start = end + 1
-            end = payload.index(0, start)
-            statement = payload[start:end].decode("utf-8")
+            end = _terminator(payload, start)
+            statement = payload[start:end].decode("utf-8") if end > start else ""
             formats, pos = _int16_array(payload, end + 1)
             count = _uint16_at(payload, pos)
             pos += 2
@@ -183,6 +183,19 @@ class Bind(_Message):
         if len(self.param_formats) == 1:
             return self.param_formats[0] == 1
         return index < len(self.param_formats) and self.param_formats[index] == 1
+
+
+def _terminator(data: bytes, start: int) -> int:
+    """Where the NUL ending the C string at ``start`` is (IndexError if none).
+
+    A loop over the bytes, not ``bytes.index``: names are short (libpq's are
+    empty or a few characters), and the loop compiles to plain C where the
+    method call would not.
+    """
+    end = start
+    while data[end] != 0:
+        end += 1
+    return end
 
 
 def _uint16_at(data: bytes, pos: int) -> int:
