@@ -40,7 +40,8 @@ class SessionTelemetry:
         outcome = "allowed" if ok else "error"
         self._metrics.statement(entry.command, outcome, duration)
         audit = self._audit
-        if audit is not None and audit.wants_statements and entry.sql is not None:
+        # The attribute, not the wants_statements property: that is an interpreted call.
+        if audit is not None and audit.statements and entry.sql is not None:
             audit.record(
                 self._event(
                     entry.sql,
