@@ -405,11 +405,10 @@ class SessionMetrics:
         "_rejections",
         "_rows",
         "_statements",
+        "_tallies",
         "_tally_bytes_in",
         "_tally_bytes_out",
-        "_tally_durations",
         "_tally_rows",
-        "_tally_statements",
         "tenant",
     )
 
@@ -427,9 +426,7 @@ class SessionMetrics:
         self._tally_bytes_in = 0
         self._tally_bytes_out = 0
         self._tally_rows = 0
-        self._tally_statements: dict[tuple[str, str], int] = {}
-        # command -> [count per bucket (not cumulative)..., count above the last, sum]
-        self._tally_durations: dict[str, list[float]] = {}
+        self._tallies: dict[str, _CommandTally] = {}  # statements by command
         self._dirty = False  # tallies not yet flushed (then it is in Metrics._live)
 
     def _mark(self) -> None:
@@ -445,19 +442,25 @@ class SessionMetrics:
 
     def statement(self, command: str, outcome: str, duration_s: float | None) -> None:
         """One statement: count it; tally its duration when it ran upstream."""
-        if outcome not in OUTCOMES:
+        tally = self._tallies.get(command)
+        if tally is None:
+            tally = self._tallies[command] = _CommandTally()
+        if outcome == "allowed":
+            tally.allowed += 1
+        elif outcome == "error":
+            tally.error += 1
+        elif outcome == "rejected":
+            tally.rejected += 1
+        elif outcome == "would_reject":
+            tally.would_reject += 1
+        else:
             raise ValueError(f"statement outcome must be one of {sorted(OUTCOMES)}")
         if not self._dirty:
             self._mark()
-        key = (command, outcome)
-        tally = self._tally_statements
-        tally[key] = tally.get(key, 0) + 1
         if duration_s is not None:
-            buckets = self._tally_durations.get(command)
-            if buckets is None:
-                buckets = self._tally_durations[command] = [0] * (len(DURATION_BUCKETS) + 2)
-            buckets[_bisect_left(DURATION_BUCKETS, duration_s)] += 1
-            buckets[-1] += duration_s
+            tally.buckets[_bisect_left(DURATION_BUCKETS, duration_s)] += 1
+            tally.seconds += duration_s
+            tally.timed = True
 
     def flush(self) -> None:
         """Add the tallies to the labelled prometheus children and reset them."""
@@ -474,24 +477,23 @@ class SessionMetrics:
         if self._tally_rows:
             self._rows.inc(self._tally_rows)
             self._tally_rows = 0
-        if self._tally_statements:
-            tally, self._tally_statements = self._tally_statements, {}
-            for (command, outcome), count in tally.items():
-                counter = self._statements.get((command, outcome))
-                if counter is None:
-                    counter = self._statements[(command, outcome)] = self._bind_statement(
-                        command, outcome
-                    )
-                counter.inc(count)
-        if self._tally_durations:
-            durations, self._tally_durations = self._tally_durations, {}
-            for command, buckets in durations.items():
-                histogram = self._durations.get(command)
-                if histogram is None:
-                    histogram = self._durations[command] = self._metrics._child(
-                        self._metrics._statement_duration, self.tenant, _command(command)
-                    )
-                _add_to_histogram(histogram, buckets)
+        if self._tallies:
+            tallies, self._tallies = self._tallies, {}
+            for command, tally in tallies.items():
+                for outcome, count in tally.counts():
+                    counter = self._statements.get((command, outcome))
+                    if counter is None:
+                        counter = self._statements[(command, outcome)] = self._bind_statement(
+                            command, outcome
+                        )
+                    counter.inc(count)
+                if tally.timed:
+                    histogram = self._durations.get(command)
+                    if histogram is None:
+                        histogram = self._durations[command] = self._metrics._child(
+                            self._metrics._statement_duration, self.tenant, _command(command)
+                        )
+                    _add_to_histogram(histogram, tally.buckets, tally.seconds)
 
     def _bind_statement(self, command: str, outcome: str) -> Counter | _Discard:
         return self._metrics._child(
@@ -529,8 +531,38 @@ class SessionMetrics:
         self._tally_rows += n
 
 
-def _add_to_histogram(histogram: Histogram | _Discard, buckets: list[float]) -> None:
-    """Add tallied observations to a histogram child.
+class _CommandTally:
+    """One command's statements since the last flush: a count per outcome, durations.
+
+    Native attributes (a compiled class): counting a statement is an
+    increment, not a tuple key built and looked up per statement.
+    """
+
+    __slots__ = ("allowed", "buckets", "error", "rejected", "seconds", "timed", "would_reject")
+
+    def __init__(self) -> None:
+        self.allowed = 0
+        self.error = 0
+        self.rejected = 0
+        self.would_reject = 0
+        # Observations per bucket (not cumulative), the last one above the largest bound.
+        self.buckets = [0] * (len(DURATION_BUCKETS) + 1)
+        self.seconds = 0.0
+        self.timed = False
+
+    def counts(self) -> list[tuple[str, int]]:
+        """(outcome, count) for every outcome counted."""
+        pairs = [
+            ("allowed", self.allowed),
+            ("error", self.error),
+            ("rejected", self.rejected),
+            ("would_reject", self.would_reject),
+        ]
+        return [(outcome, count) for outcome, count in pairs if count]
+
+
+def _add_to_histogram(histogram: Histogram | _Discard, buckets: list[int], seconds: float) -> None:
+    """Add tallied observations (``buckets``, summing to ``seconds``) to a histogram child.
 
     prometheus_client has no public "observe n at once"; its children keep one
     value per bucket (``_buckets``, not cumulative) and ``_sum``, which is what
@@ -540,10 +572,10 @@ def _add_to_histogram(histogram: Histogram | _Discard, buckets: list[float]) -> 
     if isinstance(histogram, _Discard):
         return
     counts = histogram._buckets
-    for index, count in enumerate(buckets[:-1]):
+    for index, count in enumerate(buckets):
         if count:
             counts[index].inc(count)
-    histogram._sum.inc(buckets[-1])
+    histogram._sum.inc(seconds)
 
 
 def _command(command: str) -> str:
