@@ -251,10 +251,12 @@ class Session:
             if self.idle_timeout_s is not None:
                 self._last_activity = self._loop.time()
             held = self._client_held
-            if len(held) or self._deferred:
-                held.add(data)
-                if not self._deferred and held.ready:
-                    self._drain_client(held.take())
+            if self._deferred:
+                held.add(data)  # handled when the rate limit's delay is over
+            elif len(held):
+                buffer = held.join(data)
+                if buffer is not None:
+                    self._drain_client(buffer)
             else:
                 first = data[0]
                 if first == 0x51:
@@ -630,10 +632,10 @@ class Session:
         """
         held = self._upstream_held
         if len(held):
-            held.add(data)
-            if not held.ready:
+            joined = held.join(data)
+            if joined is None:
                 return  # still inside one large message
-            buffer = held.take()
+            buffer = joined
         else:
             buffer = data
         tracker = self.tracker

@@ -242,10 +242,10 @@ def pump(chunks: list[bytes], max_size: int = DEFAULT_MAX_MESSAGE) -> tuple[list
     scans = 0
     for chunk in chunks:
         if len(held):
-            held.add(chunk)
-            if not held.ready:
+            joined = held.join(chunk)
+            if joined is None:
                 continue
-            buffer = held.take()
+            buffer = joined
         else:
             buffer = chunk
         scans += 1
@@ -295,14 +295,14 @@ def test_held_bytes_keep_needs_an_empty_holder() -> None:
     held = HeldBytes()
     held.keep(NEXT_MESSAGE, len(NEXT_MESSAGE) - 3)  # less than a header: wait for 5 bytes
     assert len(held) == 3
-    assert not held.ready
-    held.add(NEXT_MESSAGE[:2])
-    assert held.ready
+    assert held.join(NEXT_MESSAGE[:1]) is None
     with pytest.raises(AssertionError):
         held.keep(NEXT_MESSAGE, 0)
-    assert held.take() == NEXT_MESSAGE[-3:] + NEXT_MESSAGE[:2]
+    assert held.join(NEXT_MESSAGE[1:2]) == NEXT_MESSAGE[-3:] + NEXT_MESSAGE[:2]
     assert len(held) == 0
-    assert held.ready
+    held.add(NEXT_MESSAGE)  # the rate limit's deferral: held as is, taken whole
+    assert held.take() == NEXT_MESSAGE
+    assert len(held) == 0
 
 
 @given(st.lists(st.binary(max_size=40), max_size=12), st.lists(st.integers(1, 64), max_size=40))

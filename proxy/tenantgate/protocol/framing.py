@@ -159,9 +159,10 @@ class HeldBytes:
     a ``bytearray`` or a union of both does not).  A chunk received with
     nothing held is scanned as it is; what a scan leaves (an incomplete frame,
     or frames deferred by the rate limit) is kept here with the size the head
-    frame needs, and later chunks are only appended until that size is
-    reached: each byte is copied into the holder once and out once, however
-    many chunks a large message spans.
+    frame needs; later chunks are only appended until that size is reached,
+    and :meth:`join` then returns the held bytes and the last chunk as one
+    ``bytes``.  Each byte is copied at most once into the holder and once out,
+    however many chunks a large message spans.
     """
 
     __slots__ = ("_held", "_wanted")
@@ -174,12 +175,20 @@ class HeldBytes:
         return len(self._held)
 
     def add(self, data: bytes) -> None:
+        """Hold ``data`` after what is held (frames the rate limit deferred: see take)."""
         self._held += data
 
-    @property
-    def ready(self) -> bool:
-        """The head frame is complete (or the length word can be read)."""
-        return len(self._held) >= self._wanted
+    def join(self, data: bytes) -> bytes | None:
+        """What is held followed by ``data``, as one ``bytes`` (the holder is then
+        empty), once the head frame is complete; until then None (``data`` is held)."""
+        held = self._held
+        if len(held) + len(data) < self._wanted:
+            held += data
+            return None
+        buffer = b"".join((held, data))  # one copy of each part
+        held.clear()
+        self._wanted = 0
+        return buffer
 
     def take(self) -> bytes:
         """Everything held, as one ``bytes``; the holder is then empty."""
