@@ -442,6 +442,8 @@ class SessionMetrics:
 
     def statement(self, command: str, outcome: str, duration_s: float | None) -> None:
         """One statement: count it; tally its duration when it ran upstream."""
+        if outcome not in OUTCOMES:
+            raise ValueError(f"statement outcome must be one of {sorted(OUTCOMES)}")
         tally = self._tallies.get(command)
         if tally is None:
             tally = self._tallies[command] = _CommandTally()
@@ -451,10 +453,8 @@ class SessionMetrics:
             tally.error += 1
         elif outcome == "rejected":
             tally.rejected += 1
-        elif outcome == "would_reject":
-            tally.would_reject += 1
         else:
-            raise ValueError(f"statement outcome must be one of {sorted(OUTCOMES)}")
+            tally.would_reject += 1
         if not self._dirty:
             self._mark()
         if duration_s is not None:

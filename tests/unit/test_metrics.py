@@ -181,6 +181,7 @@ def test_bad_outcomes_are_programming_errors() -> None:
     m = Metrics(["acme"])
     with pytest.raises(ValueError, match="outcome"):
         m.session("acme").statement("select", "maybe", None)
+    assert b'command="select"' not in m.render()  # the refused call counted nothing
     with pytest.raises(ValueError, match="outcome"):
         m.config_reload("partial")
 

@@ -25,7 +25,7 @@ from tenantgate.protocol.codec import (
     int16_list,
     int32_list,
 )
-from tenantgate.protocol.framing import frame
+from tenantgate.protocol.framing import frame, uint32_at
 
 
 class _Message:
@@ -203,7 +203,7 @@ def _uint16_at(data: bytes, pos: int) -> int:
 
 
 def _int32_at(data: bytes, pos: int) -> int:
-    value = (data[pos] << 24) | (data[pos + 1] << 16) | (data[pos + 2] << 8) | data[pos + 3]
+    value = uint32_at(data, pos)
     return value - 0x1_0000_0000 if value & 0x8000_0000 else value
 
 
