@@ -2,7 +2,8 @@
 
     .venv/bin/python benchmarks/cpu_cost.py [--cases W1-enforce,W4-enforce]
         [--protocols simple,prepared] [--clients 8] [--seconds 5] [--rounds 2]
-        [--targets pgbouncer,forwarder,tenantgate,tenantgate-pure] [--json out.json]
+        [--targets pgbouncer,forwarder,tenantgate,tenantgate-pure] [--counters]
+        [--json out.json] [--markdown out.md]
 
 TPS ratios on a 2-core box depend on everything else that runs; the CPU time a
 proxy process burns for each transaction it carries does not, much.  This runs
@@ -10,8 +11,16 @@ pgbench (the workloads of ``run.py``) through PgBouncer, a bare uvloop byte
 forwarder (``forwarder.py``: the floor for any Python proxy) and tenantgate
 (``tenantgate-pure``: the same with its compiled modules ignored), reads each
 proxy's user and system CPU from ``/proc/<pid>/stat`` around the run, and
-prints microseconds of proxy CPU per transaction, plus the whole machine's
-busy CPU per transaction (``/proc/stat``).  Rounds are interleaved.
+prints microseconds of proxy CPU per transaction, and where the rest of the
+machine's busy CPU per transaction (``/proc/stat``) went: PostgreSQL (its
+postmaster, its live backends and the backends it has reaped) and pgbench.
+Rounds are interleaved.
+
+``--counters`` also reads the proxy's user-mode hardware counters with
+``perf stat`` (instructions, cycles, cache misses per transaction): how much
+work the proxy does per transaction, and how well the CPU runs it.  Counting
+per task costs the proxy's system time, so take TPS and CPU from a run
+without it.
 """
 
 from __future__ import annotations
@@ -21,11 +30,14 @@ import contextlib
 import json
 import os
 import re
+import resource
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -64,6 +76,12 @@ class Cost:
     proxy_user_us: float
     proxy_system_us: float
     machine_busy_us: float
+    postgres_us: float = 0.0
+    pgbench_us: float = 0.0
+    # perf stat of the proxy, user mode, per transaction (--counters)
+    user_instructions: float | None = None
+    user_cycles: float | None = None
+    user_cache_misses: float | None = None
 
     @property
     def proxy_us(self) -> float:
@@ -82,6 +100,59 @@ def machine_busy() -> float:
     fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
     busy = sum(fields[:8]) - fields[3] - fields[4]
     return busy / os.sysconf("SC_CLK_TCK")
+
+
+def postgres_cpu(data_dir: Path) -> float:
+    """CPU seconds of a cluster: its postmaster, its live children, and the
+    children it has reaped (a backend's time is lost from /proc when it exits)."""
+    postmaster = int((data_dir / "postmaster.pid").read_text().split("\n", 1)[0])
+    ticks = 0
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rpartition(")")[2].split()
+        except OSError:  # exited meanwhile: its time is now the postmaster's
+            continue
+        if int(entry.name) == postmaster:
+            ticks += sum(int(v) for v in fields[11:15])  # utime stime cutime cstime
+        elif int(fields[1]) == postmaster:
+            ticks += int(fields[11]) + int(fields[12])
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def reaped_children_cpu() -> float:
+    """CPU seconds of this process's children that have exited (pgbench runs)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+_COUNTERS = ("instructions:u", "cycles:u", "cache-misses:u")
+
+
+class Counters:
+    """``perf stat`` of one process's user-mode counters while a run lasts."""
+
+    def __init__(self, pid: int, output: Path) -> None:
+        self.output = output
+        self.proc = subprocess.Popen(
+            ["perf", "stat", "-x", ",", "-o", str(output), "-e", ",".join(_COUNTERS),
+             "-p", str(pid)],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        time.sleep(0.3)  # attached before the run starts
+
+    def stop(self) -> dict[str, float]:
+        """Counter totals by event name (an event perf could not count is absent)."""
+        self.proc.send_signal(signal.SIGINT)
+        self.proc.wait(timeout=30)
+        totals: dict[str, float] = {}
+        for line in self.output.read_text().splitlines():
+            fields = line.split(",")
+            if len(fields) > 2 and fields[2] in _COUNTERS:
+                with contextlib.suppress(ValueError):  # "<not counted>"
+                    totals[fields[2]] = float(fields[0])
+        return totals
 
 
 class Forwarder:
@@ -132,20 +203,28 @@ def pgbench(
 
 def measure(
     case: Case, protocol: str, target: str, pid: int, port: int, user: str, password: str,
-    args: argparse.Namespace, script: Path, scale: Scale, round_no: int,
+    args: argparse.Namespace, script: Path, scale: Scale, round_no: int, data_dir: Path,
 ) -> Cost:  # fmt: skip
+    counters = Counters(pid, data_dir.parent / "perf-stat.csv") if args.counters else None
     user0, sys0 = process_cpu(pid)
-    busy0 = machine_busy()
+    busy0, postgres0, pgbench0 = machine_busy(), postgres_cpu(data_dir), reaped_children_cpu()
     out = pgbench(port, user, password, protocol, args.clients, args.seconds, script, scale)
     user1, sys1 = process_cpu(pid)
-    busy1 = machine_busy()
+    busy1, postgres1, pgbench1 = machine_busy(), postgres_cpu(data_dir), reaped_children_cpu()
+    totals = counters.stop() if counters is not None else {}
     done = _DONE.search(out)
     tps = _TPS.search(out)
     transactions = int(done.group(1)) if done else 0
     per = 1e6 / max(transactions, 1)
+
+    def counted(event: str) -> float | None:
+        return totals[event] / max(transactions, 1) if event in totals else None
+
     return Cost(
         case.key, protocol, target, round_no, float(tps.group(1)) if tps else 0.0, transactions,
         (user1 - user0) * per, (sys1 - sys0) * per, (busy1 - busy0) * per,
+        (postgres1 - postgres0) * per, (pgbench1 - pgbench0) * per,
+        counted("instructions:u"), counted("cycles:u"), counted("cache-misses:u"),
     )  # fmt: skip
 
 
@@ -158,6 +237,9 @@ def main() -> int:
     parser.add_argument("--seconds", type=int, default=5)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--accounts", type=int, default=20_000)
+    parser.add_argument(
+        "--counters", action="store_true", help="also read the proxy's user-mode perf counters"
+    )
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--markdown", type=Path, default=None, help="write the median table")
     args = parser.parse_args()
@@ -212,14 +294,15 @@ def main() -> int:
                         pid, port, user, password, script = run
                         cost = measure(
                             case, protocol, target, pid, port, user, password, args, script,
-                            scale, round_no,
+                            scale, round_no, db.cluster.data_dir,
                         )  # fmt: skip
                         results.append(cost)
                         print(
                             f"r{round_no} {case.key:11} {protocol:9} {target:11} "
                             f"{cost.tps:8.0f} tps  proxy {cost.proxy_us:6.1f} us/tx "
                             f"(user {cost.proxy_user_us:5.1f} sys {cost.proxy_system_us:5.1f})  "
-                            f"machine {cost.machine_busy_us:6.1f} us/tx",
+                            f"machine {cost.machine_busy_us:6.1f} us/tx (postgres "
+                            f"{cost.postgres_us:5.1f} pgbench {cost.pgbench_us:5.1f})",
                             flush=True,
                         )
     if args.json is not None:
@@ -236,20 +319,41 @@ def median_table(results: list[Cost]) -> str:
     groups: dict[tuple[str, str, str], list[Cost]] = {}
     for cost in results:
         groups.setdefault((cost.case, cost.protocol, cost.target), []).append(cost)
-    lines = [
-        "| case | proto | target | TPS | proxy CPU us/tx (user + sys) | machine busy us/tx |",
-        "|---|---|---|---|---|---|",
-    ]
+    counted = any(c.user_cycles is not None for c in results)
+    head = (
+        "| case | proto | target | TPS | proxy CPU us/tx (user + sys) | machine busy us/tx "
+        "| of which PostgreSQL | of which pgbench |"
+    )
+    rule = "|---|---|---|---|---|---|---|---|"
+    if counted:
+        head += " user instructions/tx | user cycles/tx | IPC | user cache misses/tx |"
+        rule += "---|---|---|---|"
+    lines = [head, rule]
     for (case, protocol, target), costs in groups.items():
         user = statistics.median(c.proxy_user_us for c in costs)
         system = statistics.median(c.proxy_system_us for c in costs)
         tps = statistics.median(c.tps for c in costs)
         busy = statistics.median(c.machine_busy_us for c in costs)
-        lines.append(
+        postgres = statistics.median(c.postgres_us for c in costs)
+        pgbench = statistics.median(c.pgbench_us for c in costs)
+        line = (
             f"| {case} | {protocol} | {target} | {tps:,.0f} | {user + system:.0f} "
-            f"({user:.0f} + {system:.0f}) | {busy:.0f} |"
+            f"({user:.0f} + {system:.0f}) | {busy:.0f} | {postgres:.0f} | {pgbench:.0f} |"
         )
+        if counted:
+            line += " " + _counter_cells(costs)
+        lines.append(line)
     return "\n".join(lines) + "\n"
+
+
+def _counter_cells(costs: list[Cost]) -> str:
+    instructions = [c.user_instructions for c in costs if c.user_instructions is not None]
+    cycles = [c.user_cycles for c in costs if c.user_cycles is not None]
+    misses = [c.user_cache_misses for c in costs if c.user_cache_misses is not None]
+    if not (instructions and cycles and misses):
+        return "n/a | n/a | n/a | n/a |"
+    i, c = statistics.median(instructions), statistics.median(cycles)
+    return f"{i:,.0f} | {c:,.0f} | {i / c:.2f} | {statistics.median(misses):,.0f} |"
 
 
 if __name__ == "__main__":

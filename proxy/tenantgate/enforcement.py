@@ -190,6 +190,8 @@ class PolicyInspector:
         self._tenant_only = frozenset((tenant,))
         # _judge's answers: id -> (the analysis, held so its id stays unique, answer).
         self._judged: dict[int, tuple[Analysis, Rejection | None, str | None]] = {}
+        # The latest unnamed Parse allowed, for known_parse: (its payload, what it made).
+        self._known_parse: tuple[bytes, Prepared] | None = None
 
     # --- verdicts ------------------------------------------------------------------
 
@@ -274,9 +276,35 @@ class PolicyInspector:
                     self._statements.pop("", None)
                 return error
         info = self._portal_info_of(parse.query, analysis)
-        slot = self._statements.setdefault(parse.name, _Slot())
-        slot.pending.append(Prepared(parse, analysis, info))
+        self._pend(Prepared(parse, analysis, info))
         return None
+
+    def _pend(self, prepared: Prepared) -> None:
+        slot = self._statements.setdefault(prepared.parse.name, _Slot())
+        slot.pending.append(prepared)
+
+    def known_parse(self, payload: bytes) -> Parse | None:
+        known = self._known_parse
+        if known is None or known[0] != payload:
+            return None
+        prepared = known[1]
+        # What inspect_parse does for an allowed Parse.  Its verdict is a function
+        # of the text and parameter types (the bytes compared) and of this inspector's
+        # policy, which a reload replaces along with the inspector.  The Prepared is
+        # shared: nothing mutates one (statement_described makes a new one), and it
+        # keeps its tenant parameters, worked out once.
+        self.last_analysis = prepared.analysis
+        self.last_would_reject = False
+        self._cache.hits += 1
+        self._pend(prepared)
+        return prepared.parse
+
+    def remember_parse(self, payload: bytes, parse: Parse) -> None:
+        if parse.name or self.last_would_reject:
+            return  # named statements are parsed once; a dry-run refusal is counted each time
+        slot = self._statements.get("")
+        if slot is not None and slot.pending and slot.pending[-1].parse is parse:
+            self._known_parse = (payload, slot.pending[-1])
 
     def _portal_info_of(self, sql: str, analysis: Analysis) -> PortalInfo:
         """What a portal of this statement is; built once per text and analysis."""

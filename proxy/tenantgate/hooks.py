@@ -92,6 +92,18 @@ class Inspector(Protocol):
     def remember_query(self, message: bytes) -> None:
         """The Query just inspected was allowed: :meth:`known_query` may answer for it."""
 
+    def known_parse(self, payload: bytes) -> Parse | None:
+        """A Parse's payload (its bytes after the length) that is exactly that of
+        an unnamed-statement Parse remembered by :meth:`remember_parse`.
+
+        Returns that Parse after doing what :meth:`inspect_parse` does when it
+        allows it; None: decode and inspect it.
+        """
+
+    def remember_parse(self, payload: bytes, parse: Parse) -> None:
+        """``parse`` (decoded from ``payload``) was just inspected and allowed:
+        :meth:`known_parse` may answer for the same bytes."""
+
 
 class SessionObserver(Protocol):
     """Receives what a session did, for metrics and the audit log.
@@ -171,4 +183,10 @@ class AllowAll:
         return None
 
     def remember_query(self, message: bytes) -> None:
+        return None
+
+    def known_parse(self, payload: bytes) -> Parse | None:
+        return None
+
+    def remember_parse(self, payload: bytes, parse: Parse) -> None:
         return None

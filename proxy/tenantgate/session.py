@@ -422,14 +422,13 @@ class Session:
             describe = True
         else:
             return False
-        parse = Parse.decode(data[5:parse_end]) if parse_end else None
         bind = Bind.decode(data[parse_end + 5 : end])
         if bind.portal or not self._rate_allows_now():
             return False
         tracker, injector = self.tracker, self.injector
         if injector is not None:  # before any entry, as _drain_client does per chunk
             injector.observe_state(tracker.idle_in_block)
-        parse_instead = None if parse is None else self._client_parse(parse)
+        parse_instead = self._client_parse_bytes(data[5:parse_end]) if parse_end else None
         bind_instead = self._client_bind(bind)
         if describe:
             tracker.expect(Pending(Kind.DESCRIBE_PORTAL))
@@ -473,6 +472,23 @@ class Session:
                 injector.statements_dropped()
         self._expect_statement(Kind.EXECUTE, info.command, info.sql, info.would_reject)
         return injection
+
+    def _client_parse_bytes(self, payload: bytes) -> bytes | None:
+        """:meth:`_client_parse` of a Parse's payload, skipping the decoding and the
+        checks when the inspector knows these very bytes (a driver that does not
+        prepare sends the same unnamed Parse for every execution)."""
+        inspector = self.inspector
+        known = inspector.known_parse(payload)
+        if known is not None:
+            self.tracker.expect(
+                Pending(Kind.PARSE, on_done=lambda ok: inspector.parse_resolved(known, ok))
+            )
+            return None
+        parse = Parse.decode(payload)
+        instead = self._client_parse(parse)
+        if instead is None:
+            inspector.remember_parse(payload, parse)
+        return instead
 
     def _client_parse(self, parse: Parse) -> bytes | None:
         """Inspect and register a client's Parse; the message to send instead, if refused."""

@@ -1,10 +1,12 @@
-"""enforcement: what the per-statement fast path (``known_query``) may answer.
+"""enforcement: what the per-statement fast paths (``known_query``, ``known_parse``) may answer.
 
 ``remember_query`` may only record what ``inspect_query`` allowed with nothing
 session-specific left to check, ``known_query`` answers from that table or
 from the analysis cache without a parse (known text, known text shape), and
 it must answer None whenever the general path could decide differently for
-this session.
+this session.  ``known_parse`` answers only for the exact bytes of the
+unnamed-statement Parse last allowed, and leaves the inspector as
+``inspect_parse`` would (every Bind still checked).
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from hypothesis import strategies as st
 
 from tenantgate.analysis import AnalysisCache, AnalysisPolicy
 from tenantgate.enforcement import PolicyInspector
-from tenantgate.protocol.frontend import Parse, Query
+from tenantgate.protocol.frontend import Bind, Parse, Query
 
 POLICY = AnalysisPolicy(scoped_tables={"orders": "tenant_id"}, shared_tables=frozenset({"plans"}))
 
@@ -187,3 +189,93 @@ def test_repeated_parses_keep_each_sessions_verdict() -> None:
         assert acme.inspect_parse(Parse("", slow)) is None
         assert globex.inspect_parse(Parse("", slow)) is not None
     assert acme.last_analysis is cache.get_or_analyse(slow)  # one shared analysis
+
+
+def parse_once(inspect: PolicyInspector, parse: Parse) -> bool:
+    """What the session's one-pass path does with a Parse it does not know: allowed?"""
+    payload = parse.encode()[5:]
+    known = inspect.known_parse(payload)
+    if known is not None:
+        assert known == parse
+        return True
+    allowed = inspect.inspect_parse(parse) is None
+    if allowed:
+        inspect.remember_parse(payload, parse)
+    return allowed
+
+
+def bind_allowed(inspect: PolicyInspector, tenant: str) -> bool:
+    return inspect.inspect_bind(Bind("", "", (), (tenant.encode(),))) is None
+
+
+def test_known_parse_answers_for_the_same_bytes_only() -> None:
+    cache = AnalysisCache(POLICY)
+    acme = inspector(cache)
+    parse = Parse("", "SELECT id FROM orders WHERE tenant_id = $1")
+    payload = parse.encode()[5:]
+    assert acme.known_parse(payload) is None  # nothing remembered yet
+    assert parse_once(acme, parse)
+    acme.parse_resolved(parse, ok=True)
+    hits = cache.hits
+    known = acme.known_parse(payload)
+    assert known is parse
+    assert cache.hits == hits + 1  # counted as the analysis lookup it replaces
+    assert acme._statements[""].pending[-1].parse is parse  # registered as inspect_parse does
+    assert acme.last_analysis is cache.get_or_analyse(parse.query)
+    assert bind_allowed(acme, "acme")
+    assert not bind_allowed(acme, "globex")  # the Bind is still checked every time
+    acme.parse_resolved(known, ok=True)
+    assert acme._statements[""].confirmed is not None
+    assert not acme._statements[""].pending
+    # Other bytes: other parameter types, another text, a name.
+    for other in (
+        Parse("", parse.query, (25,)),
+        Parse("", "SELECT id FROM orders WHERE tenant_id = $1 "),
+        Parse("s1", parse.query),
+    ):
+        assert acme.known_parse(other.encode()[5:]) is None
+
+
+def test_refused_named_and_dry_run_parses_are_never_known() -> None:
+    cache = AnalysisCache(POLICY)
+    acme = inspector(cache)
+    refused = Parse("", "SELECT id FROM orders")
+    assert not parse_once(acme, refused)
+    acme.remember_parse(refused.encode()[5:], refused)  # even if asked: nothing pending
+    assert acme.known_parse(refused.encode()[5:]) is None
+    named = Parse("s1", "SELECT id FROM orders WHERE tenant_id = $1")
+    assert parse_once(acme, named)
+    assert acme.known_parse(named.encode()[5:]) is None
+    dry = inspector(AnalysisCache(POLICY), dry_run=True)
+    assert parse_once(dry, refused)  # forwarded in a dry run, counted as would-reject
+    assert dry.last_would_reject
+    assert dry.known_parse(refused.encode()[5:]) is None
+    # A Parse allowed after a refused one is remembered; the refusal did not stick.
+    own = Parse("", "SELECT id FROM orders WHERE tenant_id = 'acme'")
+    assert parse_once(acme, own)
+    assert acme.known_parse(own.encode()[5:]) is own
+
+
+def test_known_parse_is_per_session() -> None:
+    """The cached analysis is shared; what a session remembers is not (globex's
+    inspector refuses acme's constant though acme's remembers the same bytes)."""
+    cache = AnalysisCache(POLICY)
+    acme, globex = inspector(cache, "acme"), inspector(cache, "globex")
+    parse = Parse("", "SELECT id FROM orders WHERE tenant_id = 'acme'")
+    assert parse_once(acme, parse)
+    assert acme.known_parse(parse.encode()[5:]) is parse
+    assert globex.known_parse(parse.encode()[5:]) is None
+    assert not parse_once(globex, parse)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["acme", "globex"]), TEXTS), max_size=20))
+def test_known_parse_never_disagrees_with_inspect_parse(calls: list[tuple[str, str]]) -> None:
+    cache = AnalysisCache(POLICY)
+    sessions = {t: inspector(cache, t, timeout=1000) for t in ("acme", "globex")}
+    fresh = {t: inspector(cache, t, timeout=1000) for t in ("acme", "globex")}
+    for tenant, sql in calls:
+        parse = Parse("", sql)
+        # Whatever the fast path lets through, a session that never saw it allows too.
+        expected = fresh[tenant].inspect_parse(parse) is None
+        assert parse_once(sessions[tenant], parse) == expected
