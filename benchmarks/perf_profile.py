@@ -1,7 +1,8 @@
 """Where the compiled tenantgate spends its time: ``perf`` with DWARF call stacks.
 
     .venv/bin/python benchmarks/perf_profile.py [--case W4-enforce] [--protocol simple]
-        [--seconds 5] [--clients 8] [--out benchmarks/results/profile-perf-<case>-<protocol>.txt]
+        [--seconds 5] [--clients 8] [--event cycles]
+        [--out benchmarks/results/profile-perf-<case>-<protocol>.txt]
 
 ``profile_w1.py`` (py-spy) sees interpreted Python only, so it profiles the
 pure-Python build; this profiles the build that runs, compiled modules and
@@ -104,6 +105,11 @@ def main() -> int:
     parser.add_argument("--seconds", type=int, default=5)
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument(
+        "--event",
+        default="cycles",
+        help="what a sample counts, e.g. cache-misses:u (where the cache misses happen)",
+    )
     args = parser.parse_args()
     if shutil.which("perf") is None:
         print("perf is not installed: apt-get install -y linux-perf", file=sys.stderr)
@@ -121,8 +127,8 @@ def main() -> int:
         data = workdir / "perf.data"
         before = cpu_seconds(proxy.pid)
         subprocess.run(
-            ["perf", "record", "--call-graph", "dwarf,16384", "-F", "300", "-o", str(data),
-             "-p", str(proxy.pid), "--", "sleep", str(args.seconds)],
+            ["perf", "record", "-e", args.event, "--call-graph", "dwarf,16384", "-F", "300",
+             "-o", str(data), "-p", str(proxy.pid), "--", "sleep", str(args.seconds)],
             check=True, capture_output=True,
         )  # fmt: skip
         after = cpu_seconds(proxy.pid)
@@ -134,7 +140,8 @@ def main() -> int:
             check=True, capture_output=True, text=True,
         ).stdout  # fmt: skip
     header = (
-        f"{case.key} {args.protocol}, {args.clients} clients, perf 300 Hz DWARF stacks for "
+        f"{case.key} {args.protocol}, {args.clients} clients, perf 300 Hz DWARF stacks "
+        f"({args.event}) for "
         f"{args.seconds} s on tenantgate ({tenantgate.COMPILED_WHY}); pgbench "
         f"{tps.group(1) if tps else '?'} tps; tenantgate CPU user {user:.2f} s + system "
         f"{system:.2f} s.  Per compiled function: share of all samples in it and below it, "
