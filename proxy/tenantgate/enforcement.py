@@ -37,6 +37,10 @@ MAX_TRACKED_PORTALS: Final = 1000
 MAX_PORTAL_INFOS: Final = 64
 # Verdicts per session, kept by analysis identity (see _judge).
 MAX_FAST_VERDICTS: Final = 64
+# Unnamed Parses a session remembers byte for byte (known_parse): an app's hot
+# statements; small ones only (the bytes are held, once per session).
+MAX_KNOWN_PARSES: Final = 16
+MAX_KNOWN_PARSE_BYTES: Final = 2048
 
 
 def _asyncpg_reset_queries() -> frozenset[str]:
@@ -190,8 +194,8 @@ class PolicyInspector:
         self._tenant_only = frozenset((tenant,))
         # _judge's answers: id -> (the analysis, held so its id stays unique, answer).
         self._judged: dict[int, tuple[Analysis, Rejection | None, str | None]] = {}
-        # The latest unnamed Parse allowed, for known_parse: (its payload, what it made).
-        self._known_parse: tuple[bytes, Prepared] | None = None
+        # Unnamed Parses allowed, for known_parse: payload -> what it made.
+        self._known_parses: dict[bytes, Prepared] = {}
 
     # --- verdicts ------------------------------------------------------------------
 
@@ -284,10 +288,9 @@ class PolicyInspector:
         slot.pending.append(prepared)
 
     def known_parse(self, payload: bytes) -> Parse | None:
-        known = self._known_parse
-        if known is None or known[0] != payload:
+        prepared = self._known_parses.get(payload)
+        if prepared is None:
             return None
-        prepared = known[1]
         # What inspect_parse does for an allowed Parse.  Its verdict is a function
         # of the text and parameter types (the bytes compared) and of this inspector's
         # policy, which a reload replaces along with the inspector.  The Prepared is
@@ -300,11 +303,14 @@ class PolicyInspector:
         return prepared.parse
 
     def remember_parse(self, payload: bytes, parse: Parse) -> None:
-        if parse.name or self.last_would_reject:
+        if parse.name or self.last_would_reject or len(payload) > MAX_KNOWN_PARSE_BYTES:
             return  # named statements are parsed once; a dry-run refusal is counted each time
         slot = self._statements.get("")
         if slot is not None and slot.pending and slot.pending[-1].parse is parse:
-            self._known_parse = (payload, slot.pending[-1])
+            known = self._known_parses
+            if len(known) >= MAX_KNOWN_PARSES:
+                known.clear()
+            known[payload] = slot.pending[-1]
 
     def _portal_info_of(self, sql: str, analysis: Analysis) -> PortalInfo:
         """What a portal of this statement is; built once per text and analysis."""

@@ -94,7 +94,8 @@ class Inspector(Protocol):
 
     def known_parse(self, payload: bytes) -> Parse | None:
         """A Parse's payload (its bytes after the length) that is exactly that of
-        an unnamed-statement Parse remembered by :meth:`remember_parse`.
+        an unnamed-statement Parse remembered by :meth:`remember_parse` (a few, per
+        session).
 
         Returns that Parse after doing what :meth:`inspect_parse` does when it
         allows it; None: decode and inspect it.

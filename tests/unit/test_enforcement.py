@@ -15,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tenantgate.analysis import AnalysisCache, AnalysisPolicy
-from tenantgate.enforcement import PolicyInspector
+from tenantgate.enforcement import MAX_KNOWN_PARSE_BYTES, MAX_KNOWN_PARSES, PolicyInspector
 from tenantgate.protocol.frontend import Bind, Parse, Query
 
 POLICY = AnalysisPolicy(scoped_tables={"orders": "tenant_id"}, shared_tables=frozenset({"plans"}))
@@ -254,6 +254,25 @@ def test_refused_named_and_dry_run_parses_are_never_known() -> None:
     own = Parse("", "SELECT id FROM orders WHERE tenant_id = 'acme'")
     assert parse_once(acme, own)
     assert acme.known_parse(own.encode()[5:]) is own
+
+
+def test_known_parses_are_several_and_bounded() -> None:
+    cache = AnalysisCache(POLICY)
+    acme = inspector(cache)
+    sql = "SELECT id FROM orders WHERE tenant_id = $1 AND id = {}"
+    parses = [Parse("", sql.format(n)) for n in range(3 * MAX_KNOWN_PARSES)]
+    for parse in parses[:7]:
+        assert parse_once(acme, parse)
+    for parse in parses[:7]:  # statements in turn (W3's seven): each one known
+        assert acme.known_parse(parse.encode()[5:]) is parse
+    for parse in parses:
+        assert parse_once(acme, parse)
+        assert 0 < len(acme._known_parses) <= MAX_KNOWN_PARSES
+    assert acme.known_parse(parses[-1].encode()[5:]) is parses[-1]
+    padding = "x" * MAX_KNOWN_PARSE_BYTES
+    big = Parse("", f"SELECT id FROM orders WHERE tenant_id = $1 AND item <> '{padding}'")
+    assert parse_once(acme, big)
+    assert acme.known_parse(big.encode()[5:]) is None  # too big to hold: checked each time
 
 
 def test_known_parse_is_per_session() -> None:
