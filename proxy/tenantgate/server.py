@@ -150,6 +150,13 @@ class ProxyServer:
                 session.end(tenant_removed())
             else:
                 session.inspector = self._inspector_factory(policy, session.info)
+                self._set_rate_limit(session, policy)
+
+    def _set_rate_limit(self, session: Session, policy: Policy) -> None:
+        """The tenant's statement rate, and the limiter's hook only if it has one (a
+        session of an unlimited tenant skips the call per statement)."""
+        session.rate = policy.tenants[session.info.tenant].limits.queries_per_second
+        session.rate_limit = self.rate_limit if session.rate is not None else None
 
     # --- per connection --------------------------------------------------------------
 
@@ -280,8 +287,7 @@ class ProxyServer:
         ]
         greeting.append(BackendKeyData(pid, key).encode())
         greeting.append(ReadyForQuery("I").encode())
-        session.rate_limit = self.rate_limit
-        session.rate = policy.tenants[tenant].limits.queries_per_second
+        self._set_rate_limit(session, policy)
         session.idle_timeout_s = policy.limits.idle_client_timeout_s
         self.sessions[pid] = session
         if self.on_session_start is not None:

@@ -305,6 +305,31 @@ def test_rate_limit_rejects_beyond_max_delay(make_proxy: ProxyFactory, tenant_db
     assert metric(port, "tenantgate_rejections_total", {"tenant": "globex"}) == 0
 
 
+def test_reload_sets_and_lifts_a_live_sessions_rate_limit(
+    make_proxy: ProxyFactory, tenant_db: TenantDb
+) -> None:
+    """A reload that gives a tenant a rate limit applies to its open sessions from
+    their next statement, with the new rate in the error; one that lifts it frees them."""
+    limits = {"rate_limit_max_delay_ms": 100}
+    running = make_proxy(limits=limits)
+    limited = tenant_db.policy(
+        "both", limits=limits, tenants={"acme": {"limits": {"queries_per_second": 2}}}
+    )
+    with connect(running, tenant_db, "acme") as acme:
+        for _ in range(5):  # no limit yet
+            acme.execute("SELECT 1")
+        running.call(lambda: running.app.apply_policy(limited))
+        acme.execute("SELECT 1")
+        acme.execute("SELECT 1")  # the burst: one second's worth
+        with pytest.raises(psycopg.Error) as info:
+            acme.execute("SELECT 1")
+        assert info.value.sqlstate == "53400"
+        assert "this tenant may run 2 statements per second" in str(info.value)
+        running.call(lambda: running.app.apply_policy(tenant_db.policy("both", limits=limits)))
+        for _ in range(10):  # lifted: as fast as it likes
+            acme.execute("SELECT 1")
+
+
 # --- idle timeouts --------------------------------------------------------------------------
 
 
