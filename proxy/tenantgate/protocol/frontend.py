@@ -213,6 +213,8 @@ def _int16_array(data: bytes, pos: int) -> tuple[tuple[int, ...], int]:
     end = pos + 2 + 2 * count
     if end > len(data):
         raise IndexError(pos)
+    if count == 0:  # most Binds: no list to build
+        return (), end
     values = []
     for at in range(pos + 2, end, 2):
         value = _uint16_at(data, at)
