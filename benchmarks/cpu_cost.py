@@ -88,9 +88,15 @@ class Cost:
         return self.proxy_user_us + self.proxy_system_us
 
 
+def stat_fields(pid: int | str) -> list[str]:
+    """``/proc/<pid>/stat`` after the command name: [1] ppid, [11:15] utime stime cutime
+    cstime (clock ticks)."""
+    return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+
+
 def process_cpu(pid: int) -> tuple[float, float]:
     """(user, system) CPU seconds of ``pid``."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    fields = stat_fields(pid)
     ticks = os.sysconf("SC_CLK_TCK")
     return int(fields[11]) / ticks, int(fields[12]) / ticks
 
@@ -111,11 +117,11 @@ def postgres_cpu(data_dir: Path) -> float:
         if not entry.name.isdigit():
             continue
         try:
-            fields = (entry / "stat").read_text().rpartition(")")[2].split()
+            fields = stat_fields(entry.name)
         except OSError:  # exited meanwhile: its time is now the postmaster's
             continue
         if int(entry.name) == postmaster:
-            ticks += sum(int(v) for v in fields[11:15])  # utime stime cutime cstime
+            ticks += sum(int(v) for v in fields[11:15])
         elif int(fields[1]) == postmaster:
             ticks += int(fields[11]) + int(fields[12])
     return ticks / os.sysconf("SC_CLK_TCK")

@@ -477,17 +477,14 @@ class Session:
         """:meth:`_client_parse` of a Parse's payload, skipping the decoding and the
         checks when the inspector knows these very bytes (a driver that does not
         prepare sends the same unnamed Parse for every execution)."""
-        inspector = self.inspector
-        known = inspector.known_parse(payload)
+        known = self.inspector.known_parse(payload)
         if known is not None:
-            self.tracker.expect(
-                Pending(Kind.PARSE, on_done=lambda ok: inspector.parse_resolved(known, ok))
-            )
+            self._expect_parse(known)
             return None
         parse = Parse.decode(payload)
         instead = self._client_parse(parse)
         if instead is None:
-            inspector.remember_parse(payload, parse)
+            self.inspector.remember_parse(payload, parse)
         return instead
 
     def _client_parse(self, parse: Parse) -> bytes | None:
@@ -496,11 +493,15 @@ class Session:
         if error is not None:
             self.tracker.expect(Pending(Kind.PARSE, rejection=error))
             return Parse(parse.name, REJECT_SQL).encode()
+        self._expect_parse(parse)
+        return None
+
+    def _expect_parse(self, parse: Parse) -> None:
+        """Register an allowed Parse: the server's answer resolves it in the inspector."""
         inspector = self.inspector
         self.tracker.expect(
             Pending(Kind.PARSE, on_done=lambda ok: inspector.parse_resolved(parse, ok))
         )
-        return None
 
     def _client_bind(self, bind: Bind) -> bytes | None:
         """Inspect and register a client's Bind; the message to send instead, if refused."""
