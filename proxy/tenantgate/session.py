@@ -6,6 +6,11 @@ rejected messages, the response tracker, pinned-setting checks on
 ParameterStatus, and ending the session cleanly (a FATAL, never a traceback).
 Start-up and login live in :mod:`tenantgate.handshake`; the listener in
 :mod:`tenantgate.server`.
+
+Longer than the other modules on purpose: the fast paths (``_known_query``,
+``_bound_execute``) each do in one pass exactly what the general path
+(``_drain_client``, ``_client_message``) does for the same messages, so they
+stay in one class, next to the code they must keep matching.
 """
 
 from __future__ import annotations
