@@ -317,4 +317,3 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="tenantgate demo")
     configure_parser(parser)
     return run_demo(parser.parse_args(argv))
-
