@@ -446,14 +446,18 @@ class PolicyInspector:
             return None
         if sql in DRIVER_RESET_QUERIES:
             return None
-        analysis = self._cache.without_parse(sql, encoded)
-        command = None if analysis is None else self._fast_command(analysis)
-        if analysis is None or command is None:
+        found = self._cache.without_parse(sql, encoded)
+        if found is None:
             return None
+        analysis, cached = found
+        command = self._fast_command(analysis)
+        if command is None:
+            return None  # counted by the general path's lookup, once
+        self._cache.take(sql, analysis, cached)
         self.last_analysis = analysis
         self.last_would_reject = False
         self.query_sent()
-        if self._cache.last_hit:  # its second sight (checked above: allowed, rememberable)
+        if cached:  # its second sight (checked above: allowed, rememberable)
             self._remember(message, sql, analysis, command)
         return KnownQuery(sql, command)
 

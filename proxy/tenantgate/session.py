@@ -343,8 +343,14 @@ class Session:
         """
         if len(data) - 5 > self._max_message:
             return False  # the general path reports it
+        # The rate limit first: a statement it defers or refuses is neither counted
+        # as a cache hit nor marked sent here (the general path does either, once).
+        if not self._rate_allows_now():
+            return False
         known = self.inspector.known_query(data)
-        if known is None or not self._rate_allows_now():
+        if known is None:
+            if self.rate_limit is not None:
+                self._rate_decided = (0.0,)  # the token just taken is this statement's
             return False
         injector = self.injector
         if injector is not None:  # before the entry, as _drain_client does per chunk

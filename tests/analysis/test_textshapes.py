@@ -218,7 +218,9 @@ def test_a_text_differing_in_literal_digits_is_answered_by_its_digit_key() -> No
     assert cache.text_shapes.hits == hits + 8  # each answer, and the literal scan's check
     # Through the cache's entry points, which try it first.
     sql = BASE.replace("10", "37")
-    assert cache.without_parse(sql, sql.encode()) == analyse_sql(sql, POLICY)
+    found = cache.without_parse(sql, sql.encode())
+    assert found is not None
+    assert found[0] == analyse_sql(sql, POLICY)
     assert cache.get_or_analyse(BASE.replace("10", "38")) == analyse_sql(
         BASE.replace("10", "38"), POLICY
     )
@@ -394,3 +396,34 @@ def test_generated_texts_of_one_digit_key_get_their_own_tenant_literals(
         assert key is not None
         cache.text_shapes.lookup(key)
     _digit_answer(cache, DIGIT_TEXT.format(*then))
+
+
+def test_without_parse_counts_and_files_nothing_until_taken() -> None:
+    """The fast path may decline an answer (a refusal, a dry run...): its statement is
+    then looked up by get_or_analyse, so the peek itself must count nothing, or the
+    cache metrics would count that statement twice."""
+    cache = _filed(POLICY, BASE)
+    known = BASE.replace("10", "11")
+    cache.get_or_analyse(known)
+    hits, misses, size = cache.hits, cache.misses, len(cache)
+    for sql in (known, BASE.replace("10", "12")):  # a cached text, then a new one by its shape
+        found = cache.without_parse(sql, sql.encode())
+        assert found is not None
+        assert (cache.hits, cache.misses, len(cache)) == (hits, misses, size)
+    found = cache.without_parse(known, known.encode())
+    assert found is not None
+    assert found[1]  # the text itself is cached
+    cache.take(known, *found)
+    assert (cache.hits, cache.misses, cache.last_hit) == (hits + 1, misses, True)
+    new = BASE.replace("10", "13")
+    found = cache.without_parse(new, new.encode())
+    assert found is not None
+    assert not found[1]
+    cache.take(new, *found)
+    assert (cache.hits, cache.misses, len(cache)) == (hits + 1, misses + 1, size + 1)
+    assert not cache.last_hit
+    # Declined, then the general path: one count, as get_or_analyse alone.
+    other = BASE.replace("10", "14")
+    assert cache.without_parse(other, other.encode()) is not None
+    cache.get_or_analyse(other)
+    assert (cache.hits, cache.misses) == (hits + 1, misses + 2)

@@ -60,26 +60,39 @@ class AnalysisCache:
             return found
         return self._file(sql, self._analyse(sql))
 
-    def without_parse(self, sql: str, encoded: bytes | None = None) -> Analysis | None:
-        """What :meth:`get_or_analyse` returns, if it needs no parse (the text, or its
-        text shape, is known); else None, and nothing is counted or filed.
+    def without_parse(self, sql: str, encoded: bytes | None = None) -> tuple[Analysis, bool] | None:
+        """What :meth:`get_or_analyse` would return, if it needs no parse (the text, or
+        its text shape, is known), with whether the text itself is cached; else None.
 
-        ``encoded``: ``sql`` in UTF-8, if the caller has it (lets the text-shape
-        level try the text's digit key before its literal scan).
+        Nothing is counted or filed here: :meth:`take` does that for an answer the
+        caller uses.  An answer the caller declines is then looked up again by
+        get_or_analyse (the general path), which counts it once, as it would have
+        alone.  ``encoded``: ``sql`` in UTF-8, if the caller has it (lets the
+        text-shape level try the text's digit key before its literal scan).
         """
-        found = self._hit(sql)
+        found = self._entries.get(sql)
         if found is not None:
-            return found
+            return found, True
         if encoded is not None:
             found = self.text_shapes.lookup_bytes(encoded)
             if found is not None:
-                return self._file(sql, found)
+                return found, False
         literals = text_key(sql)
         self._last_key = (sql, literals)
         if literals is None:
             return None
         found = self.text_shapes.lookup(literals)
-        return None if found is None else self._file(sql, found)
+        return None if found is None else (found, False)
+
+    def take(self, sql: str, analysis: Analysis, cached: bool) -> None:
+        """Count and keep an answer of :meth:`without_parse` as get_or_analyse would:
+        a hit for a cached text, else a miss that files it."""
+        if cached:
+            self.hits += 1
+            self.last_hit = True
+            self._entries.move_to_end(sql)
+        else:
+            self._file(sql, analysis)
 
     def _hit(self, sql: str) -> Analysis | None:
         entries = self._entries

@@ -1,0 +1,299 @@
+"""The session's fast paths send, forward and count exactly what its general path does.
+
+``Session.client_data`` takes two shortcuts for the chunks drivers send most:
+``_known_query`` (a whole Query) and ``_bound_execute`` ([Parse +] Bind
+[+ Describe portal] + Execute + Sync of the unnamed portal).  Each claims to
+do in one pass what ``_drain_client`` and ``_client_message`` do for the same
+messages.  Here two sessions, wired as ``serve`` wires them (policy
+inspector, analysis cache, telemetry, metrics) but with in-memory transports,
+get the same client chunks: one through ``client_data``, the other straight
+into the general path.  A small simulated server answers what each sent
+upstream.  After every step both must have sent the same bytes upstream,
+forwarded the same bytes to the client, and hold the same tracker state; at
+the end both proxies' metrics must read the same.
+
+No sockets and no database: the server's answers follow the protocol's rules
+for the messages this vocabulary uses (an error skips the rest up to Sync).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from tenantgate.app import ProxyApp
+from tenantgate.config import parse_policy
+from tenantgate.protocol.backend import (
+    CommandComplete,
+    DataRow,
+    ErrorResponse,
+    FieldDescription,
+    ParameterDescription,
+    ReadyForQuery,
+    RowDescription,
+)
+from tenantgate.protocol.framing import frame, scan_frames
+from tenantgate.protocol.frontend import Bind, Describe, Execute, Parse, Query, Sync
+from tenantgate.session import Session, SessionInfo
+
+POLICY = """
+listen: {host: 127.0.0.1, port: 0}
+upstream: {host: 127.0.0.1, port: 1, database: app, user: app, password: x}
+mode: enforce
+tables: {accounts: tenant_id}
+tenants:
+  acme: {users: {acme_app: {password: secret}}}
+  globex: {users: {globex_app: {password: secret}}}
+metrics: {enabled: false}
+"""
+SELECT = "SELECT balance FROM accounts WHERE tenant_id = {tenant} AND id = {key}"
+PREPARED = "SELECT balance FROM accounts WHERE tenant_id = $1 AND id = $2"
+UNPROVABLE = "SELECT balance FROM accounts WHERE id = 1"
+
+
+class _Transport:
+    """Collects what the session writes."""
+
+    def __init__(self) -> None:
+        self.data = bytearray()
+
+    def write(self, data: bytes) -> None:
+        self.data += data
+
+    def take(self) -> bytes:
+        out = bytes(self.data)
+        self.data.clear()
+        return out
+
+    def is_closing(self) -> bool:
+        return False
+
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
+        pass
+
+
+class _Upstream:
+    def close(self) -> None:
+        pass
+
+
+@dataclass
+class _Proxy:
+    session: Session
+    app: ProxyApp
+    client: _Transport = field(default_factory=_Transport)
+    upstream: _Transport = field(default_factory=_Transport)
+
+
+def _proxy() -> _Proxy:
+    app = ProxyApp(parse_policy(POLICY))
+    info = SessionInfo("s", "acme", "acme_app", "127.0.0.1", 0, 1, b"k", time.time())
+    session = Session(
+        info,
+        None,  # type: ignore[arg-type]
+        None,  # type: ignore[arg-type]
+        _Upstream(),  # type: ignore[arg-type]
+        app._inspector(app.policy, info),
+        app.policy.limits.max_message_bytes,
+        None,
+    )
+    proxy = _Proxy(session, app)
+    session._client_transport = proxy.client  # type: ignore[assignment]
+    session._upstream_transport = proxy.upstream  # type: ignore[assignment]
+    session._finished = asyncio.get_running_loop().create_future()
+    app._session_started(session)
+    return proxy
+
+
+def _general(session: Session, data: bytes) -> None:
+    """``client_data`` without its two shortcuts."""
+    session.observer.traffic(len(data), 0)
+    held = session._client_held
+    if len(held):
+        buffer = held.join(data)
+        if buffer is not None:
+            session._drain_client(buffer)
+    else:
+        session._drain_client(data)
+
+
+class _Server:
+    """Answers the messages a session sent upstream, as PostgreSQL would."""
+
+    def __init__(self) -> None:
+        self.statements: set[str] = set()
+        self.skipping = False
+
+    def answer(self, sent: bytes) -> bytes:
+        frames, consumed = scan_frames(sent, 1 << 20)
+        assert consumed == len(sent), "the session sent an incomplete message upstream"
+        return b"".join(self._one(t, sent[start:end]) for t, start, end in frames)
+
+    def _error(self, sqlstate: str) -> bytes:
+        fields = (("S", "ERROR"), ("V", "ERROR"), ("C", sqlstate), ("M", "failed"))
+        return ErrorResponse(fields).encode()
+
+    def _rows(self) -> bytes:
+        return DataRow((b"10",)).encode() + CommandComplete("SELECT 1").encode()
+
+    def _one(self, msg_type: int, payload: bytes) -> bytes:
+        if msg_type == 0x53:  # Sync
+            self.skipping = False
+            return ReadyForQuery("I").encode()
+        if self.skipping:  # after an error, everything up to Sync is discarded
+            return b""
+        if msg_type == 0x51:  # Query
+            if "rejected by policy" in Query.decode(payload).query:
+                return self._error("42601") + ReadyForQuery("I").encode()
+            return _row_description() + self._rows() + ReadyForQuery("I").encode()
+        if msg_type == 0x50:  # Parse
+            parse = Parse.decode(payload)
+            if "rejected by policy" in parse.query:
+                self.skipping = True
+                return self._error("42601")
+            self.statements.add(parse.name)
+            return frame(b"1")
+        if msg_type == 0x42:  # Bind
+            if Bind.decode(payload).statement not in self.statements:
+                self.skipping = True
+                return self._error("26000")
+            return frame(b"2")
+        if msg_type == 0x44:  # Describe
+            if Describe.decode(payload).kind == "S":
+                return ParameterDescription((25, 23)).encode() + _row_description()
+            return _row_description()
+        if msg_type == 0x45:  # Execute
+            return self._rows()
+        raise AssertionError(f"unexpected message {chr(msg_type)!r} upstream")
+
+
+def _row_description() -> bytes:
+    return RowDescription((FieldDescription("balance", 0, 0, 23, 4, -1, 0),)).encode()
+
+
+def _bound(statement: str, tenant: str, key: int, describe: bool, parse: bool) -> bytes:
+    out = Parse("", PREPARED, ()).encode() if parse else b""
+    out += Bind("", statement, (0,), (tenant.encode(), str(key).encode()), (0,)).encode()
+    if describe:
+        out += Describe("P", "").encode()
+    return out + Execute("", 0).encode() + Sync().encode()
+
+
+tenants = st.sampled_from(["acme", "acme", "acme", "globex"])
+keys = st.integers(1, 3)
+operations: st.SearchStrategy[bytes] = st.one_of(
+    st.builds(lambda t, k: Query(SELECT.format(tenant=f"'{t}'", key=k)).encode(), tenants, keys),
+    st.just(Query(UNPROVABLE).encode()),
+    st.builds(lambda t, k, d: _bound("s1", t, k, d, parse=False), tenants, keys, st.booleans()),
+    st.builds(lambda t, k, d: _bound("", t, k, d, parse=True), tenants, keys, st.booleans()),
+    st.builds(
+        lambda name: (
+            Parse(name, PREPARED, ()).encode() + Describe("S", name).encode() + Sync().encode()
+        ),
+        st.sampled_from(["s1", "s1", "s2"]),
+    ),
+)
+
+
+@st.composite
+def steps(draw: Callable[..., object]) -> list[tuple[list[bytes], int | None]]:
+    """Each step: the client's chunks (one operation, two pipelined, or one split in
+    two) and where to split the server's answer (None: one chunk)."""
+    out: list[tuple[list[bytes], int | None]] = []
+    for _ in range(draw(st.integers(1, 12))):  # type: ignore[operator]
+        first: bytes = draw(operations)  # type: ignore[operator]
+        shape = draw(st.sampled_from(["one", "one", "pipelined", "split"]))  # type: ignore[operator]
+        if shape == "pipelined":
+            chunks = [first + draw(operations)]  # type: ignore[operator]
+        elif shape == "split":
+            cut: int = draw(st.integers(1, len(first) - 1))  # type: ignore[operator]
+            chunks = [first[:cut], first[cut:]]
+        else:
+            chunks = [first]
+        split: int | None = draw(st.one_of(st.none(), st.integers(1, 40)))  # type: ignore[operator]
+        out.append((chunks, split))
+    return out
+
+
+def _metrics(app: ProxyApp) -> list[str]:
+    """The proxy's metric samples, less what depends on the clock (creation times,
+    how long statements took: the count of timed statements stays)."""
+    text = app.metrics.render().decode()
+    timing = ("_created", "tenantgate_statement_duration_seconds_sum", "duration_seconds_bucket")
+    return sorted(
+        line
+        for line in text.splitlines()
+        if line.startswith("tenantgate_") and not any(part in line for part in timing)
+    )
+
+
+async def _run(script: list[tuple[list[bytes], int | None]]) -> None:
+    fast, general = _proxy(), _proxy()
+    server = _Server()  # both proxies must send it the same bytes, so one server answers
+    for number, (chunks, split) in enumerate(script):
+        for chunk in chunks:
+            fast.session.client_data(chunk)
+            _general(general.session, chunk)
+        sent = fast.upstream.take()
+        assert sent == general.upstream.take(), f"step {number}: different bytes upstream"
+        answer = server.answer(sent)
+        cut = len(answer) if split is None else min(split, len(answer))
+        for piece in (answer[:cut], answer[cut:]):
+            if piece:
+                fast.session.upstream_data(piece)
+                general.session.upstream_data(piece)
+        assert fast.client.take() == general.client.take(), f"step {number}: different answers"
+        for proxy in (fast, general):
+            assert not proxy.session._finished.done(), proxy.session._finished.result()
+        assert fast.session.tracker.status == general.session.tracker.status
+        assert fast.session.tracker.outstanding == general.session.tracker.outstanding
+    assert _metrics(fast.app) == _metrics(general.app)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(steps())
+def test_fast_paths_match_the_general_path(script: list[tuple[list[bytes], int | None]]) -> None:
+    asyncio.run(_run(script))
+
+
+def test_the_fast_paths_are_taken() -> None:
+    """The comparison above means something only if the shortcuts run: the
+    vocabulary's repeated Query, Bind/Execute/Sync of a prepared statement and
+    unnamed Parse/Bind/Execute/Sync are each taken by a fast path (which returns
+    False, handling nothing, when a chunk is not its case)."""
+
+    async def run() -> None:
+        proxy = _proxy()
+        server = _Server()
+        session = proxy.session
+
+        def answer() -> None:
+            session.upstream_data(server.answer(proxy.upstream.take()))
+            assert proxy.client.take().endswith(ReadyForQuery("I").encode())
+
+        session.client_data(Parse("s1", PREPARED, ()).encode() + Sync().encode())
+        answer()
+        query = Query(SELECT.format(tenant="'acme'", key=1)).encode()
+        session.client_data(query)  # the first time teaches the inspector this text
+        answer()
+        assert session._known_query(query)
+        answer()
+        for chunk in (
+            _bound("s1", "acme", 1, describe=False, parse=False),
+            _bound("s1", "acme", 2, describe=True, parse=False),
+            _bound("", "acme", 3, describe=True, parse=True),
+        ):
+            assert session._bound_execute(chunk)
+            answer()
+        assert not session._bound_execute(query)
+        assert session.tracker.idle
+
+    asyncio.run(run())
