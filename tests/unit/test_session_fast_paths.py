@@ -23,11 +23,13 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tenantgate.app import ProxyApp
 from tenantgate.config import parse_policy
+from tenantgate.injection import TenantInjector
 from tenantgate.protocol.backend import (
     CommandComplete,
     DataRow,
@@ -44,7 +46,8 @@ from tenantgate.session import Session, SessionInfo
 POLICY = """
 listen: {host: 127.0.0.1, port: 0}
 upstream: {host: 127.0.0.1, port: 1, database: app, user: app, password: x}
-mode: enforce
+mode: MODE
+dry_run: DRY_RUN
 tables: {accounts: tenant_id}
 tenants:
   acme: {users: {acme_app: {password: secret}}}
@@ -93,8 +96,14 @@ class _Proxy:
     upstream: _Transport = field(default_factory=_Transport)
 
 
-def _proxy() -> _Proxy:
-    app = ProxyApp(parse_policy(POLICY))
+# (mode, dry_run): the fast paths differ per mode (rls/both splice the tenant in,
+# a dry run forwards what it would refuse).
+MODES = (("enforce", False), ("enforce", True), ("both", False), ("rls", False))
+
+
+def _proxy(mode: str = "enforce", dry_run: bool = False) -> _Proxy:
+    policy = POLICY.replace("MODE", mode).replace("DRY_RUN", "true" if dry_run else "false")
+    app = ProxyApp(parse_policy(policy))
     info = SessionInfo("s", "acme", "acme_app", "127.0.0.1", 0, 1, b"k", time.time())
     session = Session(
         info,
@@ -103,7 +112,7 @@ def _proxy() -> _Proxy:
         _Upstream(),  # type: ignore[arg-type]
         app._inspector(app.policy, info),
         app.policy.limits.max_message_bytes,
-        None,
+        TenantInjector(app.policy.tenant_setting, "acme") if app.policy.injects_tenant else None,
     )
     proxy = _Proxy(session, app)
     session._client_transport = proxy.client  # type: ignore[assignment]
@@ -150,10 +159,12 @@ class _Server:
             return ReadyForQuery("I").encode()
         if self.skipping:  # after an error, everything up to Sync is discarded
             return b""
-        if msg_type == 0x51:  # Query
-            if "rejected by policy" in Query.decode(payload).query:
+        if msg_type == 0x51:  # Query: one result per statement (rls/both prefix set_config)
+            text = Query.decode(payload).query
+            if "rejected by policy" in text:
                 return self._error("42601") + ReadyForQuery("I").encode()
-            return _row_description() + self._rows() + ReadyForQuery("I").encode()
+            results = sum(1 for statement in text.split(";") if statement.strip())
+            return (_row_description() + self._rows()) * results + ReadyForQuery("I").encode()
         if msg_type == 0x50:  # Parse
             parse = Parse.decode(payload)
             if "rejected by policy" in parse.query:
@@ -172,6 +183,8 @@ class _Server:
             return _row_description()
         if msg_type == 0x45:  # Execute
             return self._rows()
+        if msg_type == 0x43:  # Close (of the portal rls/both inject)
+            return frame(b"3")
         raise AssertionError(f"unexpected message {chr(msg_type)!r} upstream")
 
 
@@ -235,8 +248,8 @@ def _metrics(app: ProxyApp) -> list[str]:
     )
 
 
-async def _run(script: list[tuple[list[bytes], int | None]]) -> None:
-    fast, general = _proxy(), _proxy()
+async def _run(script: list[tuple[list[bytes], int | None]], mode: str, dry_run: bool) -> None:
+    fast, general = _proxy(mode, dry_run), _proxy(mode, dry_run)
     server = _Server()  # both proxies must send it the same bytes, so one server answers
     for number, (chunks, split) in enumerate(script):
         for chunk in chunks:
@@ -258,20 +271,24 @@ async def _run(script: list[tuple[list[bytes], int | None]]) -> None:
     assert _metrics(fast.app) == _metrics(general.app)
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(steps())
-def test_fast_paths_match_the_general_path(script: list[tuple[list[bytes], int | None]]) -> None:
-    asyncio.run(_run(script))
+@pytest.mark.parametrize(("mode", "dry_run"), MODES)
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(script=steps())
+def test_fast_paths_match_the_general_path(
+    mode: str, dry_run: bool, script: list[tuple[list[bytes], int | None]]
+) -> None:
+    asyncio.run(_run(script, mode, dry_run))
 
 
-def test_the_fast_paths_are_taken() -> None:
+@pytest.mark.parametrize(("mode", "dry_run"), MODES)
+def test_the_fast_paths_are_taken(mode: str, dry_run: bool) -> None:
     """The comparison above means something only if the shortcuts run: the
     vocabulary's repeated Query, Bind/Execute/Sync of a prepared statement and
     unnamed Parse/Bind/Execute/Sync are each taken by a fast path (which returns
     False, handling nothing, when a chunk is not its case)."""
 
     async def run() -> None:
-        proxy = _proxy()
+        proxy = _proxy(mode, dry_run)
         server = _Server()
         session = proxy.session
 
