@@ -57,7 +57,7 @@ SQL = "SELECT abalance FROM pgbench_accounts WHERE tenant_id = 'acme' AND aid = 
 PREPARED_SQL = "SELECT abalance FROM pgbench_accounts WHERE tenant_id = $1 AND aid = $2"
 
 
-class _Sink:
+class Sink:
     """A transport that accepts everything and sends nothing."""
 
     def __init__(self) -> None:
@@ -86,8 +86,11 @@ def _answer() -> bytes:
     return row + DataRow((b"0",)).encode() + CommandComplete("SELECT 1").encode()
 
 
-def build(mode: str) -> tuple[Session, Any]:
-    app = ProxyApp(parse_policy(POLICY.replace("MODE", mode)))
+def wire(policy_text: str, client: Sink, upstream: Sink) -> tuple[Session, ProxyApp]:
+    """A session of tenant ``acme`` wired as ``serve`` wires it (ProxyApp's inspector,
+    analysis cache, telemetry and metrics; the injector in rls/both mode), writing to
+    ``client`` and ``upstream`` instead of sockets.  Needs a running event loop."""
+    app = ProxyApp(parse_policy(policy_text))
     info = SessionInfo("bench", "acme", "acme_app", "127.0.0.1", 0, 1, b"k", time.time())
     session = Session(
         info,
@@ -98,11 +101,16 @@ def build(mode: str) -> tuple[Session, Any]:
         app.policy.limits.max_message_bytes,
         TenantInjector(app.policy.tenant_setting, "acme") if app.policy.injects_tenant else None,
     )
-    session.rate_limit = app.server.rate_limit
-    session._client_transport = _Sink()  # type: ignore[assignment]
-    session._upstream_transport = _Sink()  # type: ignore[assignment]
+    session._client_transport = client  # type: ignore[assignment]
+    session._upstream_transport = upstream  # type: ignore[assignment]
     session._finished = asyncio.get_running_loop().create_future()
     app._session_started(session)
+    return session, app
+
+
+def build(mode: str) -> tuple[Session, Any]:
+    session, app = wire(POLICY.replace("MODE", mode), Sink(), Sink())
+    session.rate_limit = app.server.rate_limit
     return session, app
 
 

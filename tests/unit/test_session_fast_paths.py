@@ -19,17 +19,16 @@ for the messages this vocabulary uses (an error skips the rest up to Sync).
 from __future__ import annotations
 
 import asyncio
-import time
+import sys
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tenantgate.app import ProxyApp
-from tenantgate.config import parse_policy
-from tenantgate.injection import TenantInjector
 from tenantgate.protocol.backend import (
     CommandComplete,
     DataRow,
@@ -41,7 +40,11 @@ from tenantgate.protocol.backend import (
 )
 from tenantgate.protocol.framing import frame, scan_frames
 from tenantgate.protocol.frontend import Bind, Describe, Execute, Parse, Query, Sync
-from tenantgate.session import Session, SessionInfo
+from tenantgate.session import Session
+
+# The session wiring hotpath.py measures with (serve's wiring, without sockets).
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+from hotpath import Sink, wire
 
 POLICY = """
 listen: {host: 127.0.0.1, port: 0}
@@ -59,10 +62,11 @@ PREPARED = "SELECT balance FROM accounts WHERE tenant_id = $1 AND id = $2"
 UNPROVABLE = "SELECT balance FROM accounts WHERE id = 1"
 
 
-class _Transport:
+class _Transport(Sink):
     """Collects what the session writes."""
 
     def __init__(self) -> None:
+        super().__init__()
         self.data = bytearray()
 
     def write(self, data: bytes) -> None:
@@ -73,27 +77,13 @@ class _Transport:
         self.data.clear()
         return out
 
-    def is_closing(self) -> bool:
-        return False
-
-    def pause_reading(self) -> None:
-        pass
-
-    def resume_reading(self) -> None:
-        pass
-
-
-class _Upstream:
-    def close(self) -> None:
-        pass
-
 
 @dataclass
 class _Proxy:
     session: Session
     app: ProxyApp
-    client: _Transport = field(default_factory=_Transport)
-    upstream: _Transport = field(default_factory=_Transport)
+    client: _Transport
+    upstream: _Transport
 
 
 # (mode, dry_run): the fast paths differ per mode (rls/both splice the tenant in,
@@ -103,23 +93,9 @@ MODES = (("enforce", False), ("enforce", True), ("both", False), ("rls", False))
 
 def _proxy(mode: str = "enforce", dry_run: bool = False) -> _Proxy:
     policy = POLICY.replace("MODE", mode).replace("DRY_RUN", "true" if dry_run else "false")
-    app = ProxyApp(parse_policy(policy))
-    info = SessionInfo("s", "acme", "acme_app", "127.0.0.1", 0, 1, b"k", time.time())
-    session = Session(
-        info,
-        None,  # type: ignore[arg-type]
-        None,  # type: ignore[arg-type]
-        _Upstream(),  # type: ignore[arg-type]
-        app._inspector(app.policy, info),
-        app.policy.limits.max_message_bytes,
-        TenantInjector(app.policy.tenant_setting, "acme") if app.policy.injects_tenant else None,
-    )
-    proxy = _Proxy(session, app)
-    session._client_transport = proxy.client  # type: ignore[assignment]
-    session._upstream_transport = proxy.upstream  # type: ignore[assignment]
-    session._finished = asyncio.get_running_loop().create_future()
-    app._session_started(session)
-    return proxy
+    client, upstream = _Transport(), _Transport()
+    session, app = wire(policy, client, upstream)
+    return _Proxy(session, app, client, upstream)
 
 
 def _general(session: Session, data: bytes) -> None:
