@@ -84,18 +84,46 @@ class _Proxy:
     app: ProxyApp
     client: _Transport
     upstream: _Transport
+    rate_limit: _RateLimit | None = None
+
+
+class _RateLimit:
+    """A rate limit that answers by count, so both sessions get the same answers if
+    they ask as often: every ``refuse_every``-th statement is refused (None), the
+    others run at once (0.0; 0 refuses none).  ``calls``: tokens asked for."""
+
+    def __init__(self, refuse_every: int) -> None:
+        self.refuse_every = refuse_every
+        self.calls = 0
+
+    def __call__(self, tenant: str) -> float | None:
+        self.calls += 1
+        if self.refuse_every and self.calls % self.refuse_every == 0:
+            return None
+        return 0.0
 
 
 # (mode, dry_run): the fast paths differ per mode (rls/both splice the tenant in,
 # a dry run forwards what it would refuse).
 MODES = (("enforce", False), ("enforce", True), ("both", False), ("rls", False))
+# (mode, dry_run, rate limit: None, or refuse every n-th statement, 0 for none).
+CASES = (
+    *((mode, dry_run, None) for mode, dry_run in MODES),
+    ("enforce", False, 0),
+    ("enforce", False, 3),
+    ("both", False, 3),
+)
 
 
-def _proxy(mode: str = "enforce", dry_run: bool = False) -> _Proxy:
+def _proxy(mode: str = "enforce", dry_run: bool = False, refuse_every: int | None = None) -> _Proxy:
     policy = POLICY.replace("MODE", mode).replace("DRY_RUN", "true" if dry_run else "false")
     client, upstream = _Transport(), _Transport()
     session, app = wire(policy, client, upstream)
-    return _Proxy(session, app, client, upstream)
+    proxy = _Proxy(session, app, client, upstream)
+    if refuse_every is not None:
+        proxy.rate_limit = session.rate_limit = _RateLimit(refuse_every)
+        session.rate = 10.0
+    return proxy
 
 
 def _general(session: Session, data: bytes) -> None:
@@ -224,8 +252,14 @@ def _metrics(app: ProxyApp) -> list[str]:
     )
 
 
-async def _run(script: list[tuple[list[bytes], int | None]], mode: str, dry_run: bool) -> None:
-    fast, general = _proxy(mode, dry_run), _proxy(mode, dry_run)
+async def _run(
+    script: list[tuple[list[bytes], int | None]],
+    mode: str,
+    dry_run: bool,
+    refuse_every: int | None,
+) -> None:
+    fast = _proxy(mode, dry_run, refuse_every)
+    general = _proxy(mode, dry_run, refuse_every)
     server = _Server()  # both proxies must send it the same bytes, so one server answers
     for number, (chunks, split) in enumerate(script):
         for chunk in chunks:
@@ -245,15 +279,17 @@ async def _run(script: list[tuple[list[bytes], int | None]], mode: str, dry_run:
         assert fast.session.tracker.status == general.session.tracker.status
         assert fast.session.tracker.outstanding == general.session.tracker.outstanding
     assert _metrics(fast.app) == _metrics(general.app)
+    if fast.rate_limit is not None and general.rate_limit is not None:
+        assert fast.rate_limit.calls == general.rate_limit.calls  # one token per statement
 
 
-@pytest.mark.parametrize(("mode", "dry_run"), MODES)
+@pytest.mark.parametrize(("mode", "dry_run", "refuse_every"), CASES)
 @settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(script=steps())
 def test_fast_paths_match_the_general_path(
-    mode: str, dry_run: bool, script: list[tuple[list[bytes], int | None]]
+    mode: str, dry_run: bool, refuse_every: int | None, script: list[tuple[list[bytes], int | None]]
 ) -> None:
-    asyncio.run(_run(script, mode, dry_run))
+    asyncio.run(_run(script, mode, dry_run, refuse_every))
 
 
 @pytest.mark.parametrize(("mode", "dry_run"), MODES)
