@@ -39,7 +39,7 @@ from tenantgate.protocol.backend import (
     RowDescription,
 )
 from tenantgate.protocol.framing import frame, scan_frames
-from tenantgate.protocol.frontend import Bind, Describe, Execute, Parse, Query, Sync
+from tenantgate.protocol.frontend import Bind, Close, Describe, Execute, Parse, Query, Sync
 from tenantgate.session import Session
 
 # The session wiring hotpath.py measures with (serve's wiring, without sockets).
@@ -59,6 +59,9 @@ metrics: {enabled: false}
 """
 SELECT = "SELECT balance FROM accounts WHERE tenant_id = {tenant} AND id = {key}"
 PREPARED = "SELECT balance FROM accounts WHERE tenant_id = $1 AND id = $2"
+# The same parameters the other way round: a Bind that fits PREPARED binds the key
+# where the tenant must be (a re-prepared name must be checked against its new text).
+SWAPPED = "SELECT balance FROM accounts WHERE id = $1 AND tenant_id = $2"
 UNPROVABLE = "SELECT balance FROM accounts WHERE id = 1"
 
 
@@ -142,7 +145,7 @@ class _Server:
     """Answers the messages a session sent upstream, as PostgreSQL would."""
 
     def __init__(self) -> None:
-        self.statements: set[str] = set()
+        self.statements: dict[str, tuple[int, ...]] = {}  # name -> parameter types
         self.skipping = False
 
     def answer(self, sent: bytes) -> bytes:
@@ -164,17 +167,32 @@ class _Server:
         if self.skipping:  # after an error, everything up to Sync is discarded
             return b""
         if msg_type == 0x51:  # Query: one result per statement (rls/both prefix set_config)
+            self.statements.pop("", None)  # a simple Query drops the unnamed statement
             text = Query.decode(payload).query
             if "rejected by policy" in text:
                 return self._error("42601") + ReadyForQuery("I").encode()
-            results = sum(1 for statement in text.split(";") if statement.strip())
-            return (_row_description() + self._rows()) * results + ReadyForQuery("I").encode()
+            out = b""
+            for statement in (s.strip() for s in text.split(";") if s.strip()):
+                if statement.upper().startswith("DEALLOCATE"):
+                    name = statement.split()[-1]
+                    if name.upper() == "ALL":
+                        self.statements.clear()
+                    elif self.statements.pop(name, None) is None:
+                        return out + self._error("26000") + ReadyForQuery("I").encode()
+                    out += CommandComplete("DEALLOCATE").encode()
+                else:
+                    out += _row_description() + self._rows()
+            return out + ReadyForQuery("I").encode()
         if msg_type == 0x50:  # Parse
             parse = Parse.decode(payload)
             if "rejected by policy" in parse.query:
                 self.skipping = True
                 return self._error("42601")
-            self.statements.add(parse.name)
+            if parse.name and parse.name in self.statements:
+                self.skipping = True
+                return self._error("42P05")  # prepared statement already exists
+            swapped = "id = $1" in parse.query
+            self.statements[parse.name] = (23, 25) if swapped else (25, 23)
             return frame(b"1")
         if msg_type == 0x42:  # Bind
             if Bind.decode(payload).statement not in self.statements:
@@ -182,12 +200,20 @@ class _Server:
                 return self._error("26000")
             return frame(b"2")
         if msg_type == 0x44:  # Describe
-            if Describe.decode(payload).kind == "S":
-                return ParameterDescription((25, 23)).encode() + _row_description()
+            describe = Describe.decode(payload)
+            if describe.kind == "S":
+                types = self.statements.get(describe.name)
+                if types is None:
+                    self.skipping = True
+                    return self._error("26000")
+                return ParameterDescription(types).encode() + _row_description()
             return _row_description()
         if msg_type == 0x45:  # Execute
             return self._rows()
-        if msg_type == 0x43:  # Close (of the portal rls/both inject)
+        if msg_type == 0x43:  # Close: a statement (gone, if it was there) or a portal
+            close = Close.decode(payload)
+            if close.kind == "S":
+                self.statements.pop(close.name, None)
             return frame(b"3")
         raise AssertionError(f"unexpected message {chr(msg_type)!r} upstream")
 
@@ -209,13 +235,27 @@ keys = st.integers(1, 3)
 operations: st.SearchStrategy[bytes] = st.one_of(
     st.builds(lambda t, k: Query(SELECT.format(tenant=f"'{t}'", key=k)).encode(), tenants, keys),
     st.just(Query(UNPROVABLE).encode()),
-    st.builds(lambda t, k, d: _bound("s1", t, k, d, parse=False), tenants, keys, st.booleans()),
+    st.builds(
+        lambda name, t, k, d: _bound(name, t, k, d, parse=False),
+        st.sampled_from(["s1", "s1", "s2"]),
+        tenants,
+        keys,
+        st.booleans(),
+    ),
     st.builds(lambda t, k, d: _bound("", t, k, d, parse=True), tenants, keys, st.booleans()),
     st.builds(
-        lambda name: (
-            Parse(name, PREPARED, ()).encode() + Describe("S", name).encode() + Sync().encode()
+        lambda name, sql: (
+            Parse(name, sql, ()).encode() + Describe("S", name).encode() + Sync().encode()
         ),
         st.sampled_from(["s1", "s1", "s2"]),
+        st.sampled_from([PREPARED, PREPARED, SWAPPED]),
+    ),
+    # What changes a prepared statement under the session: Close, DEALLOCATE.
+    st.builds(
+        lambda name: Close("S", name).encode() + Sync().encode(), st.sampled_from(["s1", "s2"])
+    ),
+    st.builds(
+        lambda name: Query(f"DEALLOCATE {name}").encode(), st.sampled_from(["s1", "s2", "ALL"])
     ),
 )
 
