@@ -147,6 +147,7 @@ class _Server:
     def __init__(self) -> None:
         self.statements: dict[str, tuple[int, ...]] = {}  # name -> parameter types
         self.skipping = False
+        self.portal_keys: dict[str, bytes] = {}  # portal -> the key bound to it
 
     def answer(self, sent: bytes) -> bytes:
         frames, consumed = scan_frames(sent, 1 << 20)
@@ -157,8 +158,16 @@ class _Server:
         fields = (("S", "ERROR"), ("V", "ERROR"), ("C", sqlstate), ("M", "failed"))
         return ErrorResponse(fields).encode()
 
-    def _rows(self) -> bytes:
-        return DataRow((b"10",)).encode() + CommandComplete("SELECT 1").encode()
+    def _rows(self, key: bytes) -> bytes:
+        """A statement's result for the row of ``key``: key 2 also raises a notice
+        (forwarded as it comes), key 3 fails at run time (division by zero)."""
+        if key == b"3":
+            return self._error("22012")
+        rows = DataRow((b"10",)).encode() + CommandComplete("SELECT 1").encode()
+        if key == b"2":
+            notice = (("S", "NOTICE"), ("V", "NOTICE"), ("C", "00000"), ("M", "note"))
+            return ErrorResponse(notice, notice=True).encode() + rows
+        return rows
 
     def _one(self, msg_type: int, payload: bytes) -> bytes:
         if msg_type == 0x53:  # Sync
@@ -181,7 +190,11 @@ class _Server:
                         return out + self._error("26000") + ReadyForQuery("I").encode()
                     out += CommandComplete("DEALLOCATE").encode()
                 else:
-                    out += _row_description() + self._rows()
+                    key = statement.rsplit("id = ", 1)[-1].encode() if "id = " in statement else b""
+                    result = self._rows(key)
+                    out += result if key == b"3" else _row_description() + result
+                    if key == b"3":  # the rest of the string is skipped
+                        return out + ReadyForQuery("I").encode()
             return out + ReadyForQuery("I").encode()
         if msg_type == 0x50:  # Parse
             parse = Parse.decode(payload)
@@ -195,9 +208,12 @@ class _Server:
             self.statements[parse.name] = (23, 25) if swapped else (25, 23)
             return frame(b"1")
         if msg_type == 0x42:  # Bind
-            if Bind.decode(payload).statement not in self.statements:
+            bind = Bind.decode(payload)
+            if bind.statement not in self.statements:
                 self.skipping = True
                 return self._error("26000")
+            key = bind.params[1] if len(bind.params) > 1 else None
+            self.portal_keys[bind.portal] = key or b""
             return frame(b"2")
         if msg_type == 0x44:  # Describe
             describe = Describe.decode(payload)
@@ -209,7 +225,9 @@ class _Server:
                 return ParameterDescription(types).encode() + _row_description()
             return _row_description()
         if msg_type == 0x45:  # Execute
-            return self._rows()
+            key = self.portal_keys.get(Execute.decode(payload).portal, b"")
+            self.skipping = key == b"3"
+            return self._rows(key)
         if msg_type == 0x43:  # Close: a statement (gone, if it was there) or a portal
             close = Close.decode(payload)
             if close.kind == "S":
