@@ -53,7 +53,9 @@ from services import (
     Scale,
     Tenantgate,
     free_port,
+    process_cpu,
     run_command,
+    stat_fields,
     stop_process,
     wait_port,
 )
@@ -86,19 +88,6 @@ class Cost:
     @property
     def proxy_us(self) -> float:
         return self.proxy_user_us + self.proxy_system_us
-
-
-def stat_fields(pid: int | str) -> list[str]:
-    """``/proc/<pid>/stat`` after the command name: [1] ppid, [11:15] utime stime cutime
-    cstime (clock ticks)."""
-    return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-
-
-def process_cpu(pid: int) -> tuple[float, float]:
-    """(user, system) CPU seconds of ``pid``."""
-    fields = stat_fields(pid)
-    ticks = os.sysconf("SC_CLK_TCK")
-    return int(fields[11]) / ticks, int(fields[12]) / ticks
 
 
 def machine_busy() -> float:

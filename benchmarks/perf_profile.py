@@ -32,8 +32,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "proxy"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from profile_w1 import cpu_seconds, pgbench, start_services
-from services import run_command, stop_process
+from profile_w1 import pgbench, start_services
+from services import process_cpu, run_command, stop_process
 from workloads import CASES
 
 import tenantgate
@@ -125,13 +125,13 @@ def main() -> int:
         stack.callback(stop_process, bench)  # type: ignore[arg-type]
         time.sleep(3)  # connected and warm
         data = workdir / "perf.data"
-        before = cpu_seconds(proxy.pid)
+        before = process_cpu(proxy.pid)
         subprocess.run(
             ["perf", "record", "-e", args.event, "--call-graph", "dwarf,16384", "-F", "300",
              "-o", str(data), "-p", str(proxy.pid), "--", "sleep", str(args.seconds)],
             check=True, capture_output=True,
         )  # fmt: skip
-        after = cpu_seconds(proxy.pid)
+        after = process_cpu(proxy.pid)
         user, system = after[0] - before[0], after[1] - before[1]
         output, _ = bench.communicate(timeout=args.seconds + 60)
         tps = re.search(r"^tps = ([0-9.]+)", output, re.M)

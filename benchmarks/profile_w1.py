@@ -39,6 +39,7 @@ from services import (
     Database,
     Scale,
     Tenantgate,
+    process_cpu,
     run_command,
     stop_process,
 )
@@ -58,13 +59,6 @@ def _short(frame: str) -> str:
             path = path.split(marker, 1)[1]
             break
     return f"{match.group('func')} ({path})"
-
-
-def cpu_seconds(pid: int) -> tuple[float, float]:
-    """(user, system) CPU seconds of ``pid`` from /proc/<pid>/stat."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-    ticks = os.sysconf("SC_CLK_TCK")
-    return int(fields[11]) / ticks, int(fields[12]) / ticks
 
 
 def summarize_raw(raw: Path, top: int = 25) -> tuple[str, int]:
@@ -157,13 +151,13 @@ def main() -> int:
             stack.callback(stop_process, bench)  # type: ignore[arg-type]
             time.sleep(2)  # connected and warm
             raw = workdir / f"{protocol}.raw"
-            cpu_before, wall_before = cpu_seconds(proxy.pid), time.monotonic()
+            cpu_before, wall_before = process_cpu(proxy.pid), time.monotonic()
             subprocess.run(
                 [pyspy, "record", "--pid", str(proxy.pid), "--duration", str(args.seconds),
                  "--rate", str(RATE), "--nonblocking", "--format", "raw", "-o", str(raw)],
                 check=True, capture_output=True, text=True,
             )  # fmt: skip
-            cpu_after, wall = cpu_seconds(proxy.pid), time.monotonic() - wall_before
+            cpu_after, wall = process_cpu(proxy.pid), time.monotonic() - wall_before
             user = cpu_after[0] - cpu_before[0]
             system = cpu_after[1] - cpu_before[1]
             output, _ = bench.communicate(timeout=args.seconds + 60)

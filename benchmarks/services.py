@@ -126,6 +126,19 @@ def raise_nofile() -> int:
     return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
 
 
+def stat_fields(pid: int | str) -> list[str]:
+    """``/proc/<pid>/stat`` after the command name: [1] ppid, [11:15] utime stime cutime
+    cstime (clock ticks)."""
+    return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+
+
+def process_cpu(pid: int) -> tuple[float, float]:
+    """(user, system) CPU seconds of ``pid``."""
+    fields = stat_fields(pid)
+    ticks = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / ticks, int(fields[12]) / ticks
+
+
 def rss_kib(pid: int) -> dict[str, int]:
     """VmRSS and VmHWM of ``pid`` in KiB."""
     out: dict[str, int] = {}
