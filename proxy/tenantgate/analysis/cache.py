@@ -88,20 +88,21 @@ class AnalysisCache:
         """Count and keep an answer of :meth:`without_parse` as get_or_analyse would:
         a hit for a cached text, else a miss that files it."""
         if cached:
-            self.hits += 1
-            self.last_hit = True
-            self._entries.move_to_end(sql)
+            self._count_hit(sql)
         else:
             self._file(sql, analysis)
 
     def _hit(self, sql: str) -> Analysis | None:
-        entries = self._entries
-        found = entries.get(sql)
+        found = self._entries.get(sql)
         if found is not None:
-            self.hits += 1
-            self.last_hit = True
-            entries.move_to_end(sql)
+            self._count_hit(sql)
         return found
+
+    def _count_hit(self, sql: str) -> None:
+        """Count a hit on the cached text ``sql`` (the most recently used now)."""
+        self.hits += 1
+        self.last_hit = True
+        self._entries.move_to_end(sql)
 
     def _file(self, sql: str, result: Analysis) -> Analysis:
         """Count a miss and keep ``result`` as the analysis of ``sql``."""
