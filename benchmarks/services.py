@@ -387,6 +387,9 @@ class Tenantgate:
         self.proc: subprocess.Popen[bytes] | None = None
         self.passwords = {t: secrets.token_urlsafe(12) for t in TENANTS}
         self.upstream_role = ENFORCE_ROLE if mode == "enforce" else APP_ROLE
+        # What runs it, and what its environment adds (lane_prototype/ab.py swaps these).
+        self.launcher: tuple[str, ...] = (str(VENV_BIN / "tenantgate"),)
+        self.extra_env: dict[str, str] = {}
 
     @staticmethod
     def user_of(tenant: str) -> str:
@@ -434,7 +437,7 @@ class Tenantgate:
         config = self.write_policy()
         self.proc = subprocess.Popen(
             [
-                str(VENV_BIN / "tenantgate"),
+                *self.launcher,
                 "--log-level",
                 "warning",
                 "serve",
@@ -445,7 +448,11 @@ class Tenantgate:
             stdout=open(self.workdir / f"{self.name}.log", "ab"),  # noqa: SIM115
             stderr=subprocess.STDOUT,
             start_new_session=True,
-            env={**os.environ, "TENANTGATE_PURE_PYTHON": "1" if self.pure else "0"},
+            env={
+                **os.environ,
+                "TENANTGATE_PURE_PYTHON": "1" if self.pure else "0",
+                **self.extra_env,
+            },
         )
         wait_port(self.port, self.proc, self.name)
 

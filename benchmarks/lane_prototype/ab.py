@@ -44,22 +44,10 @@ def main() -> None:
     original_start = services.Tenantgate.start
 
     def start(self: services.Tenantgate) -> None:
-        if not self.pure:
-            original_start(self)
-            return
-        self.port = services.free_port()
-        config = self.write_policy()
-        self.proc = subprocess.Popen(
-            [sys.executable, str(HERE / "launch.py"), "--log-level", "warning",
-             "serve", "--config", str(config)],
-            stdin=subprocess.DEVNULL,
-            stdout=open(self.workdir / f"{self.name}.log", "ab"),  # noqa: SIM115
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-            env={**os.environ, "TENANTGATE_PURE_PYTHON": "1",
-                 "PYTHONPATH": os.pathsep.join((str(build_dir), str(HERE)))},
-        )  # fmt: skip
-        services.wait_port(self.port, self.proc, self.name)
+        if self.pure:  # the prototype: pure-Python tenantgate with the lane patched in
+            self.launcher = (sys.executable, str(HERE / "launch.py"))
+            self.extra_env = {"PYTHONPATH": os.pathsep.join((str(build_dir), str(HERE)))}
+        original_start(self)
 
     services.Tenantgate.start = start  # type: ignore[method-assign]
     sys.argv = [str(BENCHMARKS / "cpu_cost.py"), *sys.argv[1:]]
