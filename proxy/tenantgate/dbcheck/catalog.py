@@ -15,7 +15,7 @@ from tenantgate.errors import RemoteProtocolError, UpstreamError
 from tenantgate.protocol.backend import DataRow, ErrorResponse
 from tenantgate.protocol.framing import MessageReader, frame
 from tenantgate.protocol.frontend import Query
-from tenantgate.rlssql import quote_ident, quote_literal
+from tenantgate.rlssql import quote_ident
 from tenantgate.upstream import UpstreamConnection
 
 QUERY_TIMEOUT_S = 30.0
@@ -90,10 +90,6 @@ def checked_oid(value: str | None) -> str:
 
 def is_true(value: str | None) -> bool:
     return value == "t"
-
-
-def literal(value: str) -> str:
-    return quote_literal(value)
 
 
 def relation_name(schema: str | None, name: str | None) -> str:

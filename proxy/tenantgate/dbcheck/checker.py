@@ -18,12 +18,11 @@ from tenantgate.dbcheck.catalog import (
     Row,
     checked_oid,
     is_true,
-    literal,
     relation_name,
 )
 from tenantgate.dbcheck.findings import Finding, Severity
 from tenantgate.dbcheck.policies import judge_policies, policies_of
-from tenantgate.rlssql import quote_ident, quote_qualified
+from tenantgate.rlssql import quote_ident, quote_literal, quote_qualified
 
 _TRUE_OPTIONS = frozenset({"true", "on", "yes", "1"})
 _DANGEROUS_PRIVILEGES = ("TRUNCATE", "REFERENCES", "TRIGGER")
@@ -144,7 +143,7 @@ class Checker:
     async def _setting_default(self) -> None:
         setting = self.policy.tenant_setting
         value = await self.client.value(
-            f"SELECT pg_catalog.current_setting({literal(setting)}, true)"
+            f"SELECT pg_catalog.current_setting({quote_literal(setting)}, true)"
         )
         if value:
             role = quote_ident(self.role.name)
@@ -167,9 +166,9 @@ class Checker:
             f"pg_catalog.pg_has_role({role_oid}::oid, c.relowner, 'MEMBER'), "
             "pg_catalog.pg_get_userbyid(c.relowner), "
             "EXISTS (SELECT 1 FROM pg_catalog.pg_attribute a WHERE a.attrelid = c.oid "
-            f"  AND a.attname = {literal(column)} AND a.attnum > 0 AND NOT a.attisdropped) "
+            f"  AND a.attname = {quote_literal(column)} AND a.attnum > 0 AND NOT a.attisdropped) "
             "FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace "
-            f"WHERE c.oid = pg_catalog.to_regclass({literal(quote_qualified(table))})"
+            f"WHERE c.oid = pg_catalog.to_regclass({quote_literal(quote_qualified(table))})"
         )
         if not rows:
             if structural:
@@ -204,7 +203,8 @@ class Checker:
             " UNION SELECT i.inhrelid FROM pg_catalog.pg_inherits i"
             " JOIN ch ON i.inhparent = ch.oid)"
             " SELECT c.oid, n.nspname, c.relname, c.relrowsecurity, c.relforcerowsecurity,"
-            f" pg_catalog.has_table_privilege({role_oid}::oid, c.oid, {literal(_ANY_PRIVILEGE)}),"
+            f" pg_catalog.has_table_privilege({role_oid}::oid, c.oid,"
+            f" {quote_literal(_ANY_PRIVILEGE)}),"
             f" pg_catalog.pg_has_role({role_oid}::oid, c.relowner, 'MEMBER'),"
             " pg_catalog.pg_get_userbyid(c.relowner)"
             " FROM ch JOIN pg_catalog.pg_class c ON c.oid = ch.oid"
@@ -261,7 +261,8 @@ class Checker:
         privileges = await self.client.rows(
             "SELECT "
             + ", ".join(
-                f"pg_catalog.has_table_privilege({self.role.oid}::oid, {oid}::oid, {literal(p)})"
+                f"pg_catalog.has_table_privilege({self.role.oid}::oid, {oid}::oid,"
+                f" {quote_literal(p)})"
                 for p in _DANGEROUS_PRIVILEGES
             )
         )
@@ -325,7 +326,7 @@ class Checker:
             "  (SELECT o.option_value FROM pg_catalog.pg_options_to_table(c.reloptions) o"
             "    WHERE o.option_name = 'security_invoker'),"
             f"  pg_catalog.has_table_privilege({self.role.oid}::oid, c.oid, "
-            f"{literal(_ANY_PRIVILEGE)})"
+            f"{quote_literal(_ANY_PRIVILEGE)})"
             " FROM v JOIN pg_catalog.pg_class c ON c.oid = v.oid"
             " JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace ORDER BY 1, 2"
         )
@@ -362,9 +363,9 @@ class Checker:
         rows = await self.client.rows(
             "SELECT n.nspname, c.relname, "
             f"pg_catalog.has_table_privilege({self.role.oid}::oid, c.oid, "
-            f"{literal(_WRITE_PRIVILEGES)}) "
+            f"{quote_literal(_WRITE_PRIVILEGES)}) "
             "FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace "
-            f"WHERE c.oid = pg_catalog.to_regclass({literal(quote_qualified(table))})"
+            f"WHERE c.oid = pg_catalog.to_regclass({quote_literal(quote_qualified(table))})"
         )
         if not rows:
             if structural:
