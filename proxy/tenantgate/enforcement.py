@@ -27,8 +27,8 @@ from tenantgate.analysis import (
 from tenantgate.config import Policy
 from tenantgate.errors import PgError, rejected
 from tenantgate.hooks import UNKNOWN_PORTAL, KnownQuery, PortalInfo
-from tenantgate.injection import StatementShape
-from tenantgate.protocol.frontend import Bind, Parse
+from tenantgate.injection import StatementShape, is_internal_name
+from tenantgate.protocol.frontend import Bind, Parse, bind_params_at
 
 log: Final = logging.getLogger("tenantgate.enforcement")
 # Portals die at transaction end, which the inspector does not see; bound the map.
@@ -354,6 +354,52 @@ class PolicyInspector:
             info = replace(info, would_reject=True)
         self._portals[bind.portal] = info
         return None
+
+    def known_bind(self, payload: bytes) -> PortalInfo | None:
+        """:meth:`inspect_bind` of a Bind payload to the unnamed portal, read in place,
+        when it allows the Bind outright; None: not that case, go the general way.
+
+        That case: the statement name has one candidate text (an unnamed
+        statement's latest Parse, or a named one the server confirmed with no
+        Parse of the name pending), every tenant parameter matches, and nothing
+        about it is a dry-run would-be refusal.  The registry is looked up at
+        every Bind, so whatever changes a statement (Parse, Close, a failed
+        Parse, a simple Query, a reload's new inspector) applies at once.
+        """
+        if not payload or payload[0] != 0:
+            return None  # a named portal
+        name_end = payload.find(0, 1)
+        if name_end < 0:
+            return None
+        try:
+            name = payload[1:name_end].decode("utf-8")
+        except UnicodeDecodeError:
+            return None
+        if name and is_internal_name(name):
+            return None  # the general path refuses reserved names
+        slot = self._statements.get(name)
+        if slot is None:
+            return None
+        if name:
+            prepared = None if slot.pending else slot.confirmed
+        else:
+            prepared = slot.pending[-1] if slot.pending else slot.confirmed
+        if prepared is None or prepared.info.would_reject:
+            return None
+        numbers = prepared.tenant_params()
+        values = bind_params_at(payload, name_end + 1, numbers)
+        if values is None:
+            return None
+        tenant = self._tenant
+        for index, (value, binary) in enumerate(values):
+            type_oid = prepared.param_type(numbers[index] - 1)
+            if not tenant_param_matches(value, binary, type_oid, tenant):
+                return None
+        if len(self._portals) > MAX_TRACKED_PORTALS:
+            self._portals.clear()
+        info = prepared.info
+        self._portals[""] = info
+        return info
 
     def _check_params(self, prepared: Prepared, bind: Bind) -> Rejection | None:
         params = bind.params

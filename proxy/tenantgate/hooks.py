@@ -105,6 +105,11 @@ class Inspector(Protocol):
         """``parse`` (decoded from ``payload``) was just inspected and allowed:
         :meth:`known_parse` may answer for the same bytes."""
 
+    def known_bind(self, payload: bytes) -> PortalInfo | None:
+        """A Bind's payload, to the unnamed portal, that :meth:`inspect_bind` would
+        allow outright: returns what the portal now is, having recorded it as
+        :meth:`inspect_bind` does; None: decode and inspect it."""
+
 
 class SessionObserver(Protocol):
     """Receives what a session did, for metrics and the audit log.
@@ -190,4 +195,7 @@ class AllowAll:
         return None
 
     def remember_parse(self, payload: bytes, parse: Parse) -> None:
+        return None
+
+    def known_bind(self, payload: bytes) -> PortalInfo | None:
         return None

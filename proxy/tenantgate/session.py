@@ -433,14 +433,28 @@ class Session:
             describe = True
         else:
             return False
-        bind = Bind.decode(data[parse_end + 5 : end])
-        if bind.portal or not self._rate_allows_now():
-            return False
+        if length == 4 or data[parse_end + 5] != 0 or not self._rate_allows_now():
+            return False  # a named portal (or an empty Bind the general path reports)
         tracker, injector = self.tracker, self.injector
         if injector is not None:  # before any entry, as _drain_client does per chunk
             injector.observe_state(tracker.idle_in_block)
         parse_instead = self._client_parse_bytes(data[5:parse_end]) if parse_end else None
-        bind_instead = self._client_bind(bind)
+        bind_payload = data[parse_end + 5 : end]
+        info = None if parse_instead is not None else self.inspector.known_bind(bind_payload)
+        if info is None:
+            bind_instead = self._client_bind(Bind.decode(bind_payload))
+        elif injector is None:
+            # Allowed in place, nothing to inject: the request is one tracker entry.
+            entry = Pending(
+                Kind.EXECUTE, command=info.command, sql=info.sql, would_reject=info.would_reject
+            )
+            entry.started = _perf_counter()
+            tracker.expect_bound(entry, describe)
+            self._upstream_transport.write(data)  # as received
+            return True
+        else:
+            bind_instead = None
+            tracker.expect(Pending(Kind.BIND))
         if describe:
             tracker.expect(Pending(Kind.DESCRIBE_PORTAL))
         injection = self._client_execute("")

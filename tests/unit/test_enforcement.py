@@ -298,3 +298,115 @@ def test_known_parse_never_disagrees_with_inspect_parse(calls: list[tuple[str, s
         # Whatever the fast path lets through, a session that never saw it allows too.
         expected = fresh[tenant].inspect_parse(parse) is None
         assert parse_once(sessions[tenant], parse) == expected
+
+
+# --- known_bind: the in-place Bind check of the unnamed portal -------------------------
+
+BIND_TEXTS = (
+    "SELECT id FROM orders WHERE tenant_id = $1 AND id = $2",
+    "SELECT id FROM orders WHERE id = $1 AND tenant_id = $2",
+    "SELECT id FROM plans WHERE id = $1",
+    "SELECT id FROM orders WHERE id = $1",  # refused (no tenant predicate)
+)
+_bind_values = st.sampled_from([b"acme", b"globex", b"7", b"", None])
+_operations = st.one_of(
+    st.tuples(st.just("parse"), st.sampled_from(["", "s1", "s2"]), st.sampled_from(BIND_TEXTS)),
+    st.tuples(st.just("resolve"), st.sampled_from(["", "s1", "s2"]), st.booleans()),
+    st.tuples(st.just("close"), st.sampled_from(["", "s1", "s2"]), st.booleans()),
+    st.tuples(st.just("describe"), st.sampled_from(["", "s1", "s2"]), st.sampled_from([25, 23, 0])),
+    st.tuples(st.just("query"), st.just(""), st.just(False)),
+    st.tuples(
+        st.just("bind"),
+        st.sampled_from(["", "", "s1", "s2", "s3"]),
+        st.tuples(
+            st.sampled_from(["", "", "", "p"]),
+            st.lists(_bind_values, max_size=3).map(tuple),
+            st.sampled_from([(), (0,), (1,), (1, 0), (0, 1)]),
+        ),
+    ),
+)
+
+
+def _apply(inspect: PolicyInspector, operation: tuple[str, str, object]) -> None:
+    """One operation other than a Bind, as the session drives the inspector."""
+    what, name, arg = operation
+    slot = inspect._statements.get(name)
+    if what == "parse":
+        inspect.inspect_parse(Parse(name, str(arg)))
+    elif what == "resolve" and slot is not None and slot.pending:
+        inspect.parse_resolved(slot.pending[0].parse, ok=bool(arg))
+    elif what == "close":
+        inspect.close_resolved(name, ok=bool(arg))
+    elif what == "describe":
+        inspect.statement_described(name, (int(str(arg)), 23))
+    elif what == "query":
+        inspect.query_sent()
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.booleans(), st.lists(_operations, max_size=25))
+def test_known_bind_never_disagrees_with_inspect_bind(
+    dry_run: bool, operations: list[tuple[str, str, object]]
+) -> None:
+    """Two inspectors get the same calls, but one tries known_bind first (as the
+    session's fast path does) and inspects only what it declines: each Bind it
+    answers, inspect_bind allows, and both leave the same portal behind."""
+    cache = AnalysisCache(POLICY)
+    fast, general = (inspector(cache, dry_run=dry_run) for _ in range(2))
+    for operation in operations:
+        if operation[0] != "bind":
+            _apply(fast, operation)
+            _apply(general, operation)
+            continue
+        _, name, (portal, params, formats) = operation  # type: ignore[misc]
+        bind = Bind(portal, name, formats, params)
+        expected = general.inspect_bind(bind)
+        known = fast.known_bind(bind.encode()[5:])
+        if known is None:
+            assert (fast.inspect_bind(bind) is None) == (expected is None)
+        else:
+            assert expected is None
+            assert known == general.portal_info("")
+        assert fast._portals == general._portals
+
+
+def test_known_bind_answers_the_common_binds_and_sees_every_change() -> None:
+    cache = AnalysisCache(POLICY)
+    acme = inspector(cache)
+    sql = BIND_TEXTS[0]
+
+    def known(name: str, tenant: bytes = b"acme", portal: str = "") -> bool:
+        bind = Bind(portal, name, (), (tenant, b"7"))
+        return acme.known_bind(bind.encode()[5:]) is not None
+
+    assert not known("s1")  # no such statement: the general path (the server refuses)
+    parse = Parse("s1", sql)
+    assert acme.inspect_parse(parse) is None
+    assert not known("s1")  # not confirmed yet: every candidate must be checked
+    acme.parse_resolved(parse, ok=True)
+    assert known("s1")
+    assert acme.portal_info("").sql == sql
+    assert not known("s1", b"globex")
+    assert not known("s1", portal="p")  # named portals: the general path
+    again = Parse("s1", BIND_TEXTS[1])  # the same name prepared again: two candidates
+    assert acme.inspect_parse(again) is None
+    assert not known("s1")
+    acme.parse_resolved(again, ok=False)  # the server kept the first text
+    assert known("s1")
+    acme.close_resolved("s1", ok=True)
+    assert not known("s1")
+    unnamed = Parse("", sql)
+    assert acme.inspect_parse(unnamed) is None
+    assert known("")  # the unnamed statement's latest Parse, answered or not
+    acme.parse_resolved(unnamed, ok=True)
+    assert known("")
+    acme.query_sent()  # a simple Query drops the unnamed statement
+    assert not known("")
+    assert acme.inspect_parse(Parse("", "SELECT id FROM orders WHERE id = $1")) is not None
+    assert not known("")  # a refused Parse dropped it too
+    reserved = Bind("", "__tenantgate_x", (), (b"acme",))
+    assert acme.known_bind(reserved.encode()[5:]) is None
+    dry = inspector(AnalysisCache(POLICY), dry_run=True)
+    refused = Parse("", "SELECT id FROM orders WHERE id = $1")
+    assert dry.inspect_parse(refused) is None  # forwarded: a would-be refusal
+    assert dry.known_bind(Bind("", "", (), (b"7",)).encode()[5:]) is None  # counted each time

@@ -6,6 +6,8 @@ import struct
 from collections.abc import Callable
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from tenantgate.errors import LocalProtocolError, RemoteProtocolError
 from tenantgate.protocol.framing import MessageReader, frame
@@ -26,6 +28,7 @@ from tenantgate.protocol.frontend import (
     SASLInitialResponse,
     Sync,
     Terminate,
+    bind_params_at,
     decode_frontend,
 )
 
@@ -268,3 +271,56 @@ def test_function_call_high_oid_round_trip() -> None:
     message = FunctionCall(3_000_000_000, b"")
     data = message.encode()
     assert decode_frontend(data[0], data[5:]) == message
+
+
+# --- bind_params_at: the parameters the tenant check needs, read in place ------------
+
+_names = st.text(st.characters(blacklist_characters="\x00"), max_size=4)
+_values = st.one_of(st.none(), st.binary(max_size=6))
+_binds = st.builds(
+    Bind,
+    portal=_names,
+    statement=_names,
+    param_formats=st.lists(st.integers(-2, 2), max_size=4).map(tuple),
+    params=st.lists(_values, max_size=4).map(tuple),
+    result_formats=st.lists(st.integers(0, 1), max_size=3).map(tuple),
+)
+_numbers = st.lists(st.integers(1, 5), max_size=3, unique=True).map(lambda n: tuple(sorted(n)))
+
+
+def _formats_at(payload: bytes) -> int:
+    """Where a Bind payload's parameter-format codes start (after its two names)."""
+    return payload.index(0, payload.index(0) + 1) + 1
+
+
+@given(_binds, _numbers)
+def test_bind_params_at_reads_what_decode_reads(bind: Bind, numbers: tuple[int, ...]) -> None:
+    payload = bind.encode()[5:]
+    found = bind_params_at(payload, _formats_at(payload), numbers)
+    if any(n > len(bind.params) for n in numbers):
+        assert found is None  # missing: the general path refuses it
+    else:
+        assert found == [(bind.params[n - 1], bind.param_is_binary(n - 1)) for n in numbers]
+
+
+@given(_binds, _numbers, st.data())
+def test_bind_params_at_accepts_nothing_decode_refuses(
+    bind: Bind, numbers: tuple[int, ...], data: st.DataObject
+) -> None:
+    """Cut short, trailing bytes, or any byte changed: whatever bind_params_at reads,
+    Bind.decode reads the same from the same bytes (never a malformed Bind waved on)."""
+    payload = bind.encode()[5:]
+    at = _formats_at(payload)
+    damage = data.draw(st.sampled_from(["truncate", "trail", "flip"]))
+    if damage == "truncate":
+        payload = payload[: data.draw(st.integers(at, len(payload) - 1))]
+    elif damage == "trail":
+        payload += data.draw(st.binary(min_size=1, max_size=3))
+    else:
+        index = data.draw(st.integers(at, len(payload) - 1))
+        payload = payload[:index] + bytes([data.draw(st.integers(0, 255))]) + payload[index + 1 :]
+    found = bind_params_at(payload, at, numbers)
+    if found is None:
+        return
+    decoded = Bind.decode(payload)  # raises if bind_params_at accepted a malformed Bind
+    assert found == [(decoded.params[n - 1], decoded.param_is_binary(n - 1)) for n in numbers]

@@ -240,9 +240,26 @@ def _row_description() -> bytes:
     return RowDescription((FieldDescription("balance", 0, 0, 23, 4, -1, 0),)).encode()
 
 
-def _bound(statement: str, tenant: str, key: int, describe: bool, parse: bool) -> bytes:
+# How a Bind carries its parameters: the tenant (first parameter) in text or binary
+# format, the parameters with one format code for all, or a parameter missing or NULL.
+BIND_FORMS = ("text", "text", "text", "binary", "one code", "no tenant", "null tenant")
+
+
+def _bound(
+    statement: str, tenant: str, key: int, describe: bool, parse: bool, form: str = "text"
+) -> bytes:
     out = Parse("", PREPARED, ()).encode() if parse else b""
-    out += Bind("", statement, (0,), (tenant.encode(), str(key).encode()), (0,)).encode()
+    params: tuple[bytes | None, ...] = (tenant.encode(), str(key).encode())
+    formats: tuple[int, ...] = (0,)
+    if form == "binary":
+        formats = (1, 0)  # the tenant's UTF-8 bytes: binary text, if the type is known
+    elif form == "one code":
+        formats = (0, 0)
+    elif form == "no tenant":
+        params = params[:1]
+    elif form == "null tenant":
+        params = (None, params[1])
+    out += Bind("", statement, formats, params, (0,)).encode()
     if describe:
         out += Describe("P", "").encode()
     return out + Execute("", 0).encode() + Sync().encode()
@@ -254,13 +271,26 @@ operations: st.SearchStrategy[bytes] = st.one_of(
     st.builds(lambda t, k: Query(SELECT.format(tenant=f"'{t}'", key=k)).encode(), tenants, keys),
     st.just(Query(UNPROVABLE).encode()),
     st.builds(
-        lambda name, t, k, d: _bound(name, t, k, d, parse=False),
-        st.sampled_from(["s1", "s1", "s2"]),
+        lambda name, t, k, d, form: _bound(name, t, k, d, parse=False, form=form),
+        st.sampled_from(["s1", "s1", "s2", "", "__tenantgate_s"]),
         tenants,
         keys,
         st.booleans(),
+        st.sampled_from(BIND_FORMS),
     ),
-    st.builds(lambda t, k, d: _bound("", t, k, d, parse=True), tenants, keys, st.booleans()),
+    st.builds(
+        lambda t, k, d, form: _bound("", t, k, d, parse=True, form=form),
+        tenants,
+        keys,
+        st.booleans(),
+        st.sampled_from(BIND_FORMS),
+    ),
+    # A Parse with no Sync: what follows it up to a Sync is skipped if it fails.
+    st.builds(
+        lambda name, sql: Parse(name, sql, ()).encode(),
+        st.sampled_from(["s1", "s2", ""]),
+        st.sampled_from([PREPARED, SWAPPED]),
+    ),
     st.builds(
         lambda name, sql: (
             Parse(name, sql, ()).encode() + Describe("S", name).encode() + Sync().encode()
@@ -280,14 +310,17 @@ operations: st.SearchStrategy[bytes] = st.one_of(
 
 @st.composite
 def steps(draw: Callable[..., object]) -> list[tuple[list[bytes], int | None]]:
-    """Each step: the client's chunks (one operation, two pipelined, or one split in
-    two) and where to split the server's answer (None: one chunk)."""
+    """Each step: the client's chunks (one operation, two pipelined in one chunk or
+    sent one after the other before any answer, or one split in two) and where to
+    split the server's answer (None: one chunk)."""
     out: list[tuple[list[bytes], int | None]] = []
     for _ in range(draw(st.integers(1, 12))):  # type: ignore[operator]
         first: bytes = draw(operations)  # type: ignore[operator]
-        shape = draw(st.sampled_from(["one", "one", "pipelined", "split"]))  # type: ignore[operator]
+        shape = draw(st.sampled_from(["one", "one", "pipelined", "two", "split"]))  # type: ignore[operator]
         if shape == "pipelined":
             chunks = [first + draw(operations)]  # type: ignore[operator]
+        elif shape == "two":
+            chunks = [first, draw(operations)]  # type: ignore[operator]
         elif shape == "split":
             cut: int = draw(st.integers(1, len(first) - 1))  # type: ignore[operator]
             chunks = [first[:cut], first[cut:]]
@@ -355,7 +388,8 @@ def test_the_fast_paths_are_taken(mode: str, dry_run: bool) -> None:
     """The comparison above means something only if the shortcuts run: the
     vocabulary's repeated Query, Bind/Execute/Sync of a prepared statement and
     unnamed Parse/Bind/Execute/Sync are each taken by a fast path (which returns
-    False, handling nothing, when a chunk is not its case)."""
+    False, handling nothing, when a chunk is not its case), and in enforce mode
+    the request is held as one tracker entry (expect_bound)."""
 
     async def run() -> None:
         proxy = _proxy(mode, dry_run)
@@ -379,6 +413,8 @@ def test_the_fast_paths_are_taken(mode: str, dry_run: bool) -> None:
             _bound("", "acme", 3, describe=True, parse=True),
         ):
             assert session._bound_execute(chunk)
+            if session.injector is None:  # enforce: the Bind checked in place, one entry
+                assert session.tracker.outstanding > len(session.tracker._pending)
             answer()
         assert not session._bound_execute(query)
         assert session.tracker.idle

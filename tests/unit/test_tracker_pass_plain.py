@@ -62,6 +62,10 @@ class Request:
     hidden: frozenset[int] = frozenset()
     shifts: tuple[tuple[int, int], ...] = ()
     describe_callback: bool = False
+    # Bind [+ Describe portal] + Execute + Sync as the session's fast path sends it:
+    # one entry for all four (expect_bound) or, for the reference, one per part.
+    bound: bool = False
+    describe: bool = False
 
 
 @dataclass
@@ -69,11 +73,16 @@ class Recorder:
     events: list[tuple[str, int, bool]] = field(default_factory=list)
     described: list[tuple[int, bytes]] = field(default_factory=list)
 
-    def build(self, requests: list[Request]) -> tuple[ResponseTracker, list[Pending]]:
+    def build(
+        self, requests: list[Request], compact: bool = False
+    ) -> tuple[ResponseTracker, list[Pending]]:
         tracker = ResponseTracker()
         tracker.on_complete = lambda entry, ok: self.events.append(("complete", id_of(entry), ok))
         entries = []
         for index, request in enumerate(requests):
+            if request.bound:
+                entries.append(expect_bound(tracker, index, request.describe, compact))
+                continue
             entry = Pending(
                 request.kind,
                 injected=request.injected,
@@ -96,12 +105,30 @@ class Recorder:
         return lambda payload: self.described.append((index, payload))
 
 
+def expect_bound(tracker: ResponseTracker, index: int, describe: bool, compact: bool) -> Pending:
+    """Register a bound request as the session does: its EXECUTE entry stands for
+    all its parts (``compact``), or each part gets its own entry."""
+    entry = Pending(Kind.EXECUTE, command=str(index))
+    if compact:
+        tracker.expect_bound(entry, describe)
+        return entry
+    parts = [Pending(Kind.BIND)]
+    if describe:
+        parts.append(Pending(Kind.DESCRIBE_PORTAL))
+    for part in (*parts, entry, Pending(Kind.SYNC)):
+        tracker.expect(part)
+    return entry
+
+
 def id_of(entry: Pending) -> int:
     return int(entry.command)
 
 
 def answer(request: Request, rows: int, status: str) -> list[bytes]:
     """The normal answer of one request."""
+    if request.bound:
+        described = [ROWDESC if rows % 2 else empty("n")] if request.describe else []
+        return [empty("2"), *described, *[ROW] * rows, complete(f"SELECT {rows}"), ready(status)]
     match request.kind:
         case Kind.QUERY:
             return [ROWDESC, *[ROW] * rows, complete(f"SELECT {rows}"), ready(status)]
@@ -138,9 +165,21 @@ requests_strategy = st.lists(
 EXTRAS = [NOTICE, STATUS, NOTIFY, ERROR, SYNTAX, empty("I"), empty("s"), ROW, ROWDESC, b"Zjunk"]
 
 
+bound_requests = st.builds(
+    Request, kind=st.just(Kind.EXECUTE), bound=st.just(True), describe=st.booleans()
+)
+mixed_requests_strategy = st.lists(
+    st.one_of(bound_requests, bound_requests, requests_strategy.map(lambda r: r[0])),
+    min_size=1,
+    max_size=6,
+)
+
+
 @st.composite
-def scenario(draw: st.DrawFn) -> tuple[list[Request], list[bytes], list[int]]:
-    requests = draw(requests_strategy)
+def scenario(
+    draw: st.DrawFn, requests_of: st.SearchStrategy[list[Request]] = requests_strategy
+) -> tuple[list[Request], list[bytes], list[int]]:
+    requests = draw(requests_of)
     messages: list[bytes] = []
     for request in requests:
         rows = draw(st.integers(0, 3))
@@ -244,6 +283,81 @@ def test_pass_plain_matches_route(case: tuple[list[Request], list[bytes], list[i
             assert routed_at[at] == verdict
         else:  # consumed by pass_plain: only what route() forwards unchanged
             assert verdict == (Action.FORWARD, None)
+
+
+@settings(max_examples=400, deadline=None)
+@given(scenario(mixed_requests_strategy))
+def test_a_bound_request_is_routed_as_its_parts(
+    case: tuple[list[Request], list[bytes], list[int]],
+) -> None:
+    """One entry for Bind [+ Describe] + Execute + Sync (expect_bound), driven as the
+    session drives it, does exactly what the four entries do routed one by one:
+    same callbacks, state, outstanding count and verdicts, on normal answers and on
+    errors, notices, suspended portals and junk mixed in."""
+    requests, messages, cuts = case
+    one, batch = Recorder(), Recorder()
+    reference, reference_entries = one.build(requests)
+    tracker, entries = batch.build(requests, compact=True)
+    assert tracker.outstanding == reference.outstanding
+
+    verdicts, reference_failed = route_each(reference, messages)
+    routed, failed = drive_like_the_session(tracker, b"".join(messages), cuts)
+
+    assert failed == reference_failed
+    assert batch.events == one.events
+    assert state(tracker, entries) == state(reference, reference_entries)
+    offsets = [0]
+    for message in messages:
+        offsets.append(offsets[-1] + len(message))
+    routed_at = dict(routed)
+    for index, verdict in enumerate(verdicts):
+        at = offsets[index]
+        if at in routed_at:
+            assert routed_at[at] == verdict
+        else:
+            assert verdict == (Action.FORWARD, None)
+    one.events.clear()
+    batch.events.clear()
+    reference.fail_all()
+    tracker.fail_all()  # the upstream is gone: each statement still outstanding fails once
+    assert batch.events == one.events
+    assert tracker.idle
+
+
+def test_a_bound_request_expected_while_skipping_keeps_only_its_sync() -> None:
+    """An error emptied the queue before the client's Sync: the server now skips to
+    the next Sync, so a bound request's Bind and Execute are skipped at once."""
+    events: list[tuple[int, bool]] = []
+    tracker = ResponseTracker()
+    tracker.on_complete = lambda entry, ok: events.append((id_of(entry), ok))
+    tracker.expect(Pending(Kind.PARSE))
+    assert tracker.route(ERROR[0], ERROR[5:]) == (Action.FORWARD, None)
+    assert tracker.idle  # and skipping until a Sync
+    entry = Pending(Kind.EXECUTE, command="7")
+    tracker.expect_bound(entry, describe=True)
+    assert entry.skipped
+    assert entry.failed
+    assert events == [(7, False)]
+    assert tracker.outstanding == 1  # the Sync
+    assert tracker.pass_plain(ready("I"), 0) == len(ready("I"))
+    assert tracker.idle
+
+
+def test_a_bound_request_behind_a_failing_parse_is_skipped_up_to_its_sync() -> None:
+    events: list[tuple[int, bool]] = []
+    tracker = ResponseTracker()
+    tracker.on_complete = lambda entry, ok: events.append((id_of(entry), ok))
+    tracker.expect(Pending(Kind.PARSE))
+    entry = Pending(Kind.EXECUTE, command="3")
+    tracker.expect_bound(entry, describe=False)
+    assert tracker.outstanding == 4
+    assert tracker.pass_plain(ERROR, 0) == 0  # an error is routed one by one
+    assert tracker.route(ERROR[0], ERROR[5:]) == (Action.FORWARD, None)
+    assert entry.skipped
+    assert events == [(3, False)]
+    assert tracker.outstanding == 1
+    assert tracker.route(ord("Z"), b"I") == (Action.FORWARD, None)
+    assert tracker.idle
 
 
 def test_pass_plain_stops_at_incomplete_and_foreign_frames() -> None:

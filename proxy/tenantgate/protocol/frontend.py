@@ -185,6 +185,53 @@ class Bind(_Message):
         return index < len(self.param_formats) and self.param_formats[index] == 1
 
 
+def bind_params_at(
+    payload: bytes, pos: int, numbers: tuple[int, ...]
+) -> list[tuple[bytes | None, bool]] | None:
+    """Parameters ``numbers`` ($n, ascending) of a Bind, read in place.
+
+    ``pos`` is where the Bind's parameter-format codes start (after its two
+    names).  Each wanted parameter comes as (value or None for NULL, whether
+    it is in binary format), as :meth:`Bind.param_is_binary` reads it.  None
+    when the rest of the message is not exactly what :meth:`Bind.decode`
+    accepts, or a wanted parameter is missing: the caller then goes the
+    general way, which reports or refuses it.  No Bind, params tuple or
+    format lists are built: this is the per-statement check of a prepared
+    statement.
+    """
+    size = len(payload)
+    found: list[tuple[bytes | None, bool]] = []
+    wanted = len(numbers)
+    try:
+        format_count = _uint16_at(payload, pos)
+        formats_at = pos + 2
+        pos = formats_at + 2 * format_count
+        count = _uint16_at(payload, pos)
+        pos += 2
+        for index in range(count):
+            length = _int32_at(payload, pos)
+            pos += 4
+            if length < -1 or pos + length > size:
+                return None
+            if len(found) < wanted and numbers[len(found)] == index + 1:
+                value = None if length == -1 else payload[pos : pos + length]
+                if format_count == 1:
+                    binary = _uint16_at(payload, formats_at) == 1
+                else:
+                    binary = (
+                        index < format_count and _uint16_at(payload, formats_at + 2 * index) == 1
+                    )
+                found.append((value, binary))
+            if length > 0:
+                pos += length
+        pos += 2 + 2 * _uint16_at(payload, pos)  # the result-format codes
+    except IndexError:
+        return None
+    if pos != size or len(found) != wanted:
+        return None
+    return found
+
+
 def _terminator(data: bytes, start: int) -> int:
     """Where the NUL ending the C string at ``start`` is (IndexError if none).
 
