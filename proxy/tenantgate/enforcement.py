@@ -22,6 +22,7 @@ from tenantgate.analysis import (
     AnalysisPolicy,
     Rejection,
     check_tenant,
+    matches_as_bytes,
     tenant_param_matches,
 )
 from tenantgate.config import Policy
@@ -41,6 +42,8 @@ MAX_FAST_VERDICTS: Final = 64
 # statements; small ones only (the bytes are held, once per session).
 MAX_KNOWN_PARSES: Final = 16
 MAX_KNOWN_PARSE_BYTES: Final = 2048
+# Named statements whose Binds a session checks by their tenant parameters' bytes.
+MAX_BIND_LANES: Final = 64
 
 
 def _asyncpg_reset_queries() -> frozenset[str]:
@@ -161,6 +164,19 @@ class _Slot:
         return ([self.confirmed] if self.confirmed else []) + self.pending
 
 
+class _BindLane:
+    """What a Bind of one named statement needs checked while the registry is as it
+    was (``version``): its tenant parameters ($n) are this tenant's bytes in text
+    format (see known_bind)."""
+
+    __slots__ = ("info", "numbers", "version")
+
+    def __init__(self, version: int, info: PortalInfo, numbers: tuple[int, ...]) -> None:
+        self.version = version
+        self.info = info
+        self.numbers = numbers
+
+
 # Called with (rule, analysis or None, sql) for every refusal or would-be refusal.
 RejectionListener = Callable[[Rejection, str, bool], None]
 
@@ -186,6 +202,11 @@ class PolicyInspector:
         self._dry_run = dry_run
         self._on_rejection = on_rejection
         self._statements: dict[str, _Slot] = {}
+        # Bumped by every change to _statements or a slot in it: a _BindLane of an
+        # older version is ignored (known_bind).
+        self._version = 0
+        self._bind_lanes: dict[bytes, _BindLane] = {}
+        self._tenant_bytes = tenant.encode()
         self._portals: dict[str, PortalInfo] = {}
         self._infos: dict[str, tuple[Analysis, PortalInfo]] = {}
         self.last_analysis: Analysis | None = None
@@ -277,6 +298,7 @@ class PolicyInspector:
             if error is not None:
                 if parse.name == "":
                     # The failing Parse still drops the server's unnamed statement.
+                    self._version += 1
                     self._statements.pop("", None)
                 return error
         info = self._portal_info_of(parse.query, analysis)
@@ -284,6 +306,7 @@ class PolicyInspector:
         return None
 
     def _pend(self, prepared: Prepared) -> None:
+        self._version += 1
         slot = self._statements.setdefault(prepared.parse.name, _Slot())
         slot.pending.append(prepared)
 
@@ -371,6 +394,12 @@ class PolicyInspector:
         name_end = payload.find(0, 1)
         if name_end < 0:
             return None
+        key = payload[1:name_end]
+        lane = self._bind_lanes.get(key)
+        if lane is not None and lane.version == self._version:
+            values = bind_params_at(payload, name_end + 1, lane.numbers)
+            if values is not None and _all_text(values, self._tenant_bytes):
+                return self._bound_unnamed(lane.info)
         try:
             name = payload[1:name_end].decode("utf-8")
         except UnicodeDecodeError:
@@ -391,13 +420,22 @@ class PolicyInspector:
         if values is None:
             return None
         tenant = self._tenant
+        as_bytes = bool(name)  # a named statement's next Binds may take the lane
         for index, (value, binary) in enumerate(values):
             type_oid = prepared.param_type(numbers[index] - 1)
             if not tenant_param_matches(value, binary, type_oid, tenant):
                 return None
+            as_bytes = as_bytes and matches_as_bytes(binary, type_oid)
+        if as_bytes:
+            if len(self._bind_lanes) >= MAX_BIND_LANES:
+                self._bind_lanes.clear()
+            self._bind_lanes[key] = _BindLane(self._version, prepared.info, numbers)
+        return self._bound_unnamed(prepared.info)
+
+    def _bound_unnamed(self, info: PortalInfo) -> PortalInfo:
+        """Record what the unnamed portal now is, as inspect_bind does."""
         if len(self._portals) > MAX_TRACKED_PORTALS:
             self._portals.clear()
-        info = prepared.info
         self._portals[""] = info
         return info
 
@@ -416,6 +454,7 @@ class PolicyInspector:
         return None
 
     def parse_resolved(self, parse: Parse, ok: bool) -> None:
+        self._version += 1
         slot = self._statements.get(parse.name)
         if slot is None:
             return
@@ -430,12 +469,14 @@ class PolicyInspector:
 
     def statement_described(self, name: str, type_oids: tuple[int, ...]) -> None:
         # Responses arrive in order, so the statement described is the confirmed one.
+        self._version += 1
         slot = self._statements.get(name)
         old = None if slot is None else slot.confirmed
         if slot is not None and old is not None:
             slot.confirmed = Prepared(old.parse, old.analysis, old.info, type_oids)
 
     def close_resolved(self, name: str, ok: bool) -> None:
+        self._version += 1
         slot = self._statements.get(name)
         if slot is not None and ok:
             slot.confirmed = None
@@ -534,8 +575,17 @@ class PolicyInspector:
     def query_sent(self) -> None:
         # A simple Query destroys the unnamed prepared statement.
         slot = self._statements.get("")
-        if slot is not None:
+        if slot is not None and slot.confirmed is not None:
+            self._version += 1
             slot.confirmed = None
+
+
+def _all_text(values: list[tuple[bytes | None, bool]], tenant: bytes) -> bool:
+    """Every value is ``tenant``'s bytes in text format (a _BindLane's check)."""
+    for value, binary in values:  # noqa: SIM110 (a loop compiles to C; all() of a generator does not)
+        if binary or value != tenant:
+            return False
+    return True
 
 
 def _rememberable(analysis: Analysis) -> bool:

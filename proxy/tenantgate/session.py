@@ -438,20 +438,36 @@ class Session:
         tracker, injector = self.tracker, self.injector
         if injector is not None:  # before any entry, as _drain_client does per chunk
             injector.observe_state(tracker.idle_in_block)
-        parse_instead = self._client_parse_bytes(data[5:parse_end]) if parse_end else None
+        inspector = self.inspector
+        parse_instead = known_parse = None
+        if parse_end:
+            # A Parse the inspector knows by its bytes is registered with it now; its
+            # tracker entry comes with the Bind's, below (no answer can resolve it
+            # in between).
+            known_parse = inspector.known_parse(data[5:parse_end])
+            if known_parse is None:
+                parse_instead = self._client_parse_payload(data[5:parse_end])
+            elif tracker.skipping:
+                # Resolved (skipped) the moment it is expected, as on the general
+                # path: before the Bind is checked against the statement registry.
+                self._expect_parse(known_parse)
+                known_parse = None
         bind_payload = data[parse_end + 5 : end]
-        info = None if parse_instead is not None else self.inspector.known_bind(bind_payload)
-        if info is None:
-            bind_instead = self._client_bind(Bind.decode(bind_payload))
-        elif injector is None:
+        info = None if parse_instead is not None else inspector.known_bind(bind_payload)
+        if info is not None and injector is None:
             # Allowed in place, nothing to inject: the request is one tracker entry.
             entry = Pending(
                 Kind.EXECUTE, command=info.command, sql=info.sql, would_reject=info.would_reject
             )
             entry.started = _perf_counter()
-            tracker.expect_bound(entry, describe)
+            parse_done = None if known_parse is None else self._parse_done(known_parse)
+            tracker.expect_bound(entry, describe, parse_done)
             self._upstream_transport.write(data)  # as received
             return True
+        if known_parse is not None:
+            self._expect_parse(known_parse)
+        if info is None:
+            bind_instead = self._client_bind(Bind.decode(bind_payload))
         else:
             bind_instead = None
             tracker.expect(Pending(Kind.BIND))
@@ -498,14 +514,10 @@ class Session:
         self._expect_statement(Kind.EXECUTE, info.command, info.sql, info.would_reject)
         return injection
 
-    def _client_parse_bytes(self, payload: bytes) -> bytes | None:
-        """:meth:`_client_parse` of a Parse's payload, skipping the decoding and the
-        checks when the inspector knows these very bytes (a driver that does not
-        prepare sends the same unnamed Parse for every execution)."""
-        known = self.inspector.known_parse(payload)
-        if known is not None:
-            self._expect_parse(known)
-            return None
+    def _client_parse_payload(self, payload: bytes) -> bytes | None:
+        """:meth:`_client_parse` of a Parse's payload the inspector does not know by
+        its bytes (``known_parse``: a driver that does not prepare sends the same
+        unnamed Parse for every execution); remembered if allowed."""
         parse = Parse.decode(payload)
         instead = self._client_parse(parse)
         if instead is None:
@@ -523,10 +535,11 @@ class Session:
 
     def _expect_parse(self, parse: Parse) -> None:
         """Register an allowed Parse: the server's answer resolves it in the inspector."""
+        self.tracker.expect(Pending(Kind.PARSE, on_done=self._parse_done(parse)))
+
+    def _parse_done(self, parse: Parse) -> Callable[[bool], None]:
         inspector = self.inspector
-        self.tracker.expect(
-            Pending(Kind.PARSE, on_done=lambda ok: inspector.parse_resolved(parse, ok))
-        )
+        return lambda ok: inspector.parse_resolved(parse, ok)
 
     def _client_bind(self, bind: Bind) -> bytes | None:
         """Inspect and register a client's Bind; the message to send instead, if refused."""

@@ -42,12 +42,13 @@ _EXECUTE: Final = Kind.EXECUTE
 _SYNC: Final = Kind.SYNC
 _DESCRIBE_PORTAL: Final = Kind.DESCRIBE_PORTAL
 
-# The parts of a bound request (Bind [+ Describe portal] + Execute + Sync) one
-# EXECUTE entry stands for until answered (Pending.bound): the bits still awaited.
+# The parts of a bound request ([Parse +] Bind [+ Describe portal] + Execute + Sync)
+# one EXECUTE entry stands for until answered (Pending.bound): the bits still awaited.
 BOUND_BIND: Final = 1
 BOUND_DESCRIBE: Final = 2
 BOUND_EXECUTE: Final = 4
 BOUND_SYNC: Final = 8
+BOUND_PARSE: Final = 16
 
 # What ends each kind of entry (besides an ErrorResponse).
 _COMPLETES: Final[dict[Kind, frozenset[int]]] = {
@@ -82,9 +83,10 @@ class Pending:
     ``on_done``: called with True (completed) or False (failed or skipped).
     ``on_parameter_description``: called with the payload of the server's
     ParameterDescription for a Describe of a statement.
-    ``bound``: non-zero for an EXECUTE entry that also stands for the Bind,
-    Describe and Sync around it (see :meth:`ResponseTracker.expect_bound`):
-    the BOUND_* bits of the parts whose answers are still awaited.
+    ``bound``: non-zero for an EXECUTE entry that also stands for the Parse,
+    Bind, Describe and Sync around it (see :meth:`ResponseTracker.expect_bound`):
+    the BOUND_* bits of the parts whose answers are still awaited;
+    ``parse_done``: the ``on_done`` of its Parse.
 
     A plain class, not a dataclass: one is made per request, and mypyc
     compiles an explicit ``__init__`` but leaves a dataclass's generated one
@@ -100,6 +102,7 @@ class Pending:
         "kind",
         "on_done",
         "on_parameter_description",
+        "parse_done",
         "position_shifts",
         "rejection",
         "rows",
@@ -143,6 +146,7 @@ class Pending:
         self.failed = False
         self.rows = 0
         self.bound = 0
+        self.parse_done: Callable[[bool], None] | None = None
 
     def __repr__(self) -> str:
         flags = [name for name in ("injected", "skipped", "failed") if getattr(self, name)]
@@ -199,6 +203,8 @@ def _expanded(entry: Pending) -> list[Pending]:
         return [entry]
     entry.bound = 0
     parts: list[Pending] = []
+    if bound & BOUND_PARSE:
+        parts.append(Pending(Kind.PARSE, on_done=entry.parse_done))
     if bound & BOUND_BIND:
         parts.append(Pending(Kind.BIND))
     if bound & BOUND_DESCRIBE:
@@ -253,11 +259,15 @@ class ResponseTracker:
             self._skipping = False
         self._pending.append(entry)
 
-    def expect_bound(self, entry: Pending, describe: bool) -> None:
-        """Register a client's Bind [+ Describe portal] + Execute + Sync as one entry.
+    def expect_bound(
+        self, entry: Pending, describe: bool, parse_done: Callable[[bool], None] | None = None
+    ) -> None:
+        """Register a client's [Parse +] Bind [+ Describe portal] + Execute + Sync as
+        one entry.
 
-        ``entry`` is the EXECUTE entry; it also stands for the Bind, the
-        Describe (if ``describe``) and the Sync, whose one-message answers
+        ``entry`` is the EXECUTE entry; it also stands for the Parse (if
+        ``parse_done``, its entry's ``on_done``), the Bind, the Describe (if
+        ``describe``) and the Sync, whose one-message answers
         :meth:`pass_plain` consumes in place.  Any other answer (an error, a
         notice, a suspended portal...) first turns it back into the entries
         :meth:`expect` would hold (:meth:`_expanded`), so every rule of the
@@ -267,6 +277,9 @@ class ResponseTracker:
         entry.bound = BOUND_BIND | BOUND_EXECUTE | BOUND_SYNC
         if describe:
             entry.bound |= BOUND_DESCRIBE
+        if parse_done is not None:
+            entry.bound |= BOUND_PARSE
+            entry.parse_done = parse_done
         if self._skipping:
             for part in _expanded(entry):
                 self.expect(part)
@@ -279,6 +292,12 @@ class ResponseTracker:
         head = pending.popleft()
         pending.extendleft(reversed(_expanded(head)))
         return pending[0]
+
+    @property
+    def skipping(self) -> bool:
+        """An error ended the queue before a Sync: the server skips to the next Sync,
+        so a request expected now is resolved as skipped at once."""
+        return self._skipping
 
     @property
     def idle(self) -> bool:
@@ -372,7 +391,7 @@ class ResponseTracker:
 
     def _pass_bound(self, head: Pending, buffer: bytes, pos: int) -> int:
         """:meth:`pass_plain` for a bound request at the head: consume its plain
-        answer (BindComplete [+ RowDescription or NoData] + DataRow* +
+        answer ([ParseComplete +] BindComplete [+ RowDescription or NoData] + DataRow* +
         CommandComplete + ReadyForQuery) as far as ``buffer`` holds it, the
         request completing and leaving the queue at its ReadyForQuery; return
         where it stopped.  Anything else stops it, for :meth:`route` to expand.
@@ -385,7 +404,15 @@ class ResponseTracker:
             end = pos + 1 + length
             if length < 4 or end > size:
                 break
-            if bound & BOUND_BIND:
+            if bound & BOUND_PARSE:
+                if msg_type != 0x31:  # ParseComplete
+                    break
+                bound ^= BOUND_PARSE
+                head.bound = bound  # before the Parse's callback runs
+                parse_done = head.parse_done
+                if parse_done is not None:
+                    parse_done(True)
+            elif bound & BOUND_BIND:
                 if msg_type != 0x32:  # BindComplete
                     break
                 bound ^= BOUND_BIND

@@ -386,6 +386,27 @@ def test_known_bind_answers_the_common_binds_and_sees_every_change() -> None:
     acme.parse_resolved(parse, ok=True)
     assert known("s1")
     assert acme.portal_info("").sql == sql
+    # Allowed once: the statement's next Binds are checked by their tenant bytes alone
+    # (a lane), until anything in the registry changes.
+    assert b"s1" in acme._bind_lanes
+    acme._portals.clear()
+    assert known("s1")
+    assert acme.portal_info("").sql == sql  # the lane records the portal too
+    assert not known("s1", b"acmf")
+    acme.statement_described("s1", (25, 23))  # a change: the lane is stale
+    binary = Bind("", "s1", (1,), (b"acme", b"7"))  # binary text: the full check only
+    assert acme.known_bind(binary.encode()[5:]) is not None
+    assert known("s1")
+    assert acme._bind_lanes[b"s1"].version == acme._version
+    acme.statement_described("s1", (23, 23))  # now the tenant parameter is an integer
+    assert not known("s1")  # the lane is stale: the full check refuses "acme" as int4
+    numeric = inspector(AnalysisCache(POLICY), "42")
+    numeric.inspect_parse(parse)
+    numeric.parse_resolved(parse, ok=True)
+    numeric.statement_described("s1", (23, 23))
+    assert numeric.known_bind(Bind("", "s1", (), (b"042", b"7")).encode()[5:]) is not None
+    assert not numeric._bind_lanes  # an int4 is compared by value, never as bytes
+    acme.statement_described("s1", (25, 23))  # back to a text tenant parameter
     assert not known("s1", b"globex")
     assert not known("s1", portal="p")  # named portals: the general path
     again = Parse("s1", BIND_TEXTS[1])  # the same name prepared again: two candidates

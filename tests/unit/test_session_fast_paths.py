@@ -9,7 +9,8 @@ inspector, analysis cache, telemetry, metrics) but with in-memory transports,
 get the same client chunks: one through ``client_data``, the other straight
 into the general path.  A small simulated server answers what each sent
 upstream.  After every step both must have sent the same bytes upstream,
-forwarded the same bytes to the client, and hold the same tracker state; at
+forwarded the same bytes to the client, and hold the same tracker state and
+the same prepared statements and portals in their inspectors; at
 the end both proxies' metrics must read the same.
 
 No sockets and no database: the server's answers follow the protocol's rules
@@ -23,12 +24,14 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tenantgate.app import ProxyApp
+from tenantgate.enforcement import PolicyInspector
 from tenantgate.protocol.backend import (
     CommandComplete,
     DataRow,
@@ -331,6 +334,19 @@ def steps(draw: Callable[..., object]) -> list[tuple[list[bytes], int | None]]:
     return out
 
 
+def _registry(session: Session) -> dict[str, object]:
+    """The inspector's prepared statements (confirmed, pending) and portals."""
+    inspector = cast(PolicyInspector, session.inspector)
+    statements = {
+        name: (
+            None if slot.confirmed is None else slot.confirmed.parse,
+            [prepared.parse for prepared in slot.pending],
+        )
+        for name, slot in inspector._statements.items()
+    }
+    return {"statements": statements, "portals": dict(inspector._portals)}
+
+
 def _metrics(app: ProxyApp) -> list[str]:
     """The proxy's metric samples, less what depends on the clock (creation times,
     how long statements took: the count of timed statements stays)."""
@@ -369,6 +385,7 @@ async def _run(
             assert not proxy.session._finished.done(), proxy.session._finished.result()
         assert fast.session.tracker.status == general.session.tracker.status
         assert fast.session.tracker.outstanding == general.session.tracker.outstanding
+        assert _registry(fast.session) == _registry(general.session), f"step {number}"
     assert _metrics(fast.app) == _metrics(general.app)
     if fast.rate_limit is not None and general.rate_limit is not None:
         assert fast.rate_limit.calls == general.rate_limit.calls  # one token per statement

@@ -12,6 +12,7 @@ message one by one; and both reject an invalid stream at the same message.
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from hypothesis import given, settings
@@ -62,10 +63,11 @@ class Request:
     hidden: frozenset[int] = frozenset()
     shifts: tuple[tuple[int, int], ...] = ()
     describe_callback: bool = False
-    # Bind [+ Describe portal] + Execute + Sync as the session's fast path sends it:
-    # one entry for all four (expect_bound) or, for the reference, one per part.
+    # [Parse +] Bind [+ Describe portal] + Execute + Sync as the session's fast path
+    # sends it: one entry for all (expect_bound) or, for the reference, one per part.
     bound: bool = False
     describe: bool = False
+    parse: bool = False
 
 
 @dataclass
@@ -81,7 +83,8 @@ class Recorder:
         entries = []
         for index, request in enumerate(requests):
             if request.bound:
-                entries.append(expect_bound(tracker, index, request.describe, compact))
+                parse_done = self._done(index) if request.parse else None
+                entries.append(expect_bound(tracker, index, request.describe, parse_done, compact))
                 continue
             entry = Pending(
                 request.kind,
@@ -105,14 +108,21 @@ class Recorder:
         return lambda payload: self.described.append((index, payload))
 
 
-def expect_bound(tracker: ResponseTracker, index: int, describe: bool, compact: bool) -> Pending:
+def expect_bound(
+    tracker: ResponseTracker,
+    index: int,
+    describe: bool,
+    parse_done: Callable[[bool], None] | None,
+    compact: bool,
+) -> Pending:
     """Register a bound request as the session does: its EXECUTE entry stands for
     all its parts (``compact``), or each part gets its own entry."""
     entry = Pending(Kind.EXECUTE, command=str(index))
     if compact:
-        tracker.expect_bound(entry, describe)
+        tracker.expect_bound(entry, describe, parse_done)
         return entry
-    parts = [Pending(Kind.BIND)]
+    parts = [] if parse_done is None else [Pending(Kind.PARSE, on_done=parse_done)]
+    parts.append(Pending(Kind.BIND))
     if describe:
         parts.append(Pending(Kind.DESCRIBE_PORTAL))
     for part in (*parts, entry, Pending(Kind.SYNC)):
@@ -128,7 +138,15 @@ def answer(request: Request, rows: int, status: str) -> list[bytes]:
     """The normal answer of one request."""
     if request.bound:
         described = [ROWDESC if rows % 2 else empty("n")] if request.describe else []
-        return [empty("2"), *described, *[ROW] * rows, complete(f"SELECT {rows}"), ready(status)]
+        parsed = [empty("1")] if request.parse else []
+        return [
+            *parsed,
+            empty("2"),
+            *described,
+            *[ROW] * rows,
+            complete(f"SELECT {rows}"),
+            ready(status),
+        ]
     match request.kind:
         case Kind.QUERY:
             return [ROWDESC, *[ROW] * rows, complete(f"SELECT {rows}"), ready(status)]
@@ -166,7 +184,11 @@ EXTRAS = [NOTICE, STATUS, NOTIFY, ERROR, SYNTAX, empty("I"), empty("s"), ROW, RO
 
 
 bound_requests = st.builds(
-    Request, kind=st.just(Kind.EXECUTE), bound=st.just(True), describe=st.booleans()
+    Request,
+    kind=st.just(Kind.EXECUTE),
+    bound=st.just(True),
+    describe=st.booleans(),
+    parse=st.booleans(),
 )
 mixed_requests_strategy = st.lists(
     st.one_of(bound_requests, bound_requests, requests_strategy.map(lambda r: r[0])),

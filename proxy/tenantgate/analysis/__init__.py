@@ -18,7 +18,7 @@ from .analyser import CompiledPolicy, analyse_sql, check_tenant, compile_policy,
 from .cache import AnalysisCache
 from .model import Analysis, AnalysisPolicy, Rejection, StatementAnalysis
 from .normalize import fingerprint, normalize
-from .params import tenant_param_matches
+from .params import matches_as_bytes, tenant_param_matches
 
 __all__ = [
     "Analysis",
@@ -32,6 +32,7 @@ __all__ = [
     "compile_policy",
     "explain_verdict",
     "fingerprint",
+    "matches_as_bytes",
     "normalize",
     "tenant_param_matches",
 ]

@@ -43,6 +43,13 @@ def _decimal(text: str) -> str | None:
     return str(int(stripped))
 
 
+def matches_as_bytes(binary: bool, type_oid: int) -> bool:
+    """Whether :func:`tenant_param_matches` of a value in this format and of this type
+    is exactly ``value == tenant.encode()`` (text format, a text type: the text is
+    compared as is, and UTF-8 decodes one way only)."""
+    return not binary and type_oid in _TEXT_OIDS
+
+
 def tenant_param_matches(value: bytes | None, binary: bool, type_oid: int, tenant: str) -> bool:
     """True when a Bind parameter value is this tenant's id (see module doc)."""
     if value is None:
