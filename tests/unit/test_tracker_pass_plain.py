@@ -280,13 +280,18 @@ def state(tracker: ResponseTracker, entries: list[Pending]) -> list[object]:
     ]
 
 
-@settings(max_examples=400, deadline=None)
-@given(scenario())
-def test_pass_plain_matches_route(case: tuple[list[Request], list[bytes], list[int]]) -> None:
+def assert_routed_alike(
+    case: tuple[list[Request], list[bytes], list[int]], compact: bool = False
+) -> tuple[Recorder, Recorder, ResponseTracker, ResponseTracker]:
+    """Route ``case`` one message at a time (the reference) and as the session does
+    (pass_plain, route() at each stop; bound requests as one entry if ``compact``):
+    the same failure, callbacks, state and verdicts.  Returns the recorders and
+    trackers (reference first)."""
     requests, messages, cuts = case
     one, batch = Recorder(), Recorder()
     reference, reference_entries = one.build(requests)
-    tracker, entries = batch.build(requests)
+    tracker, entries = batch.build(requests, compact=compact)
+    assert tracker.outstanding == reference.outstanding
 
     verdicts, reference_failed = route_each(reference, messages)
     routed, failed = drive_like_the_session(tracker, b"".join(messages), cuts)
@@ -305,6 +310,13 @@ def test_pass_plain_matches_route(case: tuple[list[Request], list[bytes], list[i
             assert routed_at[at] == verdict
         else:  # consumed by pass_plain: only what route() forwards unchanged
             assert verdict == (Action.FORWARD, None)
+    return one, batch, reference, tracker
+
+
+@settings(max_examples=400, deadline=None)
+@given(scenario())
+def test_pass_plain_matches_route(case: tuple[list[Request], list[bytes], list[int]]) -> None:
+    assert_routed_alike(case)
 
 
 @settings(max_examples=400, deadline=None)
@@ -312,32 +324,11 @@ def test_pass_plain_matches_route(case: tuple[list[Request], list[bytes], list[i
 def test_a_bound_request_is_routed_as_its_parts(
     case: tuple[list[Request], list[bytes], list[int]],
 ) -> None:
-    """One entry for Bind [+ Describe] + Execute + Sync (expect_bound), driven as the
-    session drives it, does exactly what the four entries do routed one by one:
-    same callbacks, state, outstanding count and verdicts, on normal answers and on
-    errors, notices, suspended portals and junk mixed in."""
-    requests, messages, cuts = case
-    one, batch = Recorder(), Recorder()
-    reference, reference_entries = one.build(requests)
-    tracker, entries = batch.build(requests, compact=True)
-    assert tracker.outstanding == reference.outstanding
-
-    verdicts, reference_failed = route_each(reference, messages)
-    routed, failed = drive_like_the_session(tracker, b"".join(messages), cuts)
-
-    assert failed == reference_failed
-    assert batch.events == one.events
-    assert state(tracker, entries) == state(reference, reference_entries)
-    offsets = [0]
-    for message in messages:
-        offsets.append(offsets[-1] + len(message))
-    routed_at = dict(routed)
-    for index, verdict in enumerate(verdicts):
-        at = offsets[index]
-        if at in routed_at:
-            assert routed_at[at] == verdict
-        else:
-            assert verdict == (Action.FORWARD, None)
+    """One entry for [Parse +] Bind [+ Describe] + Execute + Sync (expect_bound),
+    driven as the session drives it, does exactly what the separate entries do
+    routed one by one: same callbacks, state, outstanding count and verdicts, on
+    normal answers and on errors, notices, suspended portals and junk mixed in."""
+    one, batch, reference, tracker = assert_routed_alike(case, compact=True)
     one.events.clear()
     batch.events.clear()
     reference.fail_all()
