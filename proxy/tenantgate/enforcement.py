@@ -367,15 +367,13 @@ class PolicyInspector:
                     self._portals.pop(bind.portal, None)
                     return error
                 would_reject = True
-        if len(self._portals) > MAX_TRACKED_PORTALS:
-            self._portals.clear()
         if not candidates:
-            self._portals[bind.portal] = UNKNOWN_PORTAL
+            self._record_portal(bind.portal, UNKNOWN_PORTAL)
             return None
         info = candidates[-1].info
         if (would_reject or any(p.info.would_reject for p in candidates)) and not info.would_reject:
             info = replace(info, would_reject=True)
-        self._portals[bind.portal] = info
+        self._record_portal(bind.portal, info)
         return None
 
     def known_bind(self, payload: bytes) -> PortalInfo | None:
@@ -399,7 +397,7 @@ class PolicyInspector:
         if lane is not None and lane.version == self._version:
             values = bind_params_at(payload, name_end + 1, lane.numbers)
             if values is not None and _all_text(values, self._tenant_bytes):
-                return self._bound_unnamed(lane.info)
+                return self._record_portal("", lane.info)
         try:
             name = payload[1:name_end].decode("utf-8")
         except UnicodeDecodeError:
@@ -430,13 +428,13 @@ class PolicyInspector:
             if len(self._bind_lanes) >= MAX_BIND_LANES:
                 self._bind_lanes.clear()
             self._bind_lanes[key] = _BindLane(self._version, prepared.info, numbers)
-        return self._bound_unnamed(prepared.info)
+        return self._record_portal("", prepared.info)
 
-    def _bound_unnamed(self, info: PortalInfo) -> PortalInfo:
-        """Record what the unnamed portal now is, as inspect_bind does."""
+    def _record_portal(self, portal: str, info: PortalInfo) -> PortalInfo:
+        """Record what a bound portal now is (the map bounded: see MAX_TRACKED_PORTALS)."""
         if len(self._portals) > MAX_TRACKED_PORTALS:
             self._portals.clear()
-        self._portals[""] = info
+        self._portals[portal] = info
         return info
 
     def _check_params(self, prepared: Prepared, bind: Bind) -> Rejection | None:

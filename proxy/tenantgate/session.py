@@ -388,8 +388,7 @@ class Session:
         self, kind: Kind, command: str, sql: str | None, would_reject: bool
     ) -> Pending:
         """Register a client's Query or Execute with the tracker, timed from now."""
-        entry = Pending(kind, command=command, sql=sql, would_reject=would_reject)
-        entry.started = _perf_counter()
+        entry = _statement_entry(kind, command, sql, would_reject)
         self.tracker.expect(entry)
         return entry
 
@@ -456,10 +455,7 @@ class Session:
         info = None if parse_instead is not None else inspector.known_bind(bind_payload)
         if info is not None and injector is None:
             # Allowed in place, nothing to inject: the request is one tracker entry.
-            entry = Pending(
-                Kind.EXECUTE, command=info.command, sql=info.sql, would_reject=info.would_reject
-            )
-            entry.started = _perf_counter()
+            entry = _statement_entry(Kind.EXECUTE, info.command, info.sql, info.would_reject)
             parse_done = None if known_parse is None else self._parse_done(known_parse)
             tracker.expect_bound(entry, describe, parse_done)
             self._upstream_transport.write(data)  # as received
@@ -776,6 +772,13 @@ def command_of(sql: str) -> str:
     match = _LEADING_KEYWORD.match(sql)
     word = match.group(1).lower() if match else ""
     return word if word in _COMMANDS else "other"
+
+
+def _statement_entry(kind: Kind, command: str, sql: str | None, would_reject: bool) -> Pending:
+    """The tracker entry of a client's Query or Execute, timed from now."""
+    entry = Pending(kind, command=command, sql=sql, would_reject=would_reject)
+    entry.started = _perf_counter()
+    return entry
 
 
 def _query_text(payload: bytes) -> str:
