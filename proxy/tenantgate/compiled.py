@@ -12,7 +12,7 @@ modules share native classes: a compiled module next to the source version of
 its sibling would see two different classes of one name.
 
 Runs from ``tenantgate/__init__.py``, before any other tenantgate module is
-imported.  Imports nothing of tenantgate.
+imported.  Imports nothing of tenantgate, except :func:`lane_class` when called.
 """
 
 from __future__ import annotations
@@ -26,6 +26,10 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 from types import ModuleType
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from tenantgate._lane import Lane
 
 PURE_ENV = "TENANTGATE_PURE_PYTHON"
 MANIFEST = "_compiled_sources.json"  # in the package: source path -> SHA-256 at compile time
@@ -39,8 +43,12 @@ def extensions(package_dir: Path) -> list[Path]:
 
 
 def source_of(extension: Path) -> Path:
-    """The ``.py`` file an extension was compiled from (``session.cpython-311-...so``)."""
-    return extension.with_name(extension.name.split(".", 1)[0] + ".py")
+    """The file an extension was compiled from: its ``.py`` (``session.cpython-311-...so``)
+    or, for hand-written C (``_lane``), its ``.c``."""
+    stem = extension.name.split(".", 1)[0]
+    source = extension.with_name(stem + ".py")
+    c_source = extension.with_name(stem + ".c")
+    return c_source if not source.exists() and c_source.exists() else source
 
 
 def digest(source: Path) -> str:
@@ -101,3 +109,21 @@ def choose(package_dir: Path) -> tuple[bool, str]:
             sys.meta_path.insert(0, SourceOnlyFinder())
         return False, f"compiled modules ignored: {reason}"
     return True, f"{len(found)} compiled modules"
+
+
+LANE_ENV = "TENANTGATE_LANE"
+
+
+def lane_class() -> type[Lane] | None:
+    """The steady-state lane (``_lane.c``) when the compiled build is in use and
+    ``TENANTGATE_LANE=0`` does not turn it off; else None (sessions then take the
+    Python path for every statement, with the same behaviour)."""
+    import tenantgate  # noqa: PLC0415 (this module runs inside tenantgate's __init__)
+
+    if not tenantgate.COMPILED or os.environ.get(LANE_ENV) == "0":
+        return None
+    try:
+        from tenantgate._lane import Lane  # noqa: PLC0415
+    except ImportError:
+        return None
+    return Lane

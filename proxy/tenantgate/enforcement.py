@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 from tenantgate.analysis import (
     Analysis,
@@ -27,9 +27,12 @@ from tenantgate.analysis import (
 )
 from tenantgate.config import Policy
 from tenantgate.errors import PgError, rejected
-from tenantgate.hooks import UNKNOWN_PORTAL, KnownQuery, PortalInfo
+from tenantgate.hooks import UNKNOWN_PORTAL, Inspector, KnownQuery, PortalInfo
 from tenantgate.injection import StatementShape, is_internal_name
 from tenantgate.protocol.frontend import Bind, Parse, bind_params_at
+
+if TYPE_CHECKING:
+    from tenantgate._lane import Lane
 
 log: Final = logging.getLogger("tenantgate.enforcement")
 # Portals die at transaction end, which the inspector does not see; bound the map.
@@ -107,7 +110,7 @@ class Prepared:
     unnamed statements make one of each per statement.
     """
 
-    __slots__ = ("_tenant_params", "analysis", "described", "info", "parse")
+    __slots__ = ("_tenant_params", "analysis", "described", "info", "parse", "refusal")
 
     def __init__(
         self,
@@ -115,6 +118,7 @@ class Prepared:
         analysis: Analysis,
         info: PortalInfo = UNKNOWN_PORTAL,
         described: tuple[int, ...] = (),
+        refusal: Rejection | None = None,
     ) -> None:
         self.parse = parse
         self.analysis = analysis
@@ -122,6 +126,9 @@ class Prepared:
         self.info = info
         # Parameter types the server reported (ParameterDescription) for this statement.
         self.described = described
+        # Why every Bind of it is refused: a statement prepared under an earlier
+        # policy that this one refuses (PolicyInspector.inherit).
+        self.refusal = refusal
         self._tenant_params: tuple[int, ...] | None = None
 
     def tenant_params(self) -> tuple[int, ...]:
@@ -206,6 +213,9 @@ class PolicyInspector:
         # older version is ignored (known_bind).
         self._version = 0
         self._bind_lanes: dict[bytes, _BindLane] = {}
+        # The session's steady-state lane (attach_lane): taught the _BindLanes it may
+        # apply itself, made to forget them at every version.
+        self._lane: Lane | None = None
         self._tenant_bytes = tenant.encode()
         self._portals: dict[str, PortalInfo] = {}
         self._infos: dict[str, tuple[Analysis, PortalInfo]] = {}
@@ -298,7 +308,7 @@ class PolicyInspector:
             if error is not None:
                 if parse.name == "":
                     # The failing Parse still drops the server's unnamed statement.
-                    self._version += 1
+                    self._changed()
                     self._statements.pop("", None)
                 return error
         info = self._portal_info_of(parse.query, analysis)
@@ -306,7 +316,7 @@ class PolicyInspector:
         return None
 
     def _pend(self, prepared: Prepared) -> None:
-        self._version += 1
+        self._changed()
         slot = self._statements.setdefault(prepared.parse.name, _Slot())
         slot.pending.append(prepared)
 
@@ -397,6 +407,7 @@ class PolicyInspector:
         if lane is not None and lane.version == self._version:
             values = bind_params_at(payload, name_end + 1, lane.numbers)
             if values is not None and _all_text(values, self._tenant_bytes):
+                self._teach(key, lane)
                 return self._record_portal("", lane.info)
         try:
             name = payload[1:name_end].decode("utf-8")
@@ -411,7 +422,7 @@ class PolicyInspector:
             prepared = None if slot.pending else slot.confirmed
         else:
             prepared = slot.pending[-1] if slot.pending else slot.confirmed
-        if prepared is None or prepared.info.would_reject:
+        if prepared is None or prepared.info.would_reject or prepared.refusal is not None:
             return None
         numbers = prepared.tenant_params()
         values = bind_params_at(payload, name_end + 1, numbers)
@@ -427,8 +438,58 @@ class PolicyInspector:
         if as_bytes:
             if len(self._bind_lanes) >= MAX_BIND_LANES:
                 self._bind_lanes.clear()
-            self._bind_lanes[key] = _BindLane(self._version, prepared.info, numbers)
+            lane = self._bind_lanes[key] = _BindLane(self._version, prepared.info, numbers)
+            self._teach(key, lane)
         return self._record_portal("", prepared.info)
+
+    def inherit(self, previous: Inspector) -> None:
+        """Take over the prepared statements and portals ``previous`` (the inspector a
+        reload replaces) knew of, each statement judged again under this policy.
+
+        The server keeps a session's prepared statements across a reload, so a
+        Bind of one must still be checked: without this, the new inspector would
+        not know the name and let any Bind of it through.  A statement this
+        policy refuses refuses every Bind of it (its ``refusal``).
+        """
+        if not isinstance(previous, PolicyInspector):
+            return
+        last = self.last_analysis, self.last_would_reject
+        for name, slot in previous._statements.items():
+            carried = _Slot()
+            if slot.confirmed is not None:
+                carried.confirmed = self._judged_again(slot.confirmed)
+            carried.pending = [self._judged_again(prepared) for prepared in slot.pending]
+            self._statements[name] = carried
+        self._portals.update(previous._portals)
+        self.last_analysis, self.last_would_reject = last
+        self._changed()
+
+    def _judged_again(self, prepared: Prepared) -> Prepared:
+        query = prepared.parse.query
+        analysis, rejection = self._verdict(query)
+        return Prepared(
+            prepared.parse,
+            analysis,
+            self._portal_info_of(query, analysis),
+            prepared.described,
+            rejection,
+        )
+
+    def attach_lane(self, lane: Lane) -> bool:
+        self._lane = lane
+        lane.attach(self._portals, MAX_TRACKED_PORTALS)
+        return True
+
+    def _teach(self, key: bytes, bind_lane: _BindLane) -> None:
+        """Let the session's lane apply ``bind_lane`` (valid at this version) itself."""
+        if self._lane is not None:
+            self._lane.learn(key, bind_lane.numbers, bind_lane.info, bind_lane.info.command)
+
+    def _changed(self) -> None:
+        """The statement registry changed: every _BindLane is out of date."""
+        self._version += 1
+        if self._lane is not None:
+            self._lane.forget()
 
     def _record_portal(self, portal: str, info: PortalInfo) -> PortalInfo:
         """Record what a bound portal now is (the map bounded: see MAX_TRACKED_PORTALS)."""
@@ -438,6 +499,8 @@ class PolicyInspector:
         return info
 
     def _check_params(self, prepared: Prepared, bind: Bind) -> Rejection | None:
+        if prepared.refusal is not None:
+            return prepared.refusal
         params = bind.params
         for number in prepared.tenant_params():
             index = number - 1
@@ -452,7 +515,7 @@ class PolicyInspector:
         return None
 
     def parse_resolved(self, parse: Parse, ok: bool) -> None:
-        self._version += 1
+        self._changed()
         slot = self._statements.get(parse.name)
         if slot is None:
             return
@@ -467,14 +530,14 @@ class PolicyInspector:
 
     def statement_described(self, name: str, type_oids: tuple[int, ...]) -> None:
         # Responses arrive in order, so the statement described is the confirmed one.
-        self._version += 1
+        self._changed()
         slot = self._statements.get(name)
         old = None if slot is None else slot.confirmed
         if slot is not None and old is not None:
-            slot.confirmed = Prepared(old.parse, old.analysis, old.info, type_oids)
+            slot.confirmed = Prepared(old.parse, old.analysis, old.info, type_oids, old.refusal)
 
     def close_resolved(self, name: str, ok: bool) -> None:
-        self._version += 1
+        self._changed()
         slot = self._statements.get(name)
         if slot is not None and ok:
             slot.confirmed = None
@@ -574,7 +637,7 @@ class PolicyInspector:
         # A simple Query destroys the unnamed prepared statement.
         slot = self._statements.get("")
         if slot is not None and slot.confirmed is not None:
-            self._version += 1
+            self._changed()
             slot.confirmed = None
 
 

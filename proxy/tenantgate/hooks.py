@@ -11,12 +11,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Final, Protocol
+from typing import TYPE_CHECKING, Final, Protocol
 
 from tenantgate.errors import PgError
 from tenantgate.injection import StatementShape
 from tenantgate.protocol.frontend import Bind, Parse
 from tenantgate.tracker import Pending
+
+if TYPE_CHECKING:
+    from tenantgate._lane import Lane
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,6 +113,16 @@ class Inspector(Protocol):
         allow outright: returns what the portal now is, having recorded it as
         :meth:`inspect_bind` does; None: decode and inspect it."""
 
+    def inherit(self, previous: Inspector) -> None:
+        """Take over what ``previous`` (the inspector a reload replaces) knew of the
+        session's prepared statements and portals, judged again under this
+        inspector's policy: the server keeps them across a reload."""
+
+    def attach_lane(self, lane: Lane) -> bool:
+        """Teach the session's steady-state lane what :meth:`known_bind` allows by its
+        bytes, and make it forget at every change; False: this inspector cannot
+        (the session then has no lane)."""
+
 
 class SessionObserver(Protocol):
     """Receives what a session did, for metrics and the audit log.
@@ -132,6 +145,11 @@ class SessionObserver(Protocol):
     def closed(self) -> None:
         """The session ended."""
 
+    def attach_lane(self, lane: Lane) -> bool:
+        """Take the statements, rows and bytes the session's steady-state lane
+        tallies (:meth:`Lane.take`) in place of calls per statement; False: this
+        observer needs a call per statement (the session then has no lane)."""
+
 
 class NullObserver:
     def request_done(self, entry: Pending, ok: bool) -> None:
@@ -148,6 +166,9 @@ class NullObserver:
 
     def closed(self) -> None:
         return None
+
+    def attach_lane(self, lane: Lane) -> bool:
+        return True  # nothing to count
 
 
 class AllowAll:
@@ -199,3 +220,9 @@ class AllowAll:
 
     def known_bind(self, payload: bytes) -> PortalInfo | None:
         return None
+
+    def inherit(self, previous: Inspector) -> None:
+        return None
+
+    def attach_lane(self, lane: Lane) -> bool:
+        return False

@@ -27,10 +27,13 @@ import contextlib
 import logging
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from typing import Final, TypeVar
+from typing import TYPE_CHECKING, Final, TypeVar
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+
+if TYPE_CHECKING:
+    from tenantgate._lane import Lane
 from prometheus_client.exposition import generate_latest
 
 log = logging.getLogger(__name__)
@@ -400,6 +403,7 @@ class SessionMetrics:
         "_connections",
         "_dirty",
         "_durations",
+        "_lane",
         "_metrics",
         "_rate_limited",
         "_rejections",
@@ -428,6 +432,12 @@ class SessionMetrics:
         self._tally_rows = 0
         self._tallies: dict[str, _CommandTally] = {}  # statements by command
         self._dirty = False  # tallies not yet flushed (then it is in Metrics._live)
+        self._lane: Lane | None = None  # the session's steady-state lane, if any
+
+    def attach_lane(self, lane: Lane) -> None:
+        """Take the lane's tallies at every flush; it marks this dirty when it tallies."""
+        self._lane = lane
+        lane.report_to(self._mark, DURATION_BUCKETS)
 
     def _mark(self) -> None:
         self._dirty = True
@@ -468,6 +478,8 @@ class SessionMetrics:
             return
         self._dirty = False
         self._metrics._live.discard(self)
+        if self._lane is not None:
+            self._take_lane(self._lane)
         if self._tally_bytes_in:
             self._bytes_in.inc(self._tally_bytes_in)
             self._tally_bytes_in = 0
@@ -494,6 +506,23 @@ class SessionMetrics:
                             self._metrics._statement_duration, self.tenant, _command(command)
                         )
                     _add_to_histogram(histogram, tally.buckets, tally.seconds)
+
+    def _take_lane(self, lane: Lane) -> None:
+        """Add what the lane tallied (allowed statements, timed) to the tallies."""
+        bytes_in, bytes_out, rows, commands = lane.take()
+        self._tally_bytes_in += bytes_in
+        self._tally_bytes_out += bytes_out
+        self._tally_rows += rows
+        for command, allowed, buckets, seconds in commands:
+            tally = self._tallies.get(command)
+            if tally is None:
+                tally = self._tallies[command] = _CommandTally()
+            tally.allowed += allowed
+            counts = tally.buckets
+            for index, count in enumerate(buckets):
+                counts[index] += count
+            tally.seconds += seconds
+            tally.timed = True
 
     def _bind_statement(self, command: str, outcome: str) -> Counter | _Discard:
         return self._metrics._child(

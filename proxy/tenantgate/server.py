@@ -139,7 +139,7 @@ class ProxyServer:
         return True
 
     def _any_in_transaction(self) -> bool:
-        return any(s.tracker.status != "I" or not s.tracker.idle for s in self.sessions.values())
+        return any(not s.quiet for s in self.sessions.values())
 
     def swap_policy(self, policy: Policy) -> None:
         """New sessions and each session's next statement use ``policy``."""
@@ -149,7 +149,7 @@ class ProxyServer:
             if found is None or found[0] != session.info.tenant:
                 session.end(tenant_removed())
             else:
-                session.inspector = self._inspector_factory(policy, session.info)
+                session.replace_inspector(self._inspector_factory(policy, session.info))
                 self._set_rate_limit(session, policy)
 
     def _set_rate_limit(self, session: Session, policy: Policy) -> None:

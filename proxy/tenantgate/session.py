@@ -23,8 +23,9 @@ import secrets
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Final, cast
+from typing import TYPE_CHECKING, Final, cast
 
+from tenantgate.compiled import lane_class
 from tenantgate.errors import (
     PgError,
     ProtocolError,
@@ -36,13 +37,16 @@ from tenantgate.errors import (
     rejected,
     upstream_lost,
 )
-from tenantgate.hooks import Inspector, NullObserver, SessionObserver
+from tenantgate.hooks import Inspector, NullObserver, PortalInfo, SessionObserver
 from tenantgate.injection import StatementShape, TenantInjector, is_internal_name
 from tenantgate.protocol.backend import ErrorResponse, ParameterDescription, ParameterStatus
 from tenantgate.protocol.framing import HeldBytes, frame, invalid_length, scan_frames, uint32_at
 from tenantgate.protocol.frontend import Bind, Close, Describe, Execute, Parse, Query, Sync
 from tenantgate.tracker import Action, Kind, Pending, ResponseTracker
 from tenantgate.upstream import LEXING_PINS, UpstreamConnection
+
+if TYPE_CHECKING:
+    from tenantgate._lane import Lane
 
 log: Final = logging.getLogger("tenantgate.session")
 
@@ -66,6 +70,9 @@ _perf_counter: Final = time.perf_counter
 # What follows the Bind when a driver runs a prepared statement on the unnamed portal.
 _EXECUTE_SYNC: Final = Execute("", 0).encode() + Sync().encode()
 _DESCRIBE_EXECUTE_SYNC: Final = Describe("P", "").encode() + _EXECUTE_SYNC
+# The steady-state lane's class (_lane.c), or None: the compiled build is not in use
+# or TENANTGATE_LANE=0.
+_LANE: Final = lane_class()
 _PARSE_OR_BIND: Final = frozenset(b"PB")  # the first message of a chunk _bound_execute may take
 _FUNCTION_CALL_REJECTION: Final = rejected(
     "function_call",
@@ -138,6 +145,8 @@ class Session:
         self._upstream_transport: asyncio.Transport
         self.observer: SessionObserver = NullObserver()
         self.tracker.on_complete = self._request_done
+        # The steady-state lane (start_lane), when this session has one.
+        self._lane: Lane | None = None
 
     def _request_done(self, entry: Pending, ok: bool) -> None:
         # A Query or Execute.  Rejections were reported when inspected; statements the
@@ -154,7 +163,56 @@ class Session:
     @property
     def busy(self) -> bool:
         """A client request is running upstream (cancel is forwarded only then)."""
-        return self.tracker.busy_with_client_work
+        lane = self._lane
+        return self.tracker.busy_with_client_work or (lane is not None and lane.outstanding)
+
+    @property
+    def quiet(self) -> bool:
+        """Nothing outstanding upstream and no transaction block open."""
+        lane = self._lane
+        tracker = self.tracker
+        return tracker.idle and tracker.status == "I" and (lane is None or not lane.outstanding)
+
+    def start_lane(self) -> None:
+        """Give this session the steady-state lane (``_lane.c``) if it may have one.
+
+        The lane checks and forwards, in C, a Bind [+ Describe] + Execute + Sync of a
+        prepared statement the inspector taught it, and the answer to it when that
+        comes whole; everything else stays on the Python path.  Only in enforce mode
+        (nothing to inject), and only if the observer can take its tallies (not
+        when every statement is audited) and the inspector can teach it.
+        """
+        if _LANE is None or self.injector is not None or self._lane is not None:
+            return
+        lane = _LANE(
+            self._upstream_transport.write,
+            self._client_transport.write,
+            self._lane_request,
+            self.info.tenant.encode(),
+            self._max_message,
+        )
+        if self.observer.attach_lane(lane) and self.inspector.attach_lane(lane):
+            self._lane = lane
+        else:
+            lane.release()
+
+    def replace_inspector(self, inspector: Inspector) -> None:
+        """Check the next statements with ``inspector`` (a reload's new policy), which
+        takes over the prepared statements the server holds for this session."""
+        inspector.inherit(self.inspector)
+        self.inspector = inspector
+        lane = self._lane
+        if lane is not None and not inspector.attach_lane(lane):
+            self._lane = None
+            lane.release()
+
+    def _lane_request(self, info: object, describe: bool, started: float) -> None:
+        """The lane hands over the request it forwarded: the entry _bound_execute
+        makes for the same request, timed from when the lane sent it."""
+        portal = cast(PortalInfo, info)
+        entry = _statement_entry(Kind.EXECUTE, portal.command, portal.sql, portal.would_reject)
+        entry.started = started
+        self.tracker.expect_bound(entry, describe)
 
     async def run(self) -> None:
         """Forward until either side ends; always closes the upstream connection.
@@ -174,6 +232,7 @@ class Session:
         self._upstream_transport = cast(asyncio.Transport, self.upstream.writer.transport)
         self._client_transport.set_protocol(_Side(self, client=True))
         self._upstream_transport.set_protocol(_Side(self, client=False))
+        self.start_lane()
         if upstream_left:
             self.upstream_data(upstream_left)
         if client_left:
@@ -185,6 +244,9 @@ class Session:
         try:
             ended = await self._finished
         finally:
+            lane, self._lane = self._lane, None
+            if lane is not None:
+                lane.release()  # its request, if any, to the tracker: failed below
             self.tracker.fail_all()
             self.upstream.close()
         if ended is not None:
@@ -252,9 +314,21 @@ class Session:
         if self._finished.done():
             return
         try:
-            self.observer.traffic(len(data), 0)
             if self.idle_timeout_s is not None:
                 self._last_activity = self._loop.time()
+            lane = self._lane
+            if lane is not None:
+                if (
+                    self.rate_limit is None
+                    and not self._deferred
+                    and not len(self._client_held)
+                    and self.tracker.settled
+                ):
+                    if lane.client(data):
+                        return  # checked, counted and forwarded by the lane
+                else:
+                    lane.hand_over()
+            self.observer.traffic(len(data), 0)
             held = self._client_held
             if self._deferred:
                 held.add(data)  # handled when the rate limit's delay is over
@@ -534,8 +608,13 @@ class Session:
         self.tracker.expect(Pending(Kind.PARSE, on_done=self._parse_done(parse)))
 
     def _parse_done(self, parse: Parse) -> Callable[[bool], None]:
-        inspector = self.inspector
-        return lambda ok: inspector.parse_resolved(parse, ok)
+        # The inspector of the moment the server answers: a reload's new one has
+        # inherited this Parse.
+        return lambda ok: self.inspector.parse_resolved(parse, ok)
+
+    def _closed(self, name: str) -> Callable[[bool], None]:
+        # As _parse_done: the inspector of the moment the server answers.
+        return lambda ok: self.inspector.close_resolved(name, ok)
 
     def _client_bind(self, bind: Bind) -> bytes | None:
         """Inspect and register a client's Bind; the message to send instead, if refused."""
@@ -568,7 +647,7 @@ class Session:
         if timeout is None or self._finished.done():
             return
         idle_for = self._loop.time() - self._last_activity
-        if idle_for >= timeout and self.tracker.idle and self.tracker.status == "I":
+        if idle_for >= timeout and self.quiet:
             self._finish(SessionEnded(idle_client_timeout()))
             return
         self._loop.call_later(max(timeout - idle_for, 0.05), self._check_idle)
@@ -622,10 +701,7 @@ class Session:
                 if (error := _reserved(close.name)) is not None:
                     return self._reject_extended(error)
                 if close.kind == "S":
-                    name = close.name
-                    tracker.expect(
-                        Pending(Kind.CLOSE, on_done=lambda ok: inspector.close_resolved(name, ok))
-                    )
+                    tracker.expect(Pending(Kind.CLOSE, on_done=self._closed(close.name)))
                 else:
                     tracker.expect(Pending(Kind.CLOSE))
             case 0x53:  # Sync
@@ -670,6 +746,13 @@ class Session:
         if self._finished.done():
             return
         try:
+            lane = self._lane
+            if lane is not None:
+                if not len(self._upstream_held):
+                    if lane.upstream(data):
+                        return  # the whole answer to the lane's request, counted
+                else:
+                    lane.hand_over()
             self._upstream_chunk(data)
         except Exception as exc:
             self._failed(exc)

@@ -9,12 +9,15 @@ once per session and builds audit events only when someone will read them
 from __future__ import annotations
 
 import time
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 from tenantgate.audit import AuditEvent, AuditLog, event_for
 from tenantgate.metrics import SessionMetrics
 from tenantgate.session import SessionInfo
 from tenantgate.tracker import Pending
+
+if TYPE_CHECKING:
+    from tenantgate._lane import Lane
 
 # A C static once compiled (a plain import is a globals lookup per statement).
 _perf_counter: Final = time.perf_counter
@@ -71,6 +74,13 @@ class SessionTelemetry:
 
     def closed(self) -> None:
         self._metrics.closed()
+
+    def attach_lane(self, lane: Lane) -> bool:
+        audit = self._audit
+        if audit is not None and audit.statements:
+            return False  # each statement is an audit event: the Python path makes it
+        self._metrics.attach_lane(lane)
+        return True
 
     def _event(
         self,

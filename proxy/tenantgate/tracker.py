@@ -305,6 +305,12 @@ class ResponseTracker:
         return not self._pending
 
     @property
+    def settled(self) -> bool:
+        """Nothing outstanding, not skipping to a Sync, outside a transaction block:
+        where the steady-state lane may take a request (Session.start_lane)."""
+        return not self._pending and not self._skipping and self.status == "I"
+
+    @property
     def idle_in_block(self) -> bool:
         """Nothing outstanding and the server is inside an explicit transaction block."""
         return self.status == "T" and not self._pending

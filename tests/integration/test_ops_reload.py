@@ -71,7 +71,8 @@ class Served:
         wait_until(self._ready, what="tenantgate serve to listen")
 
     def policy_dict(self, **overrides: Any) -> dict[str, Any]:
-        return self.db.policy_dict("both", self.port, metrics_port=self.metrics_port, **overrides)
+        mode = overrides.pop("mode", "both")
+        return self.db.policy_dict(mode, self.port, metrics_port=self.metrics_port, **overrides)
 
     def write(self, data: dict[str, Any] | str) -> None:
         text = data if isinstance(data, str) else yaml.safe_dump(data, sort_keys=False)
@@ -248,6 +249,22 @@ def test_sighup_removed_user_session_ended(serve: Callable[..., Served]) -> None
         assert old.execute("SELECT 1").fetchone() == (1,)  # same tenant, still listed
     with pytest.raises(psycopg.OperationalError, match="password authentication failed"):
         first.connect(*NEW_USER)
+
+
+def test_sighup_prepared_statements_stay_checked(serve: Callable[..., Served]) -> None:
+    """A reload gives each session a new inspector, and the server keeps the
+    session's prepared statements: every Bind of one is still checked (a new
+    inspector that did not know the name let a Bind with another tenant's id run)."""
+    proxy = serve(mode="enforce")
+    sql = "SELECT count(*) FROM orders WHERE tenant_id = %s"
+    with proxy.tenant("acme") as acme:
+        own = acme.execute(sql, ("acme",), prepare=True).fetchone()
+        assert own is not None
+        proxy.write(proxy.policy_dict(mode="enforce", allowed_functions=["pg_sleep"]))
+        proxy.reload_and_wait("policy reloaded")
+        with pytest.raises(errors.InsufficientPrivilege, match="wrong_tenant_param"):
+            acme.execute(sql, ("globex",), prepare=True)
+        assert acme.execute(sql, ("acme",), prepare=True).fetchone() == own
 
 
 @pytest.mark.slow

@@ -77,6 +77,25 @@ def test_a_stale_extension_switches_everything_to_source(
     assert sum(isinstance(f, compiled.SourceOnlyFinder) for f in meta_path) == 1
 
 
+def test_a_hand_written_c_extension_is_checked_against_its_c_source(
+    tmp_path: Path, meta_path: list[object]
+) -> None:
+    """The lane (``_lane.c``) has no ``.py``: its ``.c`` is what the manifest records."""
+    package = _package(tmp_path, edited=False)
+    c_source = package / "_lane.c"
+    c_source.write_text("int x;\n")
+    (package / f"_lane{SUFFIX}").write_bytes(b"not really an extension")
+    manifest = json.loads((package / compiled.MANIFEST).read_text())
+    manifest["_lane.c"] = compiled.digest(c_source)
+    (package / compiled.MANIFEST).write_text(json.dumps(manifest))
+    assert compiled.source_of(package / f"_lane{SUFFIX}") == c_source
+    assert compiled.choose(package) == (True, "2 compiled modules")
+    c_source.write_text("int y;\n")
+    used, why = compiled.choose(package)
+    assert not used
+    assert "_lane.c is not what was compiled" in why
+
+
 def test_without_a_manifest_every_extension_is_stale(
     tmp_path: Path, meta_path: list[object]
 ) -> None:
@@ -149,3 +168,5 @@ def test_ci_runs_what_it_built() -> None:
     """tests/run.sh sets TENANTGATE_EXPECT_COMPILED after installing a C compiler: the
     suite must then run the compiled build (not a silent pure-Python fallback)."""
     assert tenantgate.COMPILED, tenantgate.COMPILED_WHY
+    if os.environ.get(compiled.LANE_ENV) != "0":
+        assert compiled.lane_class() is not None  # the steady-state lane is on

@@ -431,3 +431,49 @@ def test_known_bind_answers_the_common_binds_and_sees_every_change() -> None:
     refused = Parse("", "SELECT id FROM orders WHERE id = $1")
     assert dry.inspect_parse(refused) is None  # forwarded: a would-be refusal
     assert dry.known_bind(Bind("", "", (), (b"7",)).encode()[5:]) is None  # counted each time
+
+
+def test_a_reloads_inspector_inherits_the_prepared_statements_and_judges_them_again() -> None:
+    """The server keeps a session's prepared statements across a policy reload.  A
+    new inspector that did not know them would let any Bind of them through (an
+    unknown name is left to the server, which would find it): so it inherits
+    them, each judged again under its own policy."""
+    old_cache = AnalysisCache(POLICY)
+    old = inspector(old_cache)
+    confirmed = Parse("s1", "SELECT id FROM orders WHERE tenant_id = $1 AND id = $2", ())
+    pending = Parse("s2", "SELECT id FROM orders WHERE tenant_id = $1", ())
+    shared = Parse("s3", "SELECT id FROM plans WHERE id = $1", ())
+    for parse in (confirmed, shared):
+        assert old.inspect_parse(parse) is None
+        old.parse_resolved(parse, True)
+    assert old.inspect_parse(pending) is None  # the server has not answered yet
+
+    def bind(inspect: PolicyInspector, name: str, *params: bytes) -> bool:
+        bound = Bind("", name, (), params, ())
+        allowed = inspect.inspect_bind(bound) is None
+        assert (inspect.known_bind(bound.encode()[5:]) is not None) <= allowed
+        return allowed
+
+    # The new policy no longer lists plans as shared: s3 is now an unknown table.
+    stricter = AnalysisPolicy(scoped_tables={"orders": "tenant_id"})
+    new = inspector(AnalysisCache(stricter))
+    assert bind(new, "s1", b"globex", b"1")  # what an inspector that knows nothing does
+    new = inspector(AnalysisCache(stricter))
+    new.inherit(old)
+    assert bind(new, "s1", b"acme", b"1")
+    assert not bind(new, "s1", b"globex", b"1")  # checked as before the reload
+    assert not bind(new, "s2", b"globex")  # a pending Parse is inherited too ...
+    new.parse_resolved(pending, True)  # ... and the new inspector resolves it
+    assert new._statements["s2"].confirmed is not None
+    assert bind(new, "s2", b"acme")
+    assert not bind(new, "s3", b"1")  # this policy refuses s3: every Bind of it
+    error = new.inspect_bind(Bind("", "s3", (), (b"1",), ()))
+    assert error is not None
+    assert error.sqlstate == "42501"
+    assert new.last_analysis is None  # judging again is not "the statement just inspected"
+    # A dry run counts what it would refuse, and forwards it.
+    dry = inspector(AnalysisCache(stricter), dry_run=True)
+    dry.inherit(old)
+    assert bind(dry, "s3", b"1")
+    assert dry.portal_info("").would_reject
+    assert dry.rejections == 1

@@ -366,6 +366,7 @@ async def _run(
     refuse_every: int | None,
 ) -> None:
     fast = _proxy(mode, dry_run, refuse_every)
+    fast.session.start_lane()  # enforce mode on the compiled build: the C lane too
     general = _proxy(mode, dry_run, refuse_every)
     server = _Server()  # both proxies must send it the same bytes, so one server answers
     for number, (chunks, split) in enumerate(script):

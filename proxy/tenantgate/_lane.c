@@ -1,0 +1,746 @@
+/* tenantgate._lane: the steady-state lane, the per-statement path of a prepared
+   statement in C.
+
+   Owns one session's steady state in enforce mode: a client chunk that is exactly
+   Bind (unnamed portal, a named statement the Python inspector taught it) [+
+   Describe portal] + Execute + Sync, whose tenant parameters are this tenant's
+   bytes in text format, is checked and forwarded here; so is the answer to it
+   when it arrives as one exact chunk (BindComplete [+ RowDescription or NoData] +
+   DataRow* + CommandComplete + ReadyForQuery 'I').  The per-statement metrics
+   (count, duration bucket, rows, bytes) are tallied here and taken by the
+   session's metrics when they flush.
+
+   The Python session stays the single reference.  The lane knows only what the
+   inspector taught it (PolicyInspector.known_bind's _BindLane decisions), forgets
+   all of it at every change of the inspector's statement registry, and records
+   the unnamed portal in the inspector's own portal map as known_bind does.
+   Anything else is not its case: it returns False and the session goes the
+   Python way, after the lane has handed over the request it forwarded (if any)
+   as the tracker entry the Python path would have made (`materialize`).  See
+   docs/architecture.md ("The lane") and tests/unit/test_lane.py. */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <stdint.h>
+#include <string.h>
+#include <time.h>
+
+#define MAX_STATEMENTS 16 /* statements taught; the table is emptied when full */
+#define MAX_NAME 63       /* longer statement names go the Python way */
+#define MAX_NUMBERS 8     /* tenant parameters per statement */
+#define MAX_COMMANDS 8    /* metric labels (select, insert, ...) */
+#define MAX_BOUNDS 32     /* duration histogram bounds */
+#define MAX_ROW_DIGITS 18 /* a longer row count goes the Python way (no overflow) */
+
+/* Execute (unnamed portal, no row limit) + Sync; Describe portal "" before them. */
+static const unsigned char EXECUTE_SYNC[15] = {'E', 0, 0, 0, 9, 0, 0, 0, 0, 0, 'S', 0, 0, 0, 4};
+static const unsigned char DESCRIBE_EXECUTE_SYNC[22] = {'D', 0, 0, 0, 6, 'P', 0, 'E', 0, 0, 0,
+                                                        9,   0, 0, 0, 0, 0, 'S', 0, 0, 0, 4};
+
+typedef struct {
+    PyObject *command; /* the metric label (str); NULL: slot free */
+    long long allowed;
+    long long buckets[MAX_BOUNDS + 1]; /* observations per bucket, not cumulative */
+    double seconds;
+} Tally;
+
+typedef struct {
+    PyObject *info; /* the PortalInfo known_bind records; NULL: slot free */
+    int tally;
+    int name_length;
+    int count;
+    uint16_t numbers[MAX_NUMBERS]; /* tenant parameters ($n), ascending */
+    char name[MAX_NAME + 1];
+} Statement;
+
+typedef struct {
+    PyObject_HEAD
+    PyObject *upstream_write, *client_write, *materialize, *tenant, *portals, *mark;
+    Py_ssize_t max_message, max_portals;
+    int released;
+    int statement_count;
+    Statement statements[MAX_STATEMENTS];
+    int bound_count;
+    double bounds[MAX_BOUNDS];
+    Tally tallies[MAX_COMMANDS];
+    /* The request forwarded here, its answer still due. */
+    int outstanding, describe, current_tally;
+    PyObject *current_info;
+    double started;
+    /* Since the last take(). */
+    long long bytes_in, bytes_out, rows;
+    int dirty;
+    long long served; /* statements answered here, for tests and diagnostics */
+} Lane;
+
+static PyObject *EMPTY_NAME; /* "": the unnamed portal's key in the portal map */
+
+static inline uint32_t be32(const unsigned char *p) {
+    return ((uint32_t)p[0] << 24) | ((uint32_t)p[1] << 16) | ((uint32_t)p[2] << 8) | p[3];
+}
+
+static inline unsigned be16(const unsigned char *p) { return ((unsigned)p[0] << 8) | p[1]; }
+
+/* time.perf_counter()'s clock on Linux, in seconds. */
+static double now(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
+}
+
+static void forget_statements(Lane *self) {
+    for (int i = 0; i < self->statement_count; i++) {
+        Py_CLEAR(self->statements[i].info);
+    }
+    self->statement_count = 0;
+}
+
+static int Lane_traverse(Lane *self, visitproc visit, void *arg) {
+    Py_VISIT(self->upstream_write);
+    Py_VISIT(self->client_write);
+    Py_VISIT(self->materialize);
+    Py_VISIT(self->tenant);
+    Py_VISIT(self->portals);
+    Py_VISIT(self->mark);
+    Py_VISIT(self->current_info);
+    for (int i = 0; i < self->statement_count; i++) {
+        Py_VISIT(self->statements[i].info);
+    }
+    for (int i = 0; i < MAX_COMMANDS; i++) {
+        Py_VISIT(self->tallies[i].command);
+    }
+    return 0;
+}
+
+static int Lane_clear(Lane *self) {
+    Py_CLEAR(self->upstream_write);
+    Py_CLEAR(self->client_write);
+    Py_CLEAR(self->materialize);
+    Py_CLEAR(self->portals);
+    Py_CLEAR(self->mark);
+    Py_CLEAR(self->current_info);
+    forget_statements(self);
+    self->outstanding = 0;
+    self->released = 1;
+    return 0;
+}
+
+static void Lane_dealloc(Lane *self) {
+    PyObject_GC_UnTrack(self);
+    Lane_clear(self);
+    Py_CLEAR(self->tenant);
+    for (int i = 0; i < MAX_COMMANDS; i++) {
+        Py_CLEAR(self->tallies[i].command);
+    }
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static int Lane_init(Lane *self, PyObject *args, PyObject *kwds) {
+    PyObject *upstream_write, *client_write, *materialize, *tenant;
+    Py_ssize_t max_message;
+    static char *kwlist[] = {"upstream_write", "client_write", "materialize", "tenant",
+                             "max_message", NULL};
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOOO!n", kwlist, &upstream_write, &client_write,
+                                     &materialize, &PyBytes_Type, &tenant, &max_message)) {
+        return -1;
+    }
+    if (self->tenant != NULL) {
+        PyErr_SetString(PyExc_TypeError, "a Lane is initialised once");
+        return -1;
+    }
+    Py_INCREF(upstream_write);
+    Py_INCREF(client_write);
+    Py_INCREF(materialize);
+    Py_INCREF(tenant);
+    self->upstream_write = upstream_write;
+    self->client_write = client_write;
+    self->materialize = materialize;
+    self->tenant = tenant;
+    self->max_message = max_message;
+    return 0;
+}
+
+/* The lane's request, handed to the session as the tracker entry it would have made. */
+static int hand_over(Lane *self) {
+    if (!self->outstanding) {
+        return 0;
+    }
+    self->outstanding = 0;
+    PyObject *info = self->current_info;
+    self->current_info = NULL;
+    PyObject *result = PyObject_CallFunction(self->materialize, "OOd", info,
+                                             self->describe ? Py_True : Py_False, self->started);
+    Py_DECREF(info);
+    if (result == NULL) {
+        return -1;
+    }
+    Py_DECREF(result);
+    return 0;
+}
+
+static int note_dirty(Lane *self) {
+    if (self->dirty) {
+        return 0;
+    }
+    self->dirty = 1;
+    if (self->mark == NULL) {
+        return 0;
+    }
+    PyObject *result = PyObject_CallNoArgs(self->mark);
+    if (result == NULL) {
+        return -1;
+    }
+    Py_DECREF(result);
+    return 0;
+}
+
+static Statement *find_statement(Lane *self, const unsigned char *name, Py_ssize_t length) {
+    for (int i = 0; i < self->statement_count; i++) {
+        Statement *statement = &self->statements[i];
+        if (statement->name_length == length && memcmp(statement->name, name, length) == 0) {
+            return statement;
+        }
+    }
+    return NULL;
+}
+
+/* frontend.bind_params_at(payload, pos, numbers) followed by enforcement._all_text:
+   the Bind's rest is exactly what Bind.decode accepts and every tenant parameter is
+   present, in text format and this tenant's bytes. */
+static int tenant_params_match(Lane *self, const Statement *statement,
+                               const unsigned char *payload, Py_ssize_t size, Py_ssize_t pos) {
+    const unsigned char *tenant = (const unsigned char *)PyBytes_AS_STRING(self->tenant);
+    Py_ssize_t tenant_length = PyBytes_GET_SIZE(self->tenant);
+    int found = 0;
+    if (size - pos < 2) {
+        return 0;
+    }
+    unsigned format_count = be16(payload + pos);
+    Py_ssize_t formats_at = pos + 2;
+    pos = formats_at + 2 * (Py_ssize_t)format_count;
+    if (pos < 0 || size - pos < 2) {
+        return 0;
+    }
+    unsigned count = be16(payload + pos);
+    pos += 2;
+    for (unsigned index = 0; index < count; index++) {
+        if (size - pos < 4) {
+            return 0;
+        }
+        int32_t length = (int32_t)be32(payload + pos);
+        pos += 4;
+        if (length < -1 || (length > 0 && length > size - pos)) {
+            return 0;
+        }
+        if (found < statement->count && statement->numbers[found] == index + 1) {
+            unsigned code;
+            if (format_count == 1) {
+                code = be16(payload + formats_at);
+            } else if (index < format_count) {
+                code = be16(payload + formats_at + 2 * (Py_ssize_t)index);
+            } else {
+                code = 0;
+            }
+            if (code == 1 || length != tenant_length ||
+                memcmp(payload + pos, tenant, (size_t)tenant_length) != 0) {
+                return 0;
+            }
+            found++;
+        }
+        if (length > 0) {
+            pos += length;
+        }
+    }
+    if (size - pos < 2) {
+        return 0;
+    }
+    pos += 2 + 2 * (Py_ssize_t)be16(payload + pos); /* the result-format codes */
+    return pos == size && found == statement->count;
+}
+
+PyDoc_STRVAR(client_doc,
+             "client(data) -> bool\n\n"
+             "Check and forward a client chunk that is the lane's case; False: not its case\n"
+             "(the request the lane forwarded before, if any, is handed over first).");
+
+static PyObject *Lane_client(Lane *self, PyObject *data) {
+    if (self->outstanding) {
+        if (hand_over(self) < 0) {
+            return NULL;
+        }
+        Py_RETURN_FALSE;
+    }
+    if (self->statement_count == 0 || self->portals == NULL || !PyBytes_CheckExact(data)) {
+        Py_RETURN_FALSE;
+    }
+    const unsigned char *chunk = (const unsigned char *)PyBytes_AS_STRING(data);
+    Py_ssize_t size = PyBytes_GET_SIZE(data);
+    if (size < 5 || chunk[0] != 'B') {
+        Py_RETURN_FALSE;
+    }
+    Py_ssize_t length = (Py_ssize_t)be32(chunk + 1);
+    if (length < 5 || length - 4 > self->max_message || size - 1 < length) {
+        Py_RETURN_FALSE; /* an empty Bind or a long one: the Python path reports it */
+    }
+    Py_ssize_t end = 1 + length, tail = size - end;
+    int describe;
+    if (tail == 15 && memcmp(chunk + end, EXECUTE_SYNC, 15) == 0) {
+        describe = 0;
+    } else if (tail == 22 && memcmp(chunk + end, DESCRIBE_EXECUTE_SYNC, 22) == 0) {
+        describe = 1;
+    } else {
+        Py_RETURN_FALSE;
+    }
+    const unsigned char *payload = chunk + 5;
+    Py_ssize_t payload_size = length - 4;
+    if (payload[0] != 0) {
+        Py_RETURN_FALSE; /* a named portal */
+    }
+    const unsigned char *name_end = memchr(payload + 1, 0, (size_t)(payload_size - 1));
+    if (name_end == NULL) {
+        Py_RETURN_FALSE;
+    }
+    Statement *statement = find_statement(self, payload + 1, name_end - (payload + 1));
+    if (statement == NULL ||
+        !tenant_params_match(self, statement, payload, payload_size, name_end + 1 - payload)) {
+        Py_RETURN_FALSE;
+    }
+    /* PolicyInspector._record_portal("", info), as known_bind does. */
+    if (PyDict_GET_SIZE(self->portals) > self->max_portals) {
+        PyDict_Clear(self->portals);
+    }
+    if (PyDict_SetItem(self->portals, EMPTY_NAME, statement->info) < 0) {
+        return NULL;
+    }
+    Py_INCREF(statement->info);
+    self->current_info = statement->info;
+    self->current_tally = statement->tally;
+    self->describe = describe;
+    self->outstanding = 1;
+    self->started = now();
+    self->bytes_in += size;
+    if (note_dirty(self) < 0) {
+        return NULL;
+    }
+    PyObject *result = PyObject_CallOneArg(self->upstream_write, data);
+    if (result == NULL) {
+        return NULL;
+    }
+    Py_DECREF(result);
+    Py_RETURN_TRUE;
+}
+
+/* tracker._count_rows of a CommandComplete payload [start, end); -1: too many digits. */
+static long long count_rows(const unsigned char *buffer, Py_ssize_t start, Py_ssize_t end) {
+    if (end > start && buffer[end - 1] == 0) {
+        end--;
+    }
+    Py_ssize_t digits = end;
+    while (digits > start && buffer[digits - 1] >= '0' && buffer[digits - 1] <= '9') {
+        digits--;
+    }
+    if (digits == end || digits - 1 <= start || buffer[digits - 1] != ' ') {
+        return 0;
+    }
+    if (end - digits > MAX_ROW_DIGITS) {
+        return -1;
+    }
+    long long rows = 0;
+    for (Py_ssize_t i = digits; i < end; i++) {
+        rows = rows * 10 + (buffer[i] - '0');
+    }
+    return rows;
+}
+
+enum { EXPECT_BIND, EXPECT_DESCRIBE, EXPECT_ROWS, EXPECT_READY, DONE };
+
+/* The answer to the lane's request, if ``chunk`` is exactly all of it (what
+   tracker._pass_bound consumes, ending in ReadyForQuery 'I'): its row count;
+   -1: not that case. */
+static long long whole_answer(const unsigned char *chunk, Py_ssize_t size, int describe) {
+    int stage = EXPECT_BIND;
+    long long rows = 0;
+    Py_ssize_t pos = 0;
+    while (size - pos >= 5) {
+        unsigned char type = chunk[pos];
+        Py_ssize_t length = (Py_ssize_t)be32(chunk + pos + 1);
+        if (length < 4 || length > size - pos - 1) {
+            return -1;
+        }
+        Py_ssize_t end = pos + 1 + length;
+        switch (stage) {
+        case EXPECT_BIND:
+            if (type != '2') {
+                return -1;
+            }
+            stage = describe ? EXPECT_DESCRIBE : EXPECT_ROWS;
+            break;
+        case EXPECT_DESCRIBE:
+            if (type != 'T' && type != 'n') {
+                return -1;
+            }
+            stage = EXPECT_ROWS;
+            break;
+        case EXPECT_ROWS:
+            if (type == 'D') {
+                break;
+            }
+            if (type != 'C') {
+                return -1;
+            }
+            rows = count_rows(chunk, pos + 5, end);
+            if (rows < 0) {
+                return -1;
+            }
+            stage = EXPECT_READY;
+            break;
+        case EXPECT_READY:
+            if (type != 'Z' || length != 5 || chunk[pos + 5] != 'I') {
+                return -1; /* 'T' or 'E' changes the tracker's status: the Python way */
+            }
+            stage = DONE;
+            break;
+        default:
+            return -1; /* more after the ReadyForQuery */
+        }
+        pos = end;
+    }
+    return stage == DONE && pos == size ? rows : -1;
+}
+
+static void tally(Lane *self, long long rows, double seconds) {
+    Tally *tally = &self->tallies[self->current_tally];
+    int bucket = 0; /* bisect.bisect_left(bounds, seconds) */
+    while (bucket < self->bound_count && self->bounds[bucket] < seconds) {
+        bucket++;
+    }
+    tally->allowed++;
+    tally->buckets[bucket]++;
+    tally->seconds += seconds;
+    self->rows += rows;
+}
+
+PyDoc_STRVAR(upstream_doc,
+             "upstream(data) -> bool\n\n"
+             "Forward a server chunk that is exactly the answer to the lane's request; False:\n"
+             "not that case (the request, if any, is handed over first).");
+
+static PyObject *Lane_upstream(Lane *self, PyObject *data) {
+    if (!self->outstanding) {
+        Py_RETURN_FALSE;
+    }
+    long long rows = -1;
+    if (PyBytes_CheckExact(data)) {
+        rows = whole_answer((const unsigned char *)PyBytes_AS_STRING(data),
+                            PyBytes_GET_SIZE(data), self->describe);
+    }
+    if (rows < 0) {
+        if (hand_over(self) < 0) {
+            return NULL;
+        }
+        Py_RETURN_FALSE;
+    }
+    double seconds = now() - self->started;
+    self->outstanding = 0;
+    Py_CLEAR(self->current_info);
+    tally(self, rows, seconds);
+    self->bytes_out += PyBytes_GET_SIZE(data);
+    self->served++;
+    if (note_dirty(self) < 0) {
+        return NULL;
+    }
+    PyObject *result = PyObject_CallOneArg(self->client_write, data);
+    if (result == NULL) {
+        return NULL;
+    }
+    Py_DECREF(result);
+    Py_RETURN_TRUE;
+}
+
+PyDoc_STRVAR(hand_over_doc,
+             "hand_over()\n\n"
+             "Give the session the request the lane forwarded, if any (materialize).");
+
+static PyObject *Lane_hand_over(Lane *self, PyObject *unused) {
+    if (hand_over(self) < 0) {
+        return NULL;
+    }
+    Py_RETURN_NONE;
+}
+
+static int find_tally(Lane *self, PyObject *command) {
+    for (int i = 0; i < MAX_COMMANDS; i++) {
+        PyObject *known = self->tallies[i].command;
+        if (known == NULL) {
+            Py_INCREF(command);
+            self->tallies[i].command = command;
+            return i;
+        }
+        int equal = PyObject_RichCompareBool(known, command, Py_EQ);
+        if (equal < 0) {
+            return -2;
+        }
+        if (equal) {
+            return i;
+        }
+    }
+    return -1;
+}
+
+PyDoc_STRVAR(learn_doc,
+             "learn(name, numbers, info, command) -> bool\n\n"
+             "Binds of statement ``name`` (bytes) to the unnamed portal may pass here while\n"
+             "their parameters ``numbers`` ($n, ascending) are the tenant's bytes in text\n"
+             "format; they make the portal ``info``, counted under ``command``.  False: not\n"
+             "learnt (a long name, too many parameters or labels).");
+
+static PyObject *Lane_learn(Lane *self, PyObject *args) {
+    PyObject *name, *numbers, *info, *command;
+    if (!PyArg_ParseTuple(args, "O!O!OU", &PyBytes_Type, &name, &PyTuple_Type, &numbers, &info,
+                          &command)) {
+        return NULL;
+    }
+    Py_ssize_t name_length = PyBytes_GET_SIZE(name), count = PyTuple_GET_SIZE(numbers);
+    if (self->released || name_length > MAX_NAME || count > MAX_NUMBERS) {
+        Py_RETURN_FALSE;
+    }
+    uint16_t wanted[MAX_NUMBERS];
+    for (Py_ssize_t i = 0; i < count; i++) {
+        long number = PyLong_AsLong(PyTuple_GET_ITEM(numbers, i));
+        if (number == -1 && PyErr_Occurred()) {
+            return NULL;
+        }
+        if (number < 1 || number > 65535 || (i > 0 && number <= wanted[i - 1])) {
+            Py_RETURN_FALSE;
+        }
+        wanted[i] = (uint16_t)number;
+    }
+    int index = find_tally(self, command);
+    if (index == -2) {
+        return NULL;
+    }
+    if (index < 0) {
+        Py_RETURN_FALSE;
+    }
+    Statement *statement = find_statement(self, (const unsigned char *)PyBytes_AS_STRING(name),
+                                          name_length);
+    if (statement == NULL) {
+        if (self->statement_count == MAX_STATEMENTS) {
+            forget_statements(self);
+        }
+        statement = &self->statements[self->statement_count++];
+        statement->info = NULL;
+    }
+    Py_INCREF(info);
+    Py_XSETREF(statement->info, info);
+    statement->tally = index;
+    statement->count = (int)count;
+    memcpy(statement->numbers, wanted, sizeof(uint16_t) * (size_t)count);
+    statement->name_length = (int)name_length;
+    memcpy(statement->name, PyBytes_AS_STRING(name), (size_t)name_length);
+    statement->name[name_length] = 0;
+    Py_RETURN_TRUE;
+}
+
+PyDoc_STRVAR(forget_doc, "forget()\n\nForget every statement learnt (the registry changed).");
+
+static PyObject *Lane_forget(Lane *self, PyObject *unused) {
+    if (self->statement_count) {
+        forget_statements(self);
+    }
+    Py_RETURN_NONE;
+}
+
+PyDoc_STRVAR(attach_doc,
+             "attach(portals, max_portals)\n\n"
+             "Serve an inspector: record the unnamed portal in ``portals`` (its portal map,\n"
+             "emptied first when it holds more than ``max_portals``); forget what an earlier\n"
+             "inspector taught.");
+
+static PyObject *Lane_attach(Lane *self, PyObject *args) {
+    PyObject *portals;
+    Py_ssize_t max_portals;
+    if (!PyArg_ParseTuple(args, "O!n", &PyDict_Type, &portals, &max_portals)) {
+        return NULL;
+    }
+    forget_statements(self);
+    if (!self->released) {
+        Py_INCREF(portals);
+        Py_XSETREF(self->portals, portals);
+        self->max_portals = max_portals;
+    }
+    Py_RETURN_NONE;
+}
+
+PyDoc_STRVAR(report_to_doc,
+             "report_to(mark, bounds)\n\n"
+             "Tally statement durations in buckets of ``bounds`` (ascending seconds) and call\n"
+             "``mark()`` when a tally starts after a take().");
+
+static PyObject *Lane_report_to(Lane *self, PyObject *args) {
+    PyObject *mark, *bounds;
+    if (!PyArg_ParseTuple(args, "OO!", &mark, &PyTuple_Type, &bounds)) {
+        return NULL;
+    }
+    Py_ssize_t count = PyTuple_GET_SIZE(bounds);
+    if (count > MAX_BOUNDS) {
+        PyErr_SetString(PyExc_ValueError, "too many bounds");
+        return NULL;
+    }
+    for (Py_ssize_t i = 0; i < count; i++) {
+        double bound = PyFloat_AsDouble(PyTuple_GET_ITEM(bounds, i));
+        if (bound == -1.0 && PyErr_Occurred()) {
+            return NULL;
+        }
+        self->bounds[i] = bound;
+    }
+    self->bound_count = (int)count;
+    Py_INCREF(mark);
+    Py_XSETREF(self->mark, mark);
+    Py_RETURN_NONE;
+}
+
+PyDoc_STRVAR(take_doc,
+             "take() -> (bytes_in, bytes_out, rows, ((command, allowed, buckets, seconds), ...))\n\n"
+             "What the lane tallied since the last take(), and start again from zero.");
+
+static PyObject *Lane_take(Lane *self, PyObject *unused) {
+    PyObject *commands = PyList_New(0);
+    if (commands == NULL) {
+        return NULL;
+    }
+    for (int i = 0; i < MAX_COMMANDS; i++) {
+        Tally *tally = &self->tallies[i];
+        if (tally->command == NULL || tally->allowed == 0) {
+            continue;
+        }
+        PyObject *buckets = PyTuple_New(self->bound_count + 1);
+        if (buckets == NULL) {
+            Py_DECREF(commands);
+            return NULL;
+        }
+        for (int b = 0; b <= self->bound_count; b++) {
+            PyObject *value = PyLong_FromLongLong(tally->buckets[b]);
+            if (value == NULL) {
+                Py_DECREF(buckets);
+                Py_DECREF(commands);
+                return NULL;
+            }
+            PyTuple_SET_ITEM(buckets, b, value);
+        }
+        PyObject *item = Py_BuildValue("(OLNd)", tally->command, tally->allowed, buckets,
+                                       tally->seconds);
+        if (item == NULL || PyList_Append(commands, item) < 0) {
+            Py_XDECREF(item);
+            Py_DECREF(commands);
+            return NULL;
+        }
+        Py_DECREF(item);
+    }
+    PyObject *taken = Py_BuildValue("(LLLN)", self->bytes_in, self->bytes_out, self->rows,
+                                    PyList_AsTuple(commands));
+    Py_DECREF(commands);
+    if (taken == NULL) {
+        return NULL;
+    }
+    for (int i = 0; i < MAX_COMMANDS; i++) {
+        Tally *tally = &self->tallies[i];
+        tally->allowed = 0;
+        tally->seconds = 0.0;
+        memset(tally->buckets, 0, sizeof(tally->buckets));
+    }
+    self->bytes_in = self->bytes_out = self->rows = 0;
+    self->dirty = 0;
+    return taken;
+}
+
+PyDoc_STRVAR(release_doc,
+             "release()\n\n"
+             "The session ended: hand over the request still due, drop every reference to\n"
+             "the session (the tallies stay for take()); the lane then handles nothing.");
+
+static PyObject *Lane_release(Lane *self, PyObject *unused) {
+    if (hand_over(self) < 0) {
+        return NULL;
+    }
+    Lane_clear(self);
+    Py_RETURN_NONE;
+}
+
+static PyObject *Lane_get_outstanding(Lane *self, void *closure) {
+    return PyBool_FromLong(self->outstanding);
+}
+
+static PyObject *Lane_get_served(Lane *self, void *closure) {
+    return PyLong_FromLongLong(self->served);
+}
+
+static PyObject *Lane_get_learnt(Lane *self, void *closure) {
+    return PyLong_FromLong(self->statement_count);
+}
+
+static PyMethodDef Lane_methods[] = {
+    {"client", (PyCFunction)Lane_client, METH_O, client_doc},
+    {"upstream", (PyCFunction)Lane_upstream, METH_O, upstream_doc},
+    {"hand_over", (PyCFunction)Lane_hand_over, METH_NOARGS, hand_over_doc},
+    {"learn", (PyCFunction)Lane_learn, METH_VARARGS, learn_doc},
+    {"forget", (PyCFunction)Lane_forget, METH_NOARGS, forget_doc},
+    {"attach", (PyCFunction)Lane_attach, METH_VARARGS, attach_doc},
+    {"report_to", (PyCFunction)Lane_report_to, METH_VARARGS, report_to_doc},
+    {"take", (PyCFunction)Lane_take, METH_NOARGS, take_doc},
+    {"release", (PyCFunction)Lane_release, METH_NOARGS, release_doc},
+    {NULL},
+};
+
+static PyGetSetDef Lane_getset[] = {
+    {"outstanding", (getter)Lane_get_outstanding, NULL, "A request forwarded here awaits its answer.", NULL},
+    {"served", (getter)Lane_get_served, NULL, "Statements answered here.", NULL},
+    {"learnt", (getter)Lane_get_learnt, NULL, "Statements the lane may pass now.", NULL},
+    {NULL},
+};
+
+static PyTypeObject LaneType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "tenantgate._lane.Lane",
+    .tp_doc = "One session's steady-state lane (see the module docstring).",
+    .tp_basicsize = sizeof(Lane),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)Lane_init,
+    .tp_dealloc = (destructor)Lane_dealloc,
+    .tp_traverse = (traverseproc)Lane_traverse,
+    .tp_clear = (inquiry)Lane_clear,
+    .tp_methods = Lane_methods,
+    .tp_getset = Lane_getset,
+};
+
+static PyObject *lane_clock(PyObject *module, PyObject *unused) { return PyFloat_FromDouble(now()); }
+
+static PyMethodDef module_methods[] = {
+    {"clock", lane_clock, METH_NOARGS, "The lane's clock (time.perf_counter's), in seconds."},
+    {NULL},
+};
+
+static struct PyModuleDef lane_module = {
+    PyModuleDef_HEAD_INIT, "tenantgate._lane",
+    "The steady-state lane: a prepared statement's per-statement path in C.", -1, module_methods,
+};
+
+PyMODINIT_FUNC PyInit__lane(void) {
+    if (PyType_Ready(&LaneType) < 0) {
+        return NULL;
+    }
+    EMPTY_NAME = PyUnicode_InternFromString("");
+    if (EMPTY_NAME == NULL) {
+        return NULL;
+    }
+    PyObject *module = PyModule_Create(&lane_module);
+    if (module == NULL) {
+        return NULL;
+    }
+    Py_INCREF(&LaneType);
+    if (PyModule_AddObject(module, "Lane", (PyObject *)&LaneType) < 0) {
+        Py_DECREF(&LaneType);
+        Py_DECREF(module);
+        return NULL;
+    }
+    return module;
+}

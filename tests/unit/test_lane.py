@@ -1,0 +1,549 @@
+"""The steady-state lane (``_lane.c``) decides exactly as the Python path it stands in for.
+
+The lane takes a client chunk only when ``Session._bound_execute`` would take
+it and ``PolicyInspector.known_bind`` would allow it by its ``_BindLane``
+(``bind_params_at`` + ``_all_text``); it takes a server chunk only when
+``ResponseTracker.pass_plain`` would consume all of it for the lane's request
+and leave the tracker idle outside a transaction block, with the same row
+count.  Otherwise it hands its request over as the entry the Python path makes.
+Each property below holds the C code to that Python reference over generated
+and damaged inputs; the session-level comparison of the whole path is
+``test_session_fast_paths.py``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import gc
+import sys
+import time
+import weakref
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, cast
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tenantgate.compiled import lane_class
+from tenantgate.enforcement import PolicyInspector, _all_text
+from tenantgate.hooks import PortalInfo
+from tenantgate.protocol.backend import (
+    CommandComplete,
+    DataRow,
+    Empty,
+    ErrorResponse,
+    FieldDescription,
+    ReadyForQuery,
+    RowDescription,
+)
+from tenantgate.protocol.framing import uint32_at
+from tenantgate.protocol.frontend import Bind, Close, Execute, Parse, Sync, bind_params_at
+from tenantgate.session import _DESCRIBE_EXECUTE_SYNC, _EXECUTE_SYNC
+from tenantgate.tracker import Kind, Pending, ResponseTracker
+
+if TYPE_CHECKING:
+    from tenantgate._lane import Lane
+
+try:
+    import tenantgate._lane as lane_module
+except ImportError:  # a pure-Python install: every test here is skipped
+    lane_module = None  # type: ignore[assignment]
+
+LANE = lane_class()
+pytestmark = pytest.mark.skipif(LANE is None, reason="the lane runs on the compiled build only")
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from test_session_fast_paths import PREPARED, _bound, _proxy, _Server  # noqa: E402
+
+TENANT = b"acme"
+INFO = PortalInfo(False, "select", "SELECT 1")
+MAX_MESSAGE = 1 << 16
+
+
+class _Ends:
+    """What a lane wrote to either side and handed over."""
+
+    def __init__(self) -> None:
+        self.upstream: list[bytes] = []
+        self.client: list[bytes] = []
+        self.handed: list[tuple[object, bool, float]] = []
+        self.marks = 0
+
+    def hand(self, info: object, describe: bool, started: float) -> None:
+        self.handed.append((info, describe, started))
+
+    def mark(self) -> None:
+        self.marks += 1
+
+
+def _lane(bounds: tuple[float, ...] = ()) -> tuple[Lane, _Ends, dict[str, Any]]:
+    assert LANE is not None
+    ends = _Ends()
+    lane = LANE(ends.upstream.append, ends.client.append, ends.hand, TENANT, MAX_MESSAGE)
+    portals: dict[str, Any] = {}
+    lane.attach(portals, 1000)
+    lane.report_to(ends.mark, bounds)
+    return lane, ends, portals
+
+
+def _chunk(bind: bytes, describe: bool) -> bytes:
+    return bind + (_DESCRIBE_EXECUTE_SYNC if describe else _EXECUTE_SYNC)
+
+
+# --- the client side: the Bind check ---------------------------------------------------
+
+
+def _python_takes(chunk: bytes, name: bytes, numbers: tuple[int, ...]) -> bool:
+    """What _bound_execute + known_bind's _BindLane branch decide for ``chunk``."""
+    if len(chunk) < 5 or chunk[0] != 0x42:
+        return False
+    length = uint32_at(chunk, 1)
+    end = 1 + length
+    if length < 4 or length - 4 > MAX_MESSAGE:
+        return False
+    if chunk[end:] not in (_EXECUTE_SYNC, _DESCRIBE_EXECUTE_SYNC):
+        return False
+    if length == 4 or chunk[5] != 0:
+        return False
+    payload = chunk[5:end]
+    name_end = payload.find(0, 1)
+    if name_end < 0 or payload[1:name_end] != name:
+        return False
+    values = bind_params_at(payload, name_end + 1, numbers)
+    return values is not None and _all_text(values, TENANT)
+
+
+values = st.sampled_from([TENANT, TENANT, b"globex", b"acm", b"", None, b"acme\x00"])
+
+
+@st.composite
+def binds(draw: Callable[..., Any]) -> tuple[bytes, bytes, tuple[int, ...]]:
+    """(chunk, statement name learnt, tenant parameters): a Bind + Execute + Sync,
+    often well formed with the tenant where it belongs, sometimes not, sometimes
+    damaged anywhere."""
+    name = draw(st.sampled_from([b"s1", b"s1", b"s2", b"", b"x" * 63, b"x" * 64]))
+    count = draw(st.integers(0, 4))
+    numbers = tuple(sorted(draw(st.sets(st.integers(1, count + 1), max_size=3))))
+    params = tuple(
+        draw(
+            st.sampled_from([TENANT, TENANT, TENANT, TENANT, None, b"globex", b"acme\x00", b"acm"])
+        )
+        if number in numbers
+        else draw(values)
+        for number in range(1, count + 1)
+    )
+    formats = draw(
+        st.sampled_from(
+            [(), (), (0,), (1,), (2,), (0,) * count, (1,) * count, (0, 1, 0, 0)[:count], (1, 0)]
+        )
+    )
+    bind = Bind(
+        draw(st.sampled_from(["", "", "", "p"])),
+        name.decode(),
+        formats,
+        params,
+        draw(st.sampled_from([(), (0,), (1, 1)])),
+    ).encode()
+    damage = draw(st.sampled_from(["none"] * 4 + ["cut", "flip", "extend", "length", "pad"]))
+    if damage == "cut":
+        bind = bind[: draw(st.integers(0, len(bind) - 1))]
+    elif damage == "flip":
+        at = draw(st.integers(5, len(bind) - 1))
+        bind = bind[:at] + bytes([draw(st.integers(0, 255))]) + bind[at + 1 :]
+    elif damage == "extend":
+        bind = bind + draw(st.binary(min_size=1, max_size=3))
+    elif damage == "length":
+        bind = bind[:1] + draw(st.integers(0, len(bind) + 3)).to_bytes(4, "big") + bind[5:]
+    elif damage == "pad":  # bytes after the result formats, inside the message
+        padded = bind[5:] + draw(st.binary(min_size=1, max_size=3))
+        bind = bind[:1] + (len(padded) + 4).to_bytes(4, "big") + padded
+    tail = draw(st.sampled_from(["es", "es", "des", "other"]))
+    if tail == "other":
+        chunk = bind + Execute("", 1).encode() + Sync().encode()
+    else:
+        chunk = _chunk(bind, tail == "des")
+    learnt = draw(st.sampled_from([name, name, name, b"s3"]))
+    return chunk, learnt, numbers
+
+
+@settings(max_examples=1500, deadline=None)
+@given(case=binds())
+def test_the_lane_takes_a_bind_exactly_when_the_python_path_allows_it_by_its_bytes(
+    case: tuple[bytes, bytes, tuple[int, ...]],
+) -> None:
+    chunk, name, numbers = case
+    lane, ends, portals = _lane()
+    learnt = lane.learn(name, numbers, INFO, "select")
+    assert learnt == (len(name) <= 63)
+    expected = learnt and _python_takes(chunk, name, numbers)
+    assert lane.client(chunk) is expected
+    assert lane.outstanding is expected
+    assert ends.upstream == ([chunk] if expected else [])
+    assert portals == ({"": INFO} if expected else {})
+    assert not ends.handed
+    assert not ends.client
+
+
+def test_a_bind_the_lane_forwarded_is_handed_over_before_the_next_chunk() -> None:
+    lane, ends, _portals = _lane()
+    lane.learn(b"s1", (1,), INFO, "select")
+    chunk = _bound("s1", "acme", 1, describe=True, parse=False)
+    before = time.perf_counter()
+    assert lane.client(chunk)
+    assert not lane.client(chunk)  # pipelined: the first request goes to the tracker first
+    ((info, describe, started),) = ends.handed
+    assert info is INFO
+    assert describe
+    assert before <= started <= time.perf_counter()
+    assert not lane.outstanding
+    assert lane.client(chunk)  # nothing outstanding again: its case
+    lane.hand_over()
+    lane.hand_over()  # once only
+    assert len(ends.handed) == 2
+    assert ends.upstream == [chunk, chunk]
+
+
+def test_the_portal_map_is_bounded_as_record_portal_bounds_it() -> None:
+    lane, _ends, portals = _lane()
+    lane.attach(portals, 2)
+    lane.learn(b"s1", (1,), INFO, "select")
+    chunk = _bound("s1", "acme", 1, describe=False, parse=False)
+    for size, after in ((2, {"a", "b", ""}), (3, {""})):
+        portals.clear()
+        portals.update({str(i): None for i in "ab"[:size]} | ({"c": None} if size == 3 else {}))
+        assert lane.client(chunk)
+        lane.hand_over()
+        assert set(portals) == after
+
+
+def test_what_the_lane_learns_and_forgets() -> None:
+    lane, _ends, _portals = _lane()
+    chunk = _bound("s1", "acme", 1, describe=False, parse=False)
+    assert not lane.learn(b"s" * 64, (1,), INFO, "select")  # the Python way for long names
+    assert not lane.learn(b"s1", tuple(range(1, 10)), INFO, "select")  # 9 tenant parameters
+    assert not lane.learn(b"s1", (2, 1), INFO, "select")  # not ascending
+    assert not lane.learn(b"s1", (0,), INFO, "select")
+    assert lane.learnt == 0
+    assert not lane.client(chunk)
+    for number in range(8):
+        assert lane.learn(f"t{number}".encode(), (1,), INFO, f"command{number}")
+    assert not lane.learn(b"s1", (1,), INFO, "a ninth label")  # labels are kept for good
+    lane, _ends, _portals = _lane()
+    for number in range(16):
+        assert lane.learn(f"t{number}".encode(), (1,), INFO, "select")
+    assert lane.learnt == 16
+    assert lane.learn(b"s1", (1,), INFO, "select")  # a full table is emptied first
+    assert lane.learnt == 1
+    assert lane.client(chunk)
+    lane.hand_over()
+    lane.forget()
+    assert not lane.client(chunk)
+    lane.learn(b"s1", (1,), INFO, "select")
+    other: dict[str, Any] = {}
+    lane.attach(other, 1000)  # a reload's new inspector: nothing it did not teach
+    assert lane.learnt == 0
+    assert not lane.client(chunk)
+    lane.learn(b"s1", (1,), INFO, "select")
+    assert lane.client(chunk)
+    assert other == {"": INFO}
+
+
+# --- the server side: the answer ----------------------------------------------------------
+
+READY = ReadyForQuery("I").encode()
+PLAIN_ANSWER = b"2\x00\x00\x00\x04" + CommandComplete("SELECT 0").encode() + READY
+ROWDESC = RowDescription((FieldDescription("x", 0, 0, 23, 4, -1, 0),)).encode()
+NOTICE = ErrorResponse((("S", "NOTICE"), ("C", "00000"), ("M", "hi")), notice=True).encode()
+ERROR = ErrorResponse((("S", "ERROR"), ("V", "ERROR"), ("C", "22012"), ("M", "boom"))).encode()
+TAGS = ["SELECT 1", "SELECT 0", "INSERT 0 7", "UPDATE 12", "SELECT", "SELECT 1" + "0" * 18, "x 5"]
+
+
+@st.composite
+def answers(draw: Callable[..., Any]) -> tuple[bool, bytes]:
+    """(describe, server chunk): the answer to a bound request, often plain and
+    whole, sometimes with a part missing, out of order, extra or cut."""
+    describe = draw(st.booleans())
+    parts = [b"2\x00\x00\x00\x04"]
+    if describe:
+        parts.append(draw(st.sampled_from([ROWDESC, Empty("n").encode()])))
+    parts += [DataRow((b"1",)).encode()] * draw(st.integers(0, 3))
+    parts.append(CommandComplete(draw(st.sampled_from(TAGS))).encode())
+    parts.append(ReadyForQuery(draw(st.sampled_from("IIIITE"))).encode())
+    damage = draw(st.sampled_from(["none"] * 4 + ["drop", "insert", "swap", "cut", "extra"]))
+    if damage == "drop":
+        del parts[draw(st.integers(0, len(parts) - 1))]
+    elif damage == "insert":
+        extra = draw(st.sampled_from([NOTICE, ERROR, ROWDESC, b"2\x00\x00\x00\x04"]))
+        parts.insert(draw(st.integers(0, len(parts))), extra)
+    elif damage == "swap" and len(parts) > 2:
+        at = draw(st.integers(0, len(parts) - 2))
+        parts[at], parts[at + 1] = parts[at + 1], parts[at]
+    chunk = b"".join(parts)
+    if damage == "cut":
+        chunk = chunk[: draw(st.integers(0, len(chunk) - 1))]
+    elif damage == "extra":
+        chunk += draw(st.sampled_from([NOTICE, ReadyForQuery("I").encode(), b"Z\x00"]))
+    return describe, chunk
+
+
+def _python_consumes(describe: bool, chunk: bytes) -> int | None:
+    """The row count if pass_plain consumes all of ``chunk`` for a bound request and
+    leaves the tracker idle with status 'I'; None otherwise."""
+    tracker = ResponseTracker()
+    done: list[tuple[Pending, bool]] = []
+    tracker.on_complete = lambda entry, ok: done.append((entry, ok))
+    entry = Pending(Kind.EXECUTE, command="select")
+    tracker.expect_bound(entry, describe)
+    if tracker.pass_plain(chunk, 0) != len(chunk) or not tracker.idle or tracker.status != "I":
+        return None
+    assert done == [(entry, True)]
+    return entry.rows
+
+
+@settings(max_examples=1500, deadline=None)
+@given(case=answers())
+def test_the_lane_takes_an_answer_exactly_when_pass_plain_consumes_it_whole(
+    case: tuple[bool, bytes],
+) -> None:
+    describe, chunk = case
+    lane, ends, _portals = _lane()
+    lane.learn(b"s1", (1,), INFO, "select")
+    assert lane.client(_bound("s1", "acme", 1, describe=describe, parse=False))
+    rows = _python_consumes(describe, chunk)
+    if b"1" + b"0" * 18 in chunk:
+        rows = None  # more digits than the lane counts: the Python path counts them
+    assert lane.upstream(chunk) is (rows is not None)
+    assert not lane.outstanding
+    if rows is None:
+        assert [(info, d) for info, d, _ in ends.handed] == [(INFO, describe)]
+        assert not ends.client
+    else:
+        assert not ends.handed
+        assert ends.client == [chunk]
+        _bytes_in, bytes_out, counted, commands = lane.take()
+        assert (bytes_out, counted) == (len(chunk), rows)
+        assert [(command, allowed) for command, allowed, _, _ in commands] == [("select", 1)]
+
+
+def test_no_answer_is_taken_without_a_request() -> None:
+    lane, ends, _portals = _lane()
+    answer = (
+        b"2\x00\x00\x00\x04" + CommandComplete("SELECT 0").encode() + ReadyForQuery("I").encode()
+    )
+    assert not lane.upstream(answer)
+    assert not ends.client
+    assert not ends.handed
+
+
+# --- the tallies ---------------------------------------------------------------------------
+
+
+def test_the_tallies_are_what_the_metrics_would_have_counted() -> None:
+    bounds = (-1.0, 1e-12, 3600.0)  # every duration falls in bucket 2
+    lane, ends, _portals = _lane(bounds)
+    lane.learn(b"s1", (1,), INFO, "select")
+    lane.learn(b"s2", (1,), PortalInfo(False, "update", None), "update")
+    answer = (
+        b"2\x00\x00\x00\x04" + CommandComplete("UPDATE 3").encode() + ReadyForQuery("I").encode()
+    )
+    sent = 0
+    for name in ("s1", "s2", "s1"):
+        chunk = _bound(name, "acme", 1, describe=False, parse=False)
+        sent += len(chunk)
+        assert lane.client(chunk)
+        assert lane.upstream(answer)
+    assert ends.marks == 1  # once per period between takes, not per statement
+    bytes_in, bytes_out, rows, commands = lane.take()
+    assert (bytes_in, bytes_out, rows) == (sent, 3 * len(answer), 9)
+    by_command = {
+        command: (allowed, buckets, seconds) for command, allowed, buckets, seconds in commands
+    }
+    assert set(by_command) == {"select", "update"}
+    for command, count in (("select", 2), ("update", 1)):
+        allowed, buckets, seconds = by_command[command]  # type: ignore[misc]
+        assert allowed == count
+        assert buckets == (0, 0, count, 0)
+        assert 0 < seconds < 60
+    assert lane.take() == (0, 0, 0, ())
+    assert lane.client(_bound("s1", "acme", 1, describe=False, parse=False))
+    assert ends.marks == 2
+
+
+@given(seconds=st.floats(0, 100), bounds=st.lists(st.floats(0, 100), max_size=5))
+def test_bucket_choice_is_bisect_left(seconds: float, bounds: list[float]) -> None:
+    """The lane's bucket for a duration is metrics' (bisect_left); here with the
+    measured duration replaced by a shift of the bounds: the bucket of d among
+    bounds b is that of 0-ish among b - d."""
+    ordered = tuple(sorted(bounds))
+    lane, _ends, _portals = _lane(tuple(bound - seconds for bound in ordered))
+    lane.learn(b"s1", (), INFO, "select")
+    answer = (
+        b"2\x00\x00\x00\x04" + CommandComplete("SELECT 0").encode() + ReadyForQuery("I").encode()
+    )
+    assert lane.client(_bound("s1", "acme", 1, describe=False, parse=False))
+    assert lane.upstream(answer)
+    ((_, _, buckets, measured),) = lane.take()[3]
+    expected = bisect.bisect_left(ordered, seconds + measured)
+    near = {bisect.bisect_left(ordered, seconds), expected}  # a bound within the few us measured
+    assert buckets.index(1) in near
+
+
+def test_the_lane_clock_is_perf_counter() -> None:
+    before = time.perf_counter()
+    clock = lane_module.clock()  # the lane's durations are measured on it
+    assert before <= clock <= time.perf_counter()
+
+
+def test_release_hands_over_and_lets_go() -> None:
+    lane, ends, _portals = _lane()
+    lane.learn(b"s1", (1,), INFO, "select")
+    chunk = _bound("s1", "acme", 1, describe=False, parse=False)
+    assert lane.client(chunk)
+    lane.release()
+    assert len(ends.handed) == 1
+    assert not lane.outstanding
+    assert lane.learnt == 0
+    assert not lane.client(chunk)
+    assert not lane.learn(b"s1", (1,), INFO, "select")
+    assert lane.take()[0] == len(chunk)  # the tallies stay for the last flush
+
+
+def test_a_lane_in_a_reference_cycle_is_collected() -> None:
+    assert LANE is not None
+
+    class Owner:
+        def write(self, data: bytes) -> None:
+            pass
+
+        def hand(self, info: object, describe: bool, started: float) -> None:
+            pass
+
+    owner = Owner()
+    owner.lane = LANE(owner.write, owner.write, owner.hand, TENANT, MAX_MESSAGE)  # type: ignore[attr-defined]
+    gone = weakref.ref(owner)
+    del owner
+    gc.collect()
+    assert gone() is None
+
+
+# --- in the session --------------------------------------------------------------------------
+
+
+def test_the_session_takes_the_lane_and_hands_over() -> None:
+    async def run() -> None:
+        proxy = _proxy("enforce", False)
+        session = proxy.session
+        session.start_lane()
+        lane = session._lane
+        assert lane is not None
+        server = _Server()
+
+        def answer() -> None:
+            session.upstream_data(server.answer(proxy.upstream.take()))
+            assert proxy.client.take().endswith(ReadyForQuery("I").encode())
+
+        session.client_data(Parse("s1", PREPARED, ()).encode() + Sync().encode())
+        answer()
+        chunk = _bound("s1", "acme", 1, describe=False, parse=False)
+        session.client_data(chunk)  # the Python path allows it and teaches the lane
+        answer()
+        assert lane.learnt == 1
+        assert lane.served == 0
+        session.client_data(chunk)
+        assert lane.outstanding
+        assert session.busy
+        assert not session.quiet
+        assert session.tracker.idle  # the tracker knows nothing of it yet
+        answer()
+        assert lane.served == 1
+        assert session.quiet
+        # A second request before the answer: the lane's goes to the tracker first.
+        session.client_data(chunk)
+        session.client_data(chunk)
+        assert not lane.outstanding
+        assert session.tracker.outstanding == 6
+        answer()
+        assert session.tracker.idle
+        assert lane.served == 1
+        # A reload's inspector starts the lane afresh, recording into its own portals.
+        old = cast(PolicyInspector, session.inspector)
+        new = proxy.app._inspector(proxy.app.policy, session.info)
+        session.replace_inspector(new)
+        assert lane.learnt == 0
+        session.client_data(Parse("s1", PREPARED, ()).encode() + Sync().encode())
+        answer()  # the server already has s1: an error, then ReadyForQuery
+        old._portals.clear()
+        session.client_data(Parse("s9", PREPARED, ()).encode() + Sync().encode())
+        answer()
+        for _ in range(2):  # taught by the first Bind, served at the second
+            session.client_data(_bound("s9", "acme", 1, describe=False, parse=False))
+            answer()
+        assert lane.served == 2
+        assert "" in new._portals
+        assert not old._portals
+
+    asyncio.run(run())
+
+
+def test_no_lane_when_every_statement_is_audited_or_tenants_are_injected() -> None:
+    async def run() -> None:
+        for mode in ("rls", "both"):
+            proxy = _proxy(mode, False)
+            proxy.session.start_lane()
+            assert proxy.session._lane is None
+        proxy = _proxy("enforce", False)
+        proxy.app.audit = _Audit()  # type: ignore[assignment]
+        proxy.app._telemetry.clear()
+        proxy.app._session_started(proxy.session)
+        proxy.session.start_lane()
+        assert proxy.session._lane is None
+
+    asyncio.run(run())
+
+
+class _Audit:
+    statements = True
+
+
+def _served_session() -> tuple[Any, Callable[[bytes], bytes]]:
+    """An enforce-mode session with its lane, and a function that sends a client
+    chunk and returns what the client got back (the simulated server answers)."""
+    proxy = _proxy("enforce", False)
+    session = proxy.session
+    session.start_lane()
+    assert session._lane is not None
+    server = _Server()
+
+    def exchange(chunk: bytes) -> bytes:
+        session.client_data(chunk)
+        session.upstream_data(server.answer(proxy.upstream.take()))
+        return proxy.client.take()
+
+    return session, exchange
+
+
+def test_the_lane_forgets_what_a_change_of_the_statement_makes_untrue() -> None:
+    """s1 re-prepared with the tenant in another place: a Bind that was right for
+    the old text binds the key where the tenant must be now, and must be refused."""
+
+    async def run() -> None:
+        session, exchange = _served_session()
+        lane = session._lane
+        exchange(Parse("s1", PREPARED, ()).encode() + Sync().encode())
+        bind = _bound("s1", "acme", 1, describe=False, parse=False)
+        for _ in range(3):
+            assert exchange(bind).endswith(READY)
+        assert lane.served == 2
+        exchange(Close("S", "s1").encode() + Sync().encode())
+        assert lane.learnt == 0
+        swapped = PREPARED.replace("tenant_id = $1 AND id = $2", "id = $1 AND tenant_id = $2")
+        exchange(Parse("s1", swapped, ()).encode() + Sync().encode())
+        answer = exchange(bind)
+        assert b"42501" in answer
+        assert b"wrong_tenant_param" in answer
+        assert lane.served == 2
+
+    asyncio.run(run())
