@@ -2,11 +2,13 @@
    statement in C.
 
    Owns one session's steady state in enforce mode: a client chunk that is exactly
-   Bind (unnamed portal, a named statement the Python inspector taught it) [+
-   Describe portal] + Execute + Sync, whose tenant parameters are this tenant's
-   bytes in text format, is checked and forwarded here; so is the answer to it
-   when it arrives as one exact chunk (BindComplete [+ RowDescription or NoData] +
-   DataRow* + CommandComplete + ReadyForQuery 'I').  The per-statement metrics
+   [Parse +] Bind (unnamed portal) [+ Describe portal] + Execute + Sync, whose Bind
+   is of a named statement the Python inspector taught it, or whose Parse is the
+   unnamed statement's, byte for byte the one the server holds (taught likewise),
+   and whose tenant parameters are this tenant's bytes in text format, is checked
+   and forwarded here; so is the answer to it when it arrives as one exact chunk
+   ([ParseComplete +] BindComplete [+ RowDescription or NoData] + DataRow* +
+   CommandComplete + ReadyForQuery 'I').  The per-statement metrics
    (count, duration bucket, rows, bytes) are tallied here and taken by the
    session's metrics when they flush.
 
@@ -55,6 +57,10 @@ typedef struct {
 typedef struct {
     PyObject_HEAD
     PyObject *upstream_write, *client_write, *materialize, *tenant, *portals, *mark;
+    /* The unnamed statement's Parse payload (learn_parse), its statement, and the
+       analysis cache whose hits a known Parse counts; parse_payload NULL: none. */
+    PyObject *parse_payload, *cache;
+    Statement parse_statement;
     Py_ssize_t max_message, max_portals;
     int released;
     int statement_count;
@@ -64,7 +70,7 @@ typedef struct {
     Tally tallies[MAX_COMMANDS];
     /* The request forwarded here, its answer still due. */
     int outstanding, describe, current_tally;
-    PyObject *current_info;
+    PyObject *current_info, *current_parse; /* current_parse: its Parse payload, or NULL */
     double started;
     /* Since the last take(). */
     long long bytes_in, bytes_out, rows;
@@ -73,6 +79,8 @@ typedef struct {
 } Lane;
 
 static PyObject *EMPTY_NAME; /* "": the unnamed portal's key in the portal map */
+static PyObject *HITS;       /* "hits": AnalysisCache.hits */
+static PyObject *ONE;
 
 static inline uint32_t be32(const unsigned char *p) {
     return ((uint32_t)p[0] << 24) | ((uint32_t)p[1] << 16) | ((uint32_t)p[2] << 8) | p[3];
@@ -87,11 +95,18 @@ static double now(void) {
     return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
 }
 
-static void forget_statements(Lane *self) {
+static void forget_named(Lane *self) {
     for (int i = 0; i < self->statement_count; i++) {
         Py_CLEAR(self->statements[i].info);
     }
     self->statement_count = 0;
+}
+
+static void forget_statements(Lane *self) {
+    forget_named(self);
+    Py_CLEAR(self->parse_payload);
+    Py_CLEAR(self->parse_statement.info);
+    Py_CLEAR(self->cache);
 }
 
 static int Lane_traverse(Lane *self, visitproc visit, void *arg) {
@@ -102,6 +117,10 @@ static int Lane_traverse(Lane *self, visitproc visit, void *arg) {
     Py_VISIT(self->portals);
     Py_VISIT(self->mark);
     Py_VISIT(self->current_info);
+    Py_VISIT(self->current_parse);
+    Py_VISIT(self->parse_payload);
+    Py_VISIT(self->parse_statement.info);
+    Py_VISIT(self->cache);
     for (int i = 0; i < self->statement_count; i++) {
         Py_VISIT(self->statements[i].info);
     }
@@ -118,6 +137,7 @@ static int Lane_clear(Lane *self) {
     Py_CLEAR(self->portals);
     Py_CLEAR(self->mark);
     Py_CLEAR(self->current_info);
+    Py_CLEAR(self->current_parse);
     forget_statements(self);
     self->outstanding = 0;
     self->released = 1;
@@ -165,11 +185,13 @@ static int hand_over(Lane *self) {
         return 0;
     }
     self->outstanding = 0;
-    PyObject *info = self->current_info;
-    self->current_info = NULL;
-    PyObject *result = PyObject_CallFunction(self->materialize, "OOd", info,
-                                             self->describe ? Py_True : Py_False, self->started);
+    PyObject *info = self->current_info, *parse = self->current_parse;
+    self->current_info = self->current_parse = NULL;
+    PyObject *result = PyObject_CallFunction(self->materialize, "OOdO", info,
+                                             self->describe ? Py_True : Py_False, self->started,
+                                             parse == NULL ? Py_None : parse);
     Py_DECREF(info);
+    Py_XDECREF(parse);
     if (result == NULL) {
         return -1;
     }
@@ -269,19 +291,35 @@ static PyObject *Lane_client(Lane *self, PyObject *data) {
         }
         Py_RETURN_FALSE;
     }
-    if (self->statement_count == 0 || self->portals == NULL || !PyBytes_CheckExact(data)) {
+    if (self->portals == NULL || !PyBytes_CheckExact(data)) {
         Py_RETURN_FALSE;
     }
     const unsigned char *chunk = (const unsigned char *)PyBytes_AS_STRING(data);
     Py_ssize_t size = PyBytes_GET_SIZE(data);
-    if (size < 5 || chunk[0] != 'B') {
+    Py_ssize_t bind_at = 0;
+    int with_parse = 0;
+    if (size >= 5 && chunk[0] == 'P') {
+        /* The unnamed statement's Parse, exactly the one taught (known_parse). */
+        Py_ssize_t parse_length = (Py_ssize_t)be32(chunk + 1);
+        if (self->parse_payload == NULL ||
+            parse_length - 4 != PyBytes_GET_SIZE(self->parse_payload) ||
+            size - 6 < parse_length ||
+            memcmp(chunk + 5, PyBytes_AS_STRING(self->parse_payload), (size_t)(parse_length - 4))) {
+            Py_RETURN_FALSE;
+        }
+        bind_at = 1 + parse_length;
+        with_parse = 1;
+    } else if (self->statement_count == 0) {
         Py_RETURN_FALSE;
     }
-    Py_ssize_t length = (Py_ssize_t)be32(chunk + 1);
-    if (length < 5 || length - 4 > self->max_message || size - 1 < length) {
+    if (size - bind_at < 5 || chunk[bind_at] != 'B') {
+        Py_RETURN_FALSE;
+    }
+    Py_ssize_t length = (Py_ssize_t)be32(chunk + bind_at + 1);
+    if (length < 5 || length - 4 > self->max_message || size - bind_at - 1 < length) {
         Py_RETURN_FALSE; /* an empty Bind or a long one: the Python path reports it */
     }
-    Py_ssize_t end = 1 + length, tail = size - end;
+    Py_ssize_t end = bind_at + 1 + length, tail = size - end;
     int describe;
     if (tail == 15 && memcmp(chunk + end, EXECUTE_SYNC, 15) == 0) {
         describe = 0;
@@ -290,7 +328,7 @@ static PyObject *Lane_client(Lane *self, PyObject *data) {
     } else {
         Py_RETURN_FALSE;
     }
-    const unsigned char *payload = chunk + 5;
+    const unsigned char *payload = chunk + bind_at + 5;
     Py_ssize_t payload_size = length - 4;
     if (payload[0] != 0) {
         Py_RETURN_FALSE; /* a named portal */
@@ -299,7 +337,12 @@ static PyObject *Lane_client(Lane *self, PyObject *data) {
     if (name_end == NULL) {
         Py_RETURN_FALSE;
     }
-    Statement *statement = find_statement(self, payload + 1, name_end - (payload + 1));
+    Statement *statement;
+    if (with_parse) {
+        statement = name_end == payload + 1 ? &self->parse_statement : NULL;
+    } else {
+        statement = find_statement(self, payload + 1, name_end - (payload + 1));
+    }
     if (statement == NULL ||
         !tenant_params_match(self, statement, payload, payload_size, name_end + 1 - payload)) {
         Py_RETURN_FALSE;
@@ -315,6 +358,10 @@ static PyObject *Lane_client(Lane *self, PyObject *data) {
     self->current_info = statement->info;
     self->current_tally = statement->tally;
     self->describe = describe;
+    if (with_parse) {
+        Py_INCREF(self->parse_payload);
+        self->current_parse = self->parse_payload;
+    }
     self->outstanding = 1;
     self->started = now();
     self->bytes_in += size;
@@ -351,13 +398,14 @@ static long long count_rows(const unsigned char *buffer, Py_ssize_t start, Py_ss
     return rows;
 }
 
-enum { EXPECT_BIND, EXPECT_DESCRIBE, EXPECT_ROWS, EXPECT_READY, DONE };
+enum { EXPECT_PARSE, EXPECT_BIND, EXPECT_DESCRIBE, EXPECT_ROWS, EXPECT_READY, DONE };
 
 /* The answer to the lane's request, if ``chunk`` is exactly all of it (what
    tracker._pass_bound consumes, ending in ReadyForQuery 'I'): its row count;
    -1: not that case. */
-static long long whole_answer(const unsigned char *chunk, Py_ssize_t size, int describe) {
-    int stage = EXPECT_BIND;
+static long long whole_answer(const unsigned char *chunk, Py_ssize_t size, int describe,
+                              int with_parse) {
+    int stage = with_parse ? EXPECT_PARSE : EXPECT_BIND;
     long long rows = 0;
     Py_ssize_t pos = 0;
     while (size - pos >= 5) {
@@ -368,6 +416,12 @@ static long long whole_answer(const unsigned char *chunk, Py_ssize_t size, int d
         }
         Py_ssize_t end = pos + 1 + length;
         switch (stage) {
+        case EXPECT_PARSE:
+            if (type != '1') {
+                return -1;
+            }
+            stage = EXPECT_BIND;
+            break;
         case EXPECT_BIND:
             if (type != '2') {
                 return -1;
@@ -419,6 +473,25 @@ static void tally(Lane *self, long long rows, double seconds) {
     self->rows += rows;
 }
 
+/* known_parse's `self._cache.hits += 1`, for a known Parse the lane answered. */
+static int count_hit(Lane *self) {
+    if (self->cache == NULL) {
+        return 0;
+    }
+    PyObject *hits = PyObject_GetAttr(self->cache, HITS);
+    if (hits == NULL) {
+        return -1;
+    }
+    PyObject *more = PyNumber_Add(hits, ONE);
+    Py_DECREF(hits);
+    if (more == NULL) {
+        return -1;
+    }
+    int failed = PyObject_SetAttr(self->cache, HITS, more);
+    Py_DECREF(more);
+    return failed;
+}
+
 PyDoc_STRVAR(upstream_doc,
              "upstream(data) -> bool\n\n"
              "Forward a server chunk that is exactly the answer to the lane's request; False:\n"
@@ -431,7 +504,7 @@ static PyObject *Lane_upstream(Lane *self, PyObject *data) {
     long long rows = -1;
     if (PyBytes_CheckExact(data)) {
         rows = whole_answer((const unsigned char *)PyBytes_AS_STRING(data),
-                            PyBytes_GET_SIZE(data), self->describe);
+                            PyBytes_GET_SIZE(data), self->describe, self->current_parse != NULL);
     }
     if (rows < 0) {
         if (hand_over(self) < 0) {
@@ -440,9 +513,14 @@ static PyObject *Lane_upstream(Lane *self, PyObject *data) {
         Py_RETURN_FALSE;
     }
     double seconds = now() - self->started;
+    int with_parse = self->current_parse != NULL;
     self->outstanding = 0;
     Py_CLEAR(self->current_info);
+    Py_CLEAR(self->current_parse);
     tally(self, rows, seconds);
+    if (with_parse && count_hit(self) < 0) {
+        return NULL;
+    }
     self->bytes_out += PyBytes_GET_SIZE(data);
     self->served++;
     if (note_dirty(self) < 0) {
@@ -493,58 +571,107 @@ PyDoc_STRVAR(learn_doc,
              "format; they make the portal ``info``, counted under ``command``.  False: not\n"
              "learnt (a long name, too many parameters or labels).");
 
-static PyObject *Lane_learn(Lane *self, PyObject *args) {
-    PyObject *name, *numbers, *info, *command;
-    if (!PyArg_ParseTuple(args, "O!O!OU", &PyBytes_Type, &name, &PyTuple_Type, &numbers, &info,
-                          &command)) {
-        return NULL;
-    }
-    Py_ssize_t name_length = PyBytes_GET_SIZE(name), count = PyTuple_GET_SIZE(numbers);
-    if (self->released || name_length > MAX_NAME || count > MAX_NUMBERS) {
-        Py_RETURN_FALSE;
+/* A statement's tenant parameters and metric label into ``statement`` (its name
+   aside): 1 done, 0 not learnable, -1 error. */
+static int fill_statement(Lane *self, Statement *statement, PyObject *numbers, PyObject *info,
+                          PyObject *command) {
+    Py_ssize_t count = PyTuple_GET_SIZE(numbers);
+    if (self->released || count > MAX_NUMBERS) {
+        return 0;
     }
     uint16_t wanted[MAX_NUMBERS];
     for (Py_ssize_t i = 0; i < count; i++) {
         long number = PyLong_AsLong(PyTuple_GET_ITEM(numbers, i));
         if (number == -1 && PyErr_Occurred()) {
-            return NULL;
+            return -1;
         }
         if (number < 1 || number > 65535 || (i > 0 && number <= wanted[i - 1])) {
-            Py_RETURN_FALSE;
+            return 0;
         }
         wanted[i] = (uint16_t)number;
     }
     int index = find_tally(self, command);
-    if (index == -2) {
-        return NULL;
-    }
     if (index < 0) {
-        Py_RETURN_FALSE;
-    }
-    Statement *statement = find_statement(self, (const unsigned char *)PyBytes_AS_STRING(name),
-                                          name_length);
-    if (statement == NULL) {
-        if (self->statement_count == MAX_STATEMENTS) {
-            forget_statements(self);
-        }
-        statement = &self->statements[self->statement_count++];
-        statement->info = NULL;
+        return index == -2 ? -1 : 0;
     }
     Py_INCREF(info);
     Py_XSETREF(statement->info, info);
     statement->tally = index;
     statement->count = (int)count;
     memcpy(statement->numbers, wanted, sizeof(uint16_t) * (size_t)count);
+    return 1;
+}
+
+static PyObject *Lane_learn(Lane *self, PyObject *args) {
+    PyObject *name, *numbers, *info, *command;
+    if (!PyArg_ParseTuple(args, "O!O!OU", &PyBytes_Type, &name, &PyTuple_Type, &numbers, &info,
+                          &command)) {
+        return NULL;
+    }
+    Py_ssize_t name_length = PyBytes_GET_SIZE(name);
+    if (self->released || name_length > MAX_NAME) {
+        Py_RETURN_FALSE;
+    }
+    Statement learnt = {0};
+    int filled = fill_statement(self, &learnt, numbers, info, command);
+    if (filled <= 0) {
+        Py_XDECREF(learnt.info);
+        if (filled < 0) {
+            return NULL;
+        }
+        Py_RETURN_FALSE;
+    }
+    Statement *statement = find_statement(self, (const unsigned char *)PyBytes_AS_STRING(name),
+                                          name_length);
+    if (statement == NULL) {
+        if (self->statement_count == MAX_STATEMENTS) {
+            forget_named(self);
+        }
+        statement = &self->statements[self->statement_count++];
+        statement->info = NULL;
+    }
+    Py_XSETREF(statement->info, learnt.info); /* the reference fill_statement took */
+    statement->tally = learnt.tally;
+    statement->count = learnt.count;
+    memcpy(statement->numbers, learnt.numbers, sizeof(learnt.numbers));
     statement->name_length = (int)name_length;
     memcpy(statement->name, PyBytes_AS_STRING(name), (size_t)name_length);
     statement->name[name_length] = 0;
     Py_RETURN_TRUE;
 }
 
+PyDoc_STRVAR(learn_parse_doc,
+             "learn_parse(payload, numbers, info, command, cache) -> bool\n\n"
+             "The unnamed statement the server holds is the Parse ``payload`` (bytes after\n"
+             "the length): that Parse followed by a Bind of it may pass here (``numbers``,\n"
+             "``info`` and ``command`` as for learn); ``cache.hits`` counts each, as\n"
+             "known_parse does.  False: not learnt.");
+
+static PyObject *Lane_learn_parse(Lane *self, PyObject *args) {
+    PyObject *payload, *numbers, *info, *command, *cache;
+    if (!PyArg_ParseTuple(args, "O!O!OUO", &PyBytes_Type, &payload, &PyTuple_Type, &numbers,
+                          &info, &command, &cache)) {
+        return NULL;
+    }
+    Py_CLEAR(self->parse_payload);
+    int filled = fill_statement(self, &self->parse_statement, numbers, info, command);
+    if (filled < 0) {
+        return NULL;
+    }
+    if (filled == 0) {
+        Py_RETURN_FALSE;
+    }
+    Py_INCREF(payload);
+    self->parse_payload = payload;
+    Py_INCREF(cache);
+    Py_XSETREF(self->cache, cache);
+    Py_RETURN_TRUE;
+}
+
 PyDoc_STRVAR(forget_doc, "forget()\n\nForget every statement learnt (the registry changed).");
 
 static PyObject *Lane_forget(Lane *self, PyObject *unused) {
-    if (self->statement_count) {
+    if (self->statement_count || self->parse_payload != NULL) {
         forget_statements(self);
     }
     Py_RETURN_NONE;
@@ -675,7 +802,7 @@ static PyObject *Lane_get_served(Lane *self, void *closure) {
 }
 
 static PyObject *Lane_get_learnt(Lane *self, void *closure) {
-    return PyLong_FromLong(self->statement_count);
+    return PyLong_FromLong(self->statement_count + (self->parse_payload != NULL));
 }
 
 static PyMethodDef Lane_methods[] = {
@@ -683,6 +810,7 @@ static PyMethodDef Lane_methods[] = {
     {"upstream", (PyCFunction)Lane_upstream, METH_O, upstream_doc},
     {"hand_over", (PyCFunction)Lane_hand_over, METH_NOARGS, hand_over_doc},
     {"learn", (PyCFunction)Lane_learn, METH_VARARGS, learn_doc},
+    {"learn_parse", (PyCFunction)Lane_learn_parse, METH_VARARGS, learn_parse_doc},
     {"forget", (PyCFunction)Lane_forget, METH_NOARGS, forget_doc},
     {"attach", (PyCFunction)Lane_attach, METH_VARARGS, attach_doc},
     {"report_to", (PyCFunction)Lane_report_to, METH_VARARGS, report_to_doc},
@@ -729,7 +857,9 @@ PyMODINIT_FUNC PyInit__lane(void) {
         return NULL;
     }
     EMPTY_NAME = PyUnicode_InternFromString("");
-    if (EMPTY_NAME == NULL) {
+    HITS = PyUnicode_InternFromString("hits");
+    ONE = PyLong_FromLong(1);
+    if (EMPTY_NAME == NULL || HITS == NULL || ONE == NULL) {
         return NULL;
     }
     PyObject *module = PyModule_Create(&lane_module);

@@ -110,7 +110,7 @@ class Prepared:
     unnamed statements make one of each per statement.
     """
 
-    __slots__ = ("_tenant_params", "analysis", "described", "info", "parse", "refusal")
+    __slots__ = ("_tenant_params", "analysis", "described", "info", "parse", "payload", "refusal")
 
     def __init__(
         self,
@@ -129,6 +129,8 @@ class Prepared:
         # Why every Bind of it is refused: a statement prepared under an earlier
         # policy that this one refuses (PolicyInspector.inherit).
         self.refusal = refusal
+        # The Parse's payload, once remembered for known_parse (an unnamed statement).
+        self.payload: bytes | None = None
         self._tenant_params: tuple[int, ...] | None = None
 
     def tenant_params(self) -> tuple[int, ...]:
@@ -343,7 +345,8 @@ class PolicyInspector:
             known = self._known_parses
             if len(known) >= MAX_KNOWN_PARSES:
                 known.clear()
-            known[payload] = slot.pending[-1]
+            prepared = known[payload] = slot.pending[-1]
+            prepared.payload = payload
 
     def _portal_info_of(self, sql: str, analysis: Analysis) -> PortalInfo:
         """What a portal of this statement is; built once per text and analysis."""
@@ -485,6 +488,26 @@ class PolicyInspector:
         if self._lane is not None:
             self._lane.learn(key, bind_lane.numbers, bind_lane.info, bind_lane.info.command)
 
+    def _teach_parse(self, prepared: Prepared) -> None:
+        """The server now holds ``prepared`` as its unnamed statement, with no Parse
+        pending: the lane may take its known Parse and a Bind of it when known_parse
+        and known_bind would answer for them by their bytes."""
+        payload = prepared.payload
+        if (
+            self._lane is None
+            or payload is None
+            or prepared.parse.name
+            or self._known_parses.get(payload) is not prepared
+            or prepared.info.would_reject
+            or prepared.refusal is not None
+        ):
+            return
+        numbers = prepared.tenant_params()
+        for number in numbers:
+            if not matches_as_bytes(False, prepared.param_type(number - 1)):
+                return  # not a test of the bytes alone: known_bind decides each Bind
+        self._lane.learn_parse(payload, numbers, prepared.info, prepared.info.command, self._cache)
+
     def _changed(self) -> None:
         """The statement registry changed: every _BindLane is out of date."""
         self._version += 1
@@ -527,6 +550,8 @@ class PolicyInspector:
                 break
         if slot.confirmed is None and not slot.pending:
             del self._statements[parse.name]
+        elif self._lane is not None and not slot.pending and slot.confirmed is not None:
+            self._teach_parse(slot.confirmed)
 
     def statement_described(self, name: str, type_oids: tuple[int, ...]) -> None:
         # Responses arrive in order, so the statement described is the confirmed one.

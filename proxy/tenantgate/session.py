@@ -30,6 +30,7 @@ from tenantgate.errors import (
     PgError,
     ProtocolError,
     RemoteProtocolError,
+    TenantgateError,
     idle_client_timeout,
     internal_error,
     protocol_violation,
@@ -199,20 +200,31 @@ class Session:
     def replace_inspector(self, inspector: Inspector) -> None:
         """Check the next statements with ``inspector`` (a reload's new policy), which
         takes over the prepared statements the server holds for this session."""
+        lane = self._lane
+        if lane is not None:
+            lane.hand_over()  # its request, to the inspector that allowed it
         inspector.inherit(self.inspector)
         self.inspector = inspector
-        lane = self._lane
         if lane is not None and not inspector.attach_lane(lane):
             self._lane = None
             lane.release()
 
-    def _lane_request(self, info: object, describe: bool, started: float) -> None:
-        """The lane hands over the request it forwarded: the entry _bound_execute
-        makes for the same request, timed from when the lane sent it."""
+    def _lane_request(
+        self, info: object, describe: bool, started: float, parse_payload: bytes | None
+    ) -> None:
+        """The lane hands over the request it forwarded: what _bound_execute does for
+        the same request (the known Parse registered with the inspector, the one
+        tracker entry), timed from when the lane sent it."""
+        parse_done = None
+        if parse_payload is not None:
+            parse = self.inspector.known_parse(parse_payload)
+            if parse is None:  # cannot be: nothing ran since the lane checked it
+                raise TenantgateError("the lane's Parse is unknown to the inspector")
+            parse_done = self._parse_done(parse)
         portal = cast(PortalInfo, info)
         entry = _statement_entry(Kind.EXECUTE, portal.command, portal.sql, portal.would_reject)
         entry.started = started
-        self.tracker.expect_bound(entry, describe)
+        self.tracker.expect_bound(entry, describe, parse_done)
 
     async def run(self) -> None:
         """Forward until either side ends; always closes the upstream connection.

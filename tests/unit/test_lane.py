@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import bisect
 import gc
+import itertools
 import sys
 import time
 import weakref
@@ -40,7 +41,7 @@ from tenantgate.protocol.backend import (
     RowDescription,
 )
 from tenantgate.protocol.framing import uint32_at
-from tenantgate.protocol.frontend import Bind, Close, Execute, Parse, Sync, bind_params_at
+from tenantgate.protocol.frontend import Bind, Close, Execute, Parse, Query, Sync, bind_params_at
 from tenantgate.session import _DESCRIBE_EXECUTE_SYNC, _EXECUTE_SYNC
 from tenantgate.tracker import Kind, Pending, ResponseTracker
 
@@ -56,7 +57,7 @@ LANE = lane_class()
 pytestmark = pytest.mark.skipif(LANE is None, reason="the lane runs on the compiled build only")
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_session_fast_paths import PREPARED, _bound, _proxy, _Server  # noqa: E402
+from test_session_fast_paths import PREPARED, SWAPPED, _bound, _proxy, _Server  # noqa: E402
 
 TENANT = b"acme"
 INFO = PortalInfo(False, "select", "SELECT 1")
@@ -70,10 +71,12 @@ class _Ends:
         self.upstream: list[bytes] = []
         self.client: list[bytes] = []
         self.handed: list[tuple[object, bool, float]] = []
+        self.parses: list[bytes | None] = []  # the Parse payload handed over with each
         self.marks = 0
 
-    def hand(self, info: object, describe: bool, started: float) -> None:
+    def hand(self, info: object, describe: bool, started: float, parse: bytes | None) -> None:
         self.handed.append((info, describe, started))
+        self.parses.append(parse)
 
     def mark(self) -> None:
         self.marks += 1
@@ -96,8 +99,24 @@ def _chunk(bind: bytes, describe: bool) -> bytes:
 # --- the client side: the Bind check ---------------------------------------------------
 
 
-def _python_takes(chunk: bytes, name: bytes, numbers: tuple[int, ...]) -> bool:
-    """What _bound_execute + known_bind's _BindLane branch decide for ``chunk``."""
+def _python_takes(
+    chunk: bytes, name: bytes, numbers: tuple[int, ...], parse: bytes | None = None
+) -> bool:
+    """What _bound_execute + known_bind's _BindLane branch decide for ``chunk`` (with
+    ``parse``: the unnamed statement's Parse payload known_parse answers for, and
+    known_bind of the unnamed statement, whose tenant parameters are of a text type)."""
+    parse_end = 0
+    if parse is not None:
+        if chunk[:1] != b"P" or len(chunk) < 5:
+            return False  # the lane was taught no named statement here
+        length = uint32_at(chunk, 1)
+        parse_end = 1 + length
+        if length < 4 or length - 4 > MAX_MESSAGE or len(chunk) < parse_end + 5:
+            return False
+        if chunk[5:parse_end] != parse:
+            return False  # not the known Parse: decoded and inspected
+        name = b""
+    chunk = chunk[parse_end:]
     if len(chunk) < 5 or chunk[0] != 0x42:
         return False
     length = uint32_at(chunk, 1)
@@ -187,6 +206,46 @@ def test_the_lane_takes_a_bind_exactly_when_the_python_path_allows_it_by_its_byt
     assert not ends.client
 
 
+KNOWN_PARSE = Parse("", PREPARED, ()).encode()
+
+
+@settings(max_examples=1000, deadline=None)
+@given(
+    case=binds(),
+    prefix=st.sampled_from(["known", "known", "swapped", "other", "named", "cut", "long"]),
+    cut=st.integers(0, 40),
+)
+def test_the_lane_takes_a_known_parse_and_bind_exactly_when_the_python_path_would(
+    case: tuple[bytes, bytes, tuple[int, ...]], prefix: str, cut: int
+) -> None:
+    chunk, _, numbers = case
+    parse = {
+        "known": KNOWN_PARSE,
+        # The same length, the tenant parameter elsewhere: only the bytes tell.
+        "swapped": Parse("", SWAPPED, ()).encode(),
+        "other": Parse("", PREPARED + " ", ()).encode(),
+        "named": Parse("s1", PREPARED, ()).encode(),
+        "cut": KNOWN_PARSE[: min(cut, len(KNOWN_PARSE) - 1)],
+        "long": KNOWN_PARSE[:1] + (len(KNOWN_PARSE) + 3).to_bytes(4, "big") + KNOWN_PARSE[5:],
+    }[prefix]
+    lane, ends, portals = _lane()
+    cache = _Cache()
+    payload = KNOWN_PARSE[5:]
+    assert lane.learn_parse(payload, numbers, INFO, "select", cache)
+    expected = _python_takes(parse + chunk, b"", numbers, payload)
+    assert lane.client(parse + chunk) is expected
+    assert ends.upstream == ([parse + chunk] if expected else [])
+    assert portals == ({"": INFO} if expected else {})
+    if expected:
+        lane.hand_over()
+        assert ends.parses == [payload]
+        assert cache.hits == 0  # counted when answered here, or by known_parse on hand-over
+
+
+class _Cache:
+    hits = 0
+
+
 def test_a_bind_the_lane_forwarded_is_handed_over_before_the_next_chunk() -> None:
     lane, ends, _portals = _lane()
     lane.learn(b"s1", (1,), INFO, "select")
@@ -262,11 +321,13 @@ TAGS = ["SELECT 1", "SELECT 0", "INSERT 0 7", "UPDATE 12", "SELECT", "SELECT 1" 
 
 
 @st.composite
-def answers(draw: Callable[..., Any]) -> tuple[bool, bytes]:
-    """(describe, server chunk): the answer to a bound request, often plain and
-    whole, sometimes with a part missing, out of order, extra or cut."""
+def answers(draw: Callable[..., Any]) -> tuple[bool, bool, bytes]:
+    """(describe, with a Parse, server chunk): the answer to a bound request, often
+    plain and whole, sometimes with a part missing, out of order, extra or cut."""
     describe = draw(st.booleans())
-    parts = [b"2\x00\x00\x00\x04"]
+    with_parse = draw(st.booleans())
+    parts = [b"1\x00\x00\x00\x04"] if with_parse else []
+    parts.append(b"2\x00\x00\x00\x04")
     if describe:
         parts.append(draw(st.sampled_from([ROWDESC, Empty("n").encode()])))
     parts += [DataRow((b"1",)).encode()] * draw(st.integers(0, 3))
@@ -276,7 +337,9 @@ def answers(draw: Callable[..., Any]) -> tuple[bool, bytes]:
     if damage == "drop":
         del parts[draw(st.integers(0, len(parts) - 1))]
     elif damage == "insert":
-        extra = draw(st.sampled_from([NOTICE, ERROR, ROWDESC, b"2\x00\x00\x00\x04"]))
+        extra = draw(
+            st.sampled_from([NOTICE, ERROR, ROWDESC, b"2\x00\x00\x00\x04", b"1\x00\x00\x00\x04"])
+        )
         parts.insert(draw(st.integers(0, len(parts))), extra)
     elif damage == "swap" and len(parts) > 2:
         at = draw(st.integers(0, len(parts) - 2))
@@ -286,46 +349,56 @@ def answers(draw: Callable[..., Any]) -> tuple[bool, bytes]:
         chunk = chunk[: draw(st.integers(0, len(chunk) - 1))]
     elif damage == "extra":
         chunk += draw(st.sampled_from([NOTICE, ReadyForQuery("I").encode(), b"Z\x00"]))
-    return describe, chunk
+    return describe, with_parse, chunk
 
 
-def _python_consumes(describe: bool, chunk: bytes) -> int | None:
+def _python_consumes(describe: bool, with_parse: bool, chunk: bytes) -> int | None:
     """The row count if pass_plain consumes all of ``chunk`` for a bound request and
     leaves the tracker idle with status 'I'; None otherwise."""
     tracker = ResponseTracker()
     done: list[tuple[Pending, bool]] = []
     tracker.on_complete = lambda entry, ok: done.append((entry, ok))
     entry = Pending(Kind.EXECUTE, command="select")
-    tracker.expect_bound(entry, describe)
+    parsed: list[bool] = []
+    tracker.expect_bound(entry, describe, parsed.append if with_parse else None)
     if tracker.pass_plain(chunk, 0) != len(chunk) or not tracker.idle or tracker.status != "I":
         return None
     assert done == [(entry, True)]
+    assert parsed == ([True] if with_parse else [])
     return entry.rows
 
 
 @settings(max_examples=1500, deadline=None)
 @given(case=answers())
 def test_the_lane_takes_an_answer_exactly_when_pass_plain_consumes_it_whole(
-    case: tuple[bool, bytes],
+    case: tuple[bool, bool, bytes],
 ) -> None:
-    describe, chunk = case
+    describe, with_parse, chunk = case
     lane, ends, _portals = _lane()
-    lane.learn(b"s1", (1,), INFO, "select")
-    assert lane.client(_bound("s1", "acme", 1, describe=describe, parse=False))
-    rows = _python_consumes(describe, chunk)
+    cache = _Cache()
+    if with_parse:
+        lane.learn_parse(KNOWN_PARSE[5:], (1,), INFO, "select", cache)
+        assert lane.client(_bound("", "acme", 1, describe=describe, parse=True))
+    else:
+        lane.learn(b"s1", (1,), INFO, "select")
+        assert lane.client(_bound("s1", "acme", 1, describe=describe, parse=False))
+    rows = _python_consumes(describe, with_parse, chunk)
     if b"1" + b"0" * 18 in chunk:
         rows = None  # more digits than the lane counts: the Python path counts them
     assert lane.upstream(chunk) is (rows is not None)
     assert not lane.outstanding
     if rows is None:
         assert [(info, d) for info, d, _ in ends.handed] == [(INFO, describe)]
+        assert ends.parses == [KNOWN_PARSE[5:] if with_parse else None]
         assert not ends.client
+        assert cache.hits == 0
     else:
         assert not ends.handed
         assert ends.client == [chunk]
         _bytes_in, bytes_out, counted, commands = lane.take()
         assert (bytes_out, counted) == (len(chunk), rows)
         assert [(command, allowed) for command, allowed, _, _ in commands] == [("select", 1)]
+        assert cache.hits == (1 if with_parse else 0)  # as known_parse counts it
 
 
 def test_no_answer_is_taken_without_a_request() -> None:
@@ -418,7 +491,7 @@ def test_a_lane_in_a_reference_cycle_is_collected() -> None:
         def write(self, data: bytes) -> None:
             pass
 
-        def hand(self, info: object, describe: bool, started: float) -> None:
+        def hand(self, info: object, describe: bool, started: float, parse: object) -> None:
             pass
 
     owner = Owner()
@@ -545,5 +618,34 @@ def test_the_lane_forgets_what_a_change_of_the_statement_makes_untrue() -> None:
         assert b"42501" in answer
         assert b"wrong_tenant_param" in answer
         assert lane.served == 2
+
+    asyncio.run(run())
+
+
+def test_the_lane_takes_the_known_parse_of_the_unnamed_statement() -> None:
+    """libpq's PQexecParams (pgbench -M extended): Parse + Bind + Describe + Execute +
+    Sync of the unnamed statement, the same Parse every time."""
+
+    async def run() -> None:
+        session, exchange = _served_session()
+        lane = session._lane
+        inspector = cast(PolicyInspector, session.inspector)
+        hits = []
+        for key in (1, 1, 3, 2, 1):  # 3 fails at run time, 2 raises a notice
+            hits.append(inspector._cache.hits)
+            assert exchange(_bound("", "acme", key, describe=True, parse=True)).endswith(READY)
+        # The first is allowed by the Python path and teaches the lane; the error and
+        # the notice are not the lane's answers: the request goes to the tracker.
+        assert lane.served == 2
+        assert lane.learnt == 1
+        assert [after - before for before, after in itertools.pairwise(hits)] == [0, 1, 1, 1]
+        assert session.tracker.idle
+        # Another tenant's id: the lane declines, the Python path refuses.
+        refused = exchange(_bound("", "globex", 1, describe=True, parse=True))
+        assert b"wrong_tenant_param" in refused
+        assert lane.served == 2
+        # A Query drops the unnamed statement: the lane forgets it.
+        exchange(Query("SELECT 1").encode())
+        assert lane.learnt == 0
 
     asyncio.run(run())
