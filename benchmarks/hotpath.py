@@ -109,8 +109,12 @@ def wire(policy_text: str, client: Sink, upstream: Sink) -> tuple[Session, Proxy
 
 
 def build(mode: str) -> tuple[Session, Any]:
+    """A session as ``serve`` sets it up: the rate limiter's hook only if the tenant
+    has a limit, and the steady-state lane where it applies (``TENANTGATE_LANE=0``
+    measures without it)."""
     session, app = wire(POLICY.replace("MODE", mode), Sink(), Sink())
-    session.rate_limit = app.server.rate_limit
+    app.server._set_rate_limit(session, app.policy)
+    session.start_lane()
     return session, app
 
 

@@ -29,8 +29,8 @@
 #define MAX_STATEMENTS 16 /* statements taught; the table is emptied when full */
 #define MAX_NAME 63       /* longer statement names go the Python way */
 #define MAX_NUMBERS 8     /* tenant parameters per statement */
-#define MAX_COMMANDS 8    /* metric labels (select, insert, ...) */
-#define MAX_BOUNDS 32     /* duration histogram bounds */
+#define MAX_COMMANDS 6    /* metric labels (select, insert, update, delete, other, ...) */
+#define MAX_BOUNDS 16     /* duration histogram bounds (metrics.DURATION_BUCKETS: 15) */
 #define MAX_ROW_DIGITS 18 /* a longer row count goes the Python way (no overflow) */
 
 /* Execute (unnamed portal, no row limit) + Sync; Describe portal "" before them. */

@@ -146,8 +146,12 @@ class Session:
         self._upstream_transport: asyncio.Transport
         self.observer: SessionObserver = NullObserver()
         self.tracker.on_complete = self._request_done
-        # The steady-state lane (start_lane), when this session has one.
+        # The steady-state lane (start_lane), when this session has one, and whether a
+        # request it forwarded awaits its answer (set when its client() takes one,
+        # cleared when its upstream() answers it or it hands it over: _lane_request),
+        # so that other traffic pays no call into it.
         self._lane: Lane | None = None
+        self._lane_busy = False
 
     def _request_done(self, entry: Pending, ok: bool) -> None:
         # A Query or Execute.  Rejections were reported when inspected; statements the
@@ -164,15 +168,13 @@ class Session:
     @property
     def busy(self) -> bool:
         """A client request is running upstream (cancel is forwarded only then)."""
-        lane = self._lane
-        return self.tracker.busy_with_client_work or (lane is not None and lane.outstanding)
+        return self.tracker.busy_with_client_work or self._lane_busy
 
     @property
     def quiet(self) -> bool:
         """Nothing outstanding upstream and no transaction block open."""
-        lane = self._lane
         tracker = self.tracker
-        return tracker.idle and tracker.status == "I" and (lane is None or not lane.outstanding)
+        return tracker.idle and tracker.status == "I" and not self._lane_busy
 
     def start_lane(self) -> None:
         """Give this session the steady-state lane (``_lane.c``) if it may have one.
@@ -215,6 +217,7 @@ class Session:
         """The lane hands over the request it forwarded: what _bound_execute does for
         the same request (the known Parse registered with the inspector, the one
         tracker entry), timed from when the lane sent it."""
+        self._lane_busy = False
         parse_done = None
         if parse_payload is not None:
             parse = self.inspector.known_parse(parse_payload)
@@ -331,14 +334,16 @@ class Session:
             lane = self._lane
             if lane is not None:
                 if (
-                    self.rate_limit is None
+                    data[0] in _PARSE_OR_BIND
+                    and self.rate_limit is None
                     and not self._deferred
                     and not len(self._client_held)
                     and self.tracker.settled
                 ):
-                    if lane.client(data):
+                    if lane.client(data):  # else: not its case, its request handed over
+                        self._lane_busy = True
                         return  # checked, counted and forwarded by the lane
-                else:
+                elif self._lane_busy:
                     lane.hand_over()
             self.observer.traffic(len(data), 0)
             held = self._client_held
@@ -759,12 +764,11 @@ class Session:
             return
         try:
             lane = self._lane
-            if lane is not None:
-                if not len(self._upstream_held):
-                    if lane.upstream(data):
-                        return  # the whole answer to the lane's request, counted
-                else:
-                    lane.hand_over()
+            if self._lane_busy and lane is not None:
+                if not len(self._upstream_held) and lane.upstream(data):
+                    self._lane_busy = False
+                    return  # the whole answer to the lane's request, counted
+                lane.hand_over()  # if upstream() has not just done so
             self._upstream_chunk(data)
         except Exception as exc:
             self._failed(exc)

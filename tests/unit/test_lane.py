@@ -287,9 +287,9 @@ def test_what_the_lane_learns_and_forgets() -> None:
     assert not lane.learn(b"s1", (0,), INFO, "select")
     assert lane.learnt == 0
     assert not lane.client(chunk)
-    for number in range(8):
+    for number in range(6):
         assert lane.learn(f"t{number}".encode(), (1,), INFO, f"command{number}")
-    assert not lane.learn(b"s1", (1,), INFO, "a ninth label")  # labels are kept for good
+    assert not lane.learn(b"s1", (1,), INFO, "a seventh label")  # labels are kept for good
     lane, _ends, _portals = _lane()
     for number in range(16):
         assert lane.learn(f"t{number}".encode(), (1,), INFO, "select")

@@ -373,6 +373,9 @@ async def _run(
         for chunk in chunks:
             fast.session.client_data(chunk)
             _general(general.session, chunk)
+            lane = fast.session._lane
+            if lane is not None:  # the session's mirror of the lane's state
+                assert fast.session._lane_busy == lane.outstanding
         sent = fast.upstream.take()
         assert sent == general.upstream.take(), f"step {number}: different bytes upstream"
         answer = server.answer(sent)
