@@ -215,6 +215,19 @@ static int note_dirty(Lane *self) {
     return 0;
 }
 
+/* The tallies marked dirty, ``data`` passed on with ``write``: True, or NULL. */
+static PyObject *pass_on(Lane *self, PyObject *write, PyObject *data) {
+    if (note_dirty(self) < 0) {
+        return NULL;
+    }
+    PyObject *result = PyObject_CallOneArg(write, data);
+    if (result == NULL) {
+        return NULL;
+    }
+    Py_DECREF(result);
+    Py_RETURN_TRUE;
+}
+
 static Statement *find_statement(Lane *self, const unsigned char *name, Py_ssize_t length) {
     for (int i = 0; i < self->statement_count; i++) {
         Statement *statement = &self->statements[i];
@@ -365,15 +378,7 @@ static PyObject *Lane_client(Lane *self, PyObject *data) {
     self->outstanding = 1;
     self->started = now();
     self->bytes_in += size;
-    if (note_dirty(self) < 0) {
-        return NULL;
-    }
-    PyObject *result = PyObject_CallOneArg(self->upstream_write, data);
-    if (result == NULL) {
-        return NULL;
-    }
-    Py_DECREF(result);
-    Py_RETURN_TRUE;
+    return pass_on(self, self->upstream_write, data);
 }
 
 /* tracker._count_rows of a CommandComplete payload [start, end); -1: too many digits. */
@@ -523,15 +528,7 @@ static PyObject *Lane_upstream(Lane *self, PyObject *data) {
     }
     self->bytes_out += PyBytes_GET_SIZE(data);
     self->served++;
-    if (note_dirty(self) < 0) {
-        return NULL;
-    }
-    PyObject *result = PyObject_CallOneArg(self->client_write, data);
-    if (result == NULL) {
-        return NULL;
-    }
-    Py_DECREF(result);
-    Py_RETURN_TRUE;
+    return pass_on(self, self->client_write, data);
 }
 
 PyDoc_STRVAR(hand_over_doc,
