@@ -8,9 +8,10 @@ Start-up and login live in :mod:`tenantgate.handshake`; the listener in
 :mod:`tenantgate.server`.
 
 Longer than the other modules on purpose: the fast paths (``_known_query``,
-``_bound_execute``) each do in one pass exactly what the general path
-(``_drain_client``, ``_client_message``) does for the same messages, so they
-stay in one class, next to the code they must keep matching.
+``_bound_execute``, and the C lane's hand-over, ``_lane_request``) each do in
+one pass exactly what the general path (``_drain_client``,
+``_client_message``) does for the same messages, so they stay in one class,
+next to the code they must keep matching.  The lane itself is ``_lane.c``.
 """
 
 from __future__ import annotations
