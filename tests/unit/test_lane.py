@@ -57,7 +57,7 @@ LANE = lane_class()
 pytestmark = pytest.mark.skipif(LANE is None, reason="the lane runs on the compiled build only")
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_session_fast_paths import PREPARED, SWAPPED, _bound, _proxy, _Server  # noqa: E402
+from test_session_fast_paths import PREPARED, SWAPPED, _bound, _proxy, _run, _Server  # noqa: E402
 
 TENANT = b"acme"
 INFO = PortalInfo(False, "select", "SELECT 1")
@@ -649,3 +649,32 @@ def test_the_lane_takes_the_known_parse_of_the_unnamed_statement() -> None:
         assert lane.learnt == 0
 
     asyncio.run(run())
+
+
+# The chunks that change what the lane may know, and the ones it takes: a script of
+# these makes the session differential test (``_run``) exercise the lane's
+# forgetting far more often than its general vocabulary does.
+_LANE_VOCABULARY = [
+    Parse("s1", PREPARED, ()).encode() + Sync().encode(),
+    Close("S", "s1").encode() + Parse("s1", SWAPPED, ()).encode() + Sync().encode(),
+    Close("S", "s1").encode() + Parse("s1", PREPARED, ()).encode() + Sync().encode(),
+    _bound("s1", "acme", 1, describe=False, parse=False),
+    _bound("s1", "acme", 2, describe=True, parse=False),
+    _bound("", "acme", 1, describe=True, parse=True),
+    _bound("", "acme", 1, describe=True, parse=True, sql=SWAPPED),
+    Query("SELECT 1").encode(),
+]
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    script=st.lists(
+        st.tuples(st.sampled_from(_LANE_VOCABULARY).map(lambda chunk: [chunk]), st.none()),
+        min_size=1,
+        max_size=10,
+    )
+)
+def test_the_lane_matches_the_general_path_as_statements_change(
+    script: list[tuple[list[bytes], int | None]],
+) -> None:
+    asyncio.run(_run(script, "enforce", False, None))

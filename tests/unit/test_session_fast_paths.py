@@ -249,9 +249,15 @@ BIND_FORMS = ("text", "text", "text", "binary", "one code", "no tenant", "null t
 
 
 def _bound(
-    statement: str, tenant: str, key: int, describe: bool, parse: bool, form: str = "text"
+    statement: str,
+    tenant: str,
+    key: int,
+    describe: bool,
+    parse: bool,
+    form: str = "text",
+    sql: str = PREPARED,
 ) -> bytes:
-    out = Parse("", PREPARED, ()).encode() if parse else b""
+    out = Parse("", sql, ()).encode() if parse else b""
     params: tuple[bytes | None, ...] = (tenant.encode(), str(key).encode())
     formats: tuple[int, ...] = (0,)
     if form == "binary":
@@ -282,11 +288,14 @@ operations: st.SearchStrategy[bytes] = st.one_of(
         st.sampled_from(BIND_FORMS),
     ),
     st.builds(
-        lambda t, k, d, form: _bound("", t, k, d, parse=True, form=form),
+        lambda t, k, d, form, sql: _bound("", t, k, d, parse=True, form=form, sql=sql),
         tenants,
         keys,
         st.booleans(),
         st.sampled_from(BIND_FORMS),
+        # The other text is the same length with the tenant elsewhere: after the
+        # first, a Bind right for one is wrong for the other.
+        st.sampled_from([PREPARED, PREPARED, PREPARED, SWAPPED]),
     ),
     # A Parse with no Sync: what follows it up to a Sync is skipped if it fails.
     st.builds(
@@ -301,9 +310,17 @@ operations: st.SearchStrategy[bytes] = st.one_of(
         st.sampled_from(["s1", "s1", "s2"]),
         st.sampled_from([PREPARED, PREPARED, SWAPPED]),
     ),
-    # What changes a prepared statement under the session: Close, DEALLOCATE.
+    # What changes a prepared statement under the session: Close, DEALLOCATE, and
+    # both at once with a new text for the name (a driver re-preparing it).
     st.builds(
         lambda name: Close("S", name).encode() + Sync().encode(), st.sampled_from(["s1", "s2"])
+    ),
+    st.builds(
+        lambda name, sql: (
+            Close("S", name).encode() + Parse(name, sql, ()).encode() + Sync().encode()
+        ),
+        st.sampled_from(["s1", "s2"]),
+        st.sampled_from([PREPARED, SWAPPED]),
     ),
     st.builds(
         lambda name: Query(f"DEALLOCATE {name}").encode(), st.sampled_from(["s1", "s2", "ALL"])
