@@ -13,9 +13,10 @@
    session's metrics when they flush.
 
    The Python session stays the single reference.  The lane knows only what the
-   inspector taught it (PolicyInspector.known_bind's _BindLane decisions), forgets
-   all of it at every change of the inspector's statement registry, and records
-   the unnamed portal in the inspector's own portal map as known_bind does.
+   inspector taught it (PolicyInspector.known_bind's _BindLane decisions, and from
+   parse_resolved the unnamed statement's known Parse), forgets all of it at every
+   change of the inspector's statement registry, and records the unnamed portal in
+   the inspector's own portal map as known_bind does.
    Anything else is not its case: it returns False and the session goes the
    Python way, after the lane has handed over the request it forwarded (if any)
    as the tracker entry the Python path would have made (`materialize`).  See

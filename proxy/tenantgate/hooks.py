@@ -119,9 +119,10 @@ class Inspector(Protocol):
         inspector's policy: the server keeps them across a reload."""
 
     def attach_lane(self, lane: Lane) -> bool:
-        """Teach the session's steady-state lane what :meth:`known_bind` allows by its
-        bytes, and make it forget at every change; False: this inspector cannot
-        (the session then has no lane)."""
+        """Teach the session's steady-state lane what :meth:`known_bind` (and
+        :meth:`known_parse` for the unnamed statement) allow by their bytes, and
+        make it forget at every change; False: this inspector cannot (the session
+        then has no lane)."""
 
 
 class SessionObserver(Protocol):

@@ -454,9 +454,7 @@ class SessionMetrics:
         """One statement: count it; tally its duration when it ran upstream."""
         if outcome not in OUTCOMES:
             raise ValueError(f"statement outcome must be one of {sorted(OUTCOMES)}")
-        tally = self._tallies.get(command)
-        if tally is None:
-            tally = self._tallies[command] = _CommandTally()
+        tally = self._tally(command)
         if outcome == "allowed":
             tally.allowed += 1
         elif outcome == "error":
@@ -507,6 +505,13 @@ class SessionMetrics:
                         )
                     _add_to_histogram(histogram, tally.buckets, tally.seconds)
 
+    def _tally(self, command: str) -> _CommandTally:
+        """``command``'s tally since the last flush (made at its first statement)."""
+        tally = self._tallies.get(command)
+        if tally is None:
+            tally = self._tallies[command] = _CommandTally()
+        return tally
+
     def _take_lane(self, lane: Lane) -> None:
         """Add what the lane tallied (allowed statements, timed) to the tallies."""
         bytes_in, bytes_out, rows, commands = lane.take()
@@ -514,9 +519,7 @@ class SessionMetrics:
         self._tally_bytes_out += bytes_out
         self._tally_rows += rows
         for command, allowed, buckets, seconds in commands:
-            tally = self._tallies.get(command)
-            if tally is None:
-                tally = self._tallies[command] = _CommandTally()
+            tally = self._tally(command)
             tally.allowed += allowed
             counts = tally.buckets
             for index, count in enumerate(buckets):

@@ -180,9 +180,10 @@ class Session:
     def start_lane(self) -> None:
         """Give this session the steady-state lane (``_lane.c``) if it may have one.
 
-        The lane checks and forwards, in C, a Bind [+ Describe] + Execute + Sync of a
-        prepared statement the inspector taught it, and the answer to it when that
-        comes whole; everything else stays on the Python path.  Only in enforce mode
+        The lane checks and forwards, in C, a [Parse +] Bind [+ Describe] + Execute +
+        Sync of a statement the inspector taught it (a named one, or the unnamed one
+        with its known Parse), and the answer to it when that comes whole;
+        everything else stays on the Python path.  Only in enforce mode
         (nothing to inject), and only if the observer can take its tallies (not
         when every statement is audited) and the inspector can teach it.
         """
