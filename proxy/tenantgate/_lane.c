@@ -1,14 +1,19 @@
 /* tenantgate._lane: the steady-state lane, the per-statement path of a prepared
    statement in C.
 
-   Owns one session's steady state in enforce mode: a client chunk that is exactly
+   Owns one session's steady state, outside a transaction block in enforce mode
+   and inside a block in every mode once the block has the tenant (the session
+   says which): a client chunk that is exactly
    [Parse +] Bind (unnamed portal) [+ Describe portal] + Execute + Sync, whose Bind
    is of a named statement the Python inspector taught it, or whose Parse is the
    unnamed statement's, byte for byte the one the server holds (taught likewise),
    and whose tenant parameters are this tenant's bytes in text format, is checked
    and forwarded here; so is the answer to it when it arrives as one exact chunk
    ([ParseComplete +] BindComplete [+ RowDescription or NoData] + DataRow* +
-   CommandComplete + ReadyForQuery 'I').  The per-statement metrics
+   CommandComplete + ReadyForQuery with the status it was sent in: 'I', or 'T' in a
+   block).  In a block only statements that are neither transaction control nor
+   DEALLOCATE ALL pass (the inspector says which are `plain`), so that nothing the
+   rls/both injector tracks changes.  The per-statement metrics
    (count, duration bucket, rows, bytes) are tallied here and taken by the
    session's metrics when they flush.
 
@@ -49,6 +54,7 @@ typedef struct {
 typedef struct {
     PyObject *info; /* the PortalInfo known_bind records; NULL: slot free */
     int tally;
+    int plain; /* neither transaction control nor DEALLOCATE ALL: may pass in a block */
     int name_length;
     int count;
     uint16_t numbers[MAX_NUMBERS]; /* tenant parameters ($n), ascending */
@@ -71,6 +77,7 @@ typedef struct {
     Tally tallies[MAX_COMMANDS];
     /* The request forwarded here, its answer still due. */
     int outstanding, describe, current_tally;
+    unsigned char status; /* the ReadyForQuery status its answer must end with */
     PyObject *current_info, *current_parse; /* current_parse: its Parse payload, or NULL */
     double started;
     /* Since the last take(). */
@@ -294,11 +301,22 @@ static int tenant_params_match(Lane *self, const Statement *statement,
 }
 
 PyDoc_STRVAR(client_doc,
-             "client(data) -> bool\n\n"
-             "Check and forward a client chunk that is the lane's case; False: not its case\n"
-             "(the request the lane forwarded before, if any, is handed over first).");
+             "client(data, in_block) -> bool\n\n"
+             "Check and forward a client chunk that is the lane's case, sent while the server\n"
+             "is idle outside a transaction block (``in_block`` false) or inside one (true:\n"
+             "plain statements only); False: not its case (the request the lane forwarded\n"
+             "before, if any, is handed over first).");
 
-static PyObject *Lane_client(Lane *self, PyObject *data) {
+static PyObject *Lane_client(Lane *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "client(data, in_block) takes 2 arguments");
+        return NULL;
+    }
+    PyObject *data = args[0];
+    int in_block = PyObject_IsTrue(args[1]);
+    if (in_block < 0) {
+        return NULL;
+    }
     if (self->outstanding) {
         if (hand_over(self) < 0) {
             return NULL;
@@ -357,7 +375,7 @@ static PyObject *Lane_client(Lane *self, PyObject *data) {
     } else {
         statement = find_statement(self, payload + 1, name_end - (payload + 1));
     }
-    if (statement == NULL ||
+    if (statement == NULL || (in_block && !statement->plain) ||
         !tenant_params_match(self, statement, payload, payload_size, name_end + 1 - payload)) {
         Py_RETURN_FALSE;
     }
@@ -372,6 +390,7 @@ static PyObject *Lane_client(Lane *self, PyObject *data) {
     self->current_info = statement->info;
     self->current_tally = statement->tally;
     self->describe = describe;
+    self->status = in_block ? 'T' : 'I';
     if (with_parse) {
         Py_INCREF(self->parse_payload);
         self->current_parse = self->parse_payload;
@@ -407,10 +426,10 @@ static long long count_rows(const unsigned char *buffer, Py_ssize_t start, Py_ss
 enum { EXPECT_PARSE, EXPECT_BIND, EXPECT_DESCRIBE, EXPECT_ROWS, EXPECT_READY, DONE };
 
 /* The answer to the lane's request, if ``chunk`` is exactly all of it (what
-   tracker._pass_bound consumes, ending in ReadyForQuery 'I'): its row count;
-   -1: not that case. */
+   tracker._pass_bound consumes, ending in ReadyForQuery ``status``): its row
+   count; -1: not that case. */
 static long long whole_answer(const unsigned char *chunk, Py_ssize_t size, int describe,
-                              int with_parse) {
+                              int with_parse, unsigned char status) {
     int stage = with_parse ? EXPECT_PARSE : EXPECT_BIND;
     long long rows = 0;
     Py_ssize_t pos = 0;
@@ -454,8 +473,8 @@ static long long whole_answer(const unsigned char *chunk, Py_ssize_t size, int d
             stage = EXPECT_READY;
             break;
         case EXPECT_READY:
-            if (type != 'Z' || length != 5 || chunk[pos + 5] != 'I') {
-                return -1; /* 'T' or 'E' changes the tracker's status: the Python way */
+            if (type != 'Z' || length != 5 || chunk[pos + 5] != status) {
+                return -1; /* a change of the tracker's status: the Python way */
             }
             stage = DONE;
             break;
@@ -510,7 +529,8 @@ static PyObject *Lane_upstream(Lane *self, PyObject *data) {
     long long rows = -1;
     if (PyBytes_CheckExact(data)) {
         rows = whole_answer((const unsigned char *)PyBytes_AS_STRING(data),
-                            PyBytes_GET_SIZE(data), self->describe, self->current_parse != NULL);
+                            PyBytes_GET_SIZE(data), self->describe, self->current_parse != NULL,
+                            self->status);
     }
     if (rows < 0) {
         if (hand_over(self) < 0) {
@@ -563,16 +583,17 @@ static int find_tally(Lane *self, PyObject *command) {
 }
 
 PyDoc_STRVAR(learn_doc,
-             "learn(name, numbers, info, command) -> bool\n\n"
+             "learn(name, numbers, info, command, plain) -> bool\n\n"
              "Binds of statement ``name`` (bytes) to the unnamed portal may pass here while\n"
              "their parameters ``numbers`` ($n, ascending) are the tenant's bytes in text\n"
-             "format; they make the portal ``info``, counted under ``command``.  False: not\n"
-             "learnt (a long name, too many parameters or labels).");
+             "format; they make the portal ``info``, counted under ``command``; ``plain``:\n"
+             "neither transaction control nor DEALLOCATE ALL (may pass in a block).  False:\n"
+             "not learnt (a long name, too many parameters or labels).");
 
 /* A statement's tenant parameters and metric label into ``statement`` (its name
    aside): 1 done, 0 not learnable, -1 error. */
 static int fill_statement(Lane *self, Statement *statement, PyObject *numbers, PyObject *info,
-                          PyObject *command) {
+                          PyObject *command, int plain) {
     Py_ssize_t count = PyTuple_GET_SIZE(numbers);
     if (self->released || count > MAX_NUMBERS) {
         return 0;
@@ -595,6 +616,7 @@ static int fill_statement(Lane *self, Statement *statement, PyObject *numbers, P
     Py_INCREF(info);
     Py_XSETREF(statement->info, info);
     statement->tally = index;
+    statement->plain = plain;
     statement->count = (int)count;
     memcpy(statement->numbers, wanted, sizeof(uint16_t) * (size_t)count);
     return 1;
@@ -602,8 +624,9 @@ static int fill_statement(Lane *self, Statement *statement, PyObject *numbers, P
 
 static PyObject *Lane_learn(Lane *self, PyObject *args) {
     PyObject *name, *numbers, *info, *command;
-    if (!PyArg_ParseTuple(args, "O!O!OU", &PyBytes_Type, &name, &PyTuple_Type, &numbers, &info,
-                          &command)) {
+    int plain;
+    if (!PyArg_ParseTuple(args, "O!O!OUp", &PyBytes_Type, &name, &PyTuple_Type, &numbers, &info,
+                          &command, &plain)) {
         return NULL;
     }
     Py_ssize_t name_length = PyBytes_GET_SIZE(name);
@@ -611,7 +634,7 @@ static PyObject *Lane_learn(Lane *self, PyObject *args) {
         Py_RETURN_FALSE;
     }
     Statement learnt = {0};
-    int filled = fill_statement(self, &learnt, numbers, info, command);
+    int filled = fill_statement(self, &learnt, numbers, info, command, plain);
     if (filled <= 0) {
         Py_XDECREF(learnt.info);
         if (filled < 0) {
@@ -630,6 +653,7 @@ static PyObject *Lane_learn(Lane *self, PyObject *args) {
     }
     Py_XSETREF(statement->info, learnt.info); /* the reference fill_statement took */
     statement->tally = learnt.tally;
+    statement->plain = learnt.plain;
     statement->count = learnt.count;
     memcpy(statement->numbers, learnt.numbers, sizeof(learnt.numbers));
     statement->name_length = (int)name_length;
@@ -639,20 +663,21 @@ static PyObject *Lane_learn(Lane *self, PyObject *args) {
 }
 
 PyDoc_STRVAR(learn_parse_doc,
-             "learn_parse(payload, numbers, info, command, cache) -> bool\n\n"
+             "learn_parse(payload, numbers, info, command, cache, plain) -> bool\n\n"
              "The unnamed statement the server holds is the Parse ``payload`` (bytes after\n"
              "the length): that Parse followed by a Bind of it may pass here (``numbers``,\n"
-             "``info`` and ``command`` as for learn); ``cache.hits`` counts each, as\n"
+             "``info``, ``command`` and ``plain`` as for learn); ``cache.hits`` counts each, as\n"
              "known_parse does.  False: not learnt.");
 
 static PyObject *Lane_learn_parse(Lane *self, PyObject *args) {
     PyObject *payload, *numbers, *info, *command, *cache;
-    if (!PyArg_ParseTuple(args, "O!O!OUO", &PyBytes_Type, &payload, &PyTuple_Type, &numbers,
-                          &info, &command, &cache)) {
+    int plain;
+    if (!PyArg_ParseTuple(args, "O!O!OUOp", &PyBytes_Type, &payload, &PyTuple_Type, &numbers,
+                          &info, &command, &cache, &plain)) {
         return NULL;
     }
     Py_CLEAR(self->parse_payload);
-    int filled = fill_statement(self, &self->parse_statement, numbers, info, command);
+    int filled = fill_statement(self, &self->parse_statement, numbers, info, command, plain);
     if (filled < 0) {
         return NULL;
     }
@@ -804,7 +829,7 @@ static PyObject *Lane_get_learnt(Lane *self, void *closure) {
 }
 
 static PyMethodDef Lane_methods[] = {
-    {"client", (PyCFunction)Lane_client, METH_O, client_doc},
+    {"client", (PyCFunction)(void (*)(void))Lane_client, METH_FASTCALL, client_doc},
     {"upstream", (PyCFunction)Lane_upstream, METH_O, upstream_doc},
     {"hand_over", (PyCFunction)Lane_hand_over, METH_NOARGS, hand_over_doc},
     {"learn", (PyCFunction)Lane_learn, METH_VARARGS, learn_doc},

@@ -173,6 +173,12 @@ class _Slot:
         return ([self.confirmed] if self.confirmed else []) + self.pending
 
 
+def _plain(info: PortalInfo) -> bool:
+    """Neither transaction control nor DEALLOCATE ALL: running it in a transaction
+    block changes nothing the rls/both injector tracks (the lane may take it there)."""
+    return not (info.transaction_control or info.deallocates_all)
+
+
 class _BindLane:
     """What a Bind of one named statement needs checked while the registry is as it
     was (``version``): its tenant parameters ($n) are this tenant's bytes in text
@@ -486,7 +492,8 @@ class PolicyInspector:
     def _teach(self, key: bytes, bind_lane: _BindLane) -> None:
         """Let the session's lane apply ``bind_lane`` (valid at this version) itself."""
         if self._lane is not None:
-            self._lane.learn(key, bind_lane.numbers, bind_lane.info, bind_lane.info.command)
+            info = bind_lane.info
+            self._lane.learn(key, bind_lane.numbers, info, info.command, _plain(info))
 
     def _teach_parse(self, prepared: Prepared) -> None:
         """The server now holds ``prepared`` as its unnamed statement, with no Parse
@@ -506,7 +513,8 @@ class PolicyInspector:
         for number in numbers:
             if not matches_as_bytes(False, prepared.param_type(number - 1)):
                 return  # not a test of the bytes alone: known_bind decides each Bind
-        self._lane.learn_parse(payload, numbers, prepared.info, prepared.info.command, self._cache)
+        info = prepared.info
+        self._lane.learn_parse(payload, numbers, info, info.command, self._cache, _plain(info))
 
     def _changed(self) -> None:
         """The statement registry changed: every _BindLane is out of date."""

@@ -160,6 +160,21 @@ class TenantInjector:
         """
         self._in_block = idle_in_block and self.tenant_in_block
 
+    def runs_as_is(self, transaction_control: bool) -> bool:
+        """Whether a client's Execute in the chunk just observed needs nothing
+        injected (:meth:`before_execute` would return None and change nothing):
+        the upstream is idle in a block that has the tenant, and the statement is
+        not transaction control."""
+        return self._in_block and not transaction_control
+
+    @property
+    def steady_in_block(self) -> bool:
+        """The tenant is set in the current block and nothing waits for a Sync: a
+        chunk of Bind + Execute + Sync of a statement that is neither transaction
+        control nor DEALLOCATE ALL, sent while the upstream is idle in that block,
+        changes nothing here (what the session's lane may take)."""
+        return self.tenant_in_block and self._needs_injection
+
     # --- simple Query -----------------------------------------------------------------
 
     def rewrite_query(self, sql: bytes, statements: Sequence[StatementShape]) -> Rewrite:

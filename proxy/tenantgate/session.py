@@ -44,7 +44,7 @@ from tenantgate.injection import StatementShape, TenantInjector, is_internal_nam
 from tenantgate.protocol.backend import ErrorResponse, ParameterDescription, ParameterStatus
 from tenantgate.protocol.framing import HeldBytes, frame, invalid_length, scan_frames, uint32_at
 from tenantgate.protocol.frontend import Bind, Close, Describe, Execute, Parse, Query, Sync
-from tenantgate.tracker import Action, Kind, Pending, ResponseTracker
+from tenantgate.tracker import SETTLED_IN_BLOCK, Action, Kind, Pending, ResponseTracker
 from tenantgate.upstream import LEXING_PINS, UpstreamConnection
 
 if TYPE_CHECKING:
@@ -183,11 +183,12 @@ class Session:
         The lane checks and forwards, in C, a [Parse +] Bind [+ Describe] + Execute +
         Sync of a statement the inspector taught it (a named one, or the unnamed one
         with its known Parse), and the answer to it when that comes whole;
-        everything else stays on the Python path.  Only in enforce mode
-        (nothing to inject), and only if the observer can take its tallies (not
-        when every statement is audited) and the inspector can teach it.
+        everything else stays on the Python path.  In rls/both mode it takes
+        requests only inside a block that has the tenant (_lane_may_take).  Only
+        if the observer can take its tallies (not when every statement is
+        audited) and the inspector can teach it.
         """
-        if _LANE is None or self.injector is not None or self._lane is not None:
+        if _LANE is None or self._lane is not None:
             return
         lane = _LANE(
             self._upstream_transport.write,
@@ -335,14 +336,17 @@ class Session:
                 self._last_activity = self._loop.time()
             lane = self._lane
             if lane is not None:
-                if (
-                    data[0] in _PARSE_OR_BIND
+                settled = (
+                    self.tracker.settled
+                    if data[0] in _PARSE_OR_BIND
                     and self.rate_limit is None
                     and not self._deferred
                     and not len(self._client_held)
-                    and self.tracker.settled
-                ):
-                    if lane.client(data):  # else: not its case, its request handed over
+                    else 0
+                )
+                if settled and self._lane_may_take(settled):
+                    # False: not its case (its earlier request handed over).
+                    if lane.client(data, settled == SETTLED_IN_BLOCK):
                         self._lane_busy = True
                         return  # checked, counted and forwarded by the lane
                 elif self._lane_busy:
@@ -364,6 +368,16 @@ class Session:
                     self._drain_client(data)
         except Exception as exc:
             self._failed(exc)
+
+    def _lane_may_take(self, settled: int) -> bool:
+        """Whether the lane may take a request now (``settled``: the tracker's): in
+        enforce mode, whenever the tracker is settled; in rls/both mode only inside
+        a block that has the tenant, with nothing due at a Sync (outside one,
+        every transaction needs the tenant injected)."""
+        injector = self.injector
+        if injector is None:
+            return True
+        return settled == SETTLED_IN_BLOCK and injector.steady_in_block
 
     def _drain_client(self, buffer: bytes) -> None:
         """Handle every complete client message, unless the rate limit defers one.
@@ -546,11 +560,16 @@ class Session:
                 known_parse = None
         bind_payload = data[parse_end + 5 : end]
         info = None if parse_instead is not None else inspector.known_bind(bind_payload)
-        if info is not None and injector is None:
+        if info is not None and (
+            injector is None
+            or (injector.runs_as_is(info.transaction_control) and not info.deallocates_all)
+        ):
             # Allowed in place, nothing to inject: the request is one tracker entry.
             entry = _statement_entry(Kind.EXECUTE, info.command, info.sql, info.would_reject)
             parse_done = None if known_parse is None else self._parse_done(known_parse)
             tracker.expect_bound(entry, describe, parse_done)
+            if injector is not None:
+                injector.after_sync()  # as below
             self._upstream_transport.write(data)  # as received
             return True
         if known_parse is not None:

@@ -49,6 +49,9 @@ BOUND_DESCRIBE: Final = 2
 BOUND_EXECUTE: Final = 4
 BOUND_SYNC: Final = 8
 BOUND_PARSE: Final = 16
+# ResponseTracker.settled: idle outside a transaction block, or inside one.
+SETTLED_IDLE: Final = 1
+SETTLED_IN_BLOCK: Final = 2
 
 # What ends each kind of entry (besides an ErrorResponse).
 _COMPLETES: Final[dict[Kind, frozenset[int]]] = {
@@ -305,10 +308,16 @@ class ResponseTracker:
         return not self._pending
 
     @property
-    def settled(self) -> bool:
-        """Nothing outstanding, not skipping to a Sync, outside a transaction block:
-        where the steady-state lane may take a request (Session.start_lane)."""
-        return not self._pending and not self._skipping and self.status == "I"
+    def settled(self) -> int:
+        """Where the steady-state lane may take a request (Session.start_lane): nothing
+        outstanding and not skipping to a Sync, then SETTLED_IDLE outside a
+        transaction block, SETTLED_IN_BLOCK inside one; else 0 (also in a failed block)."""
+        if self._pending or self._skipping:
+            return 0
+        status = self.status
+        if status == "I":
+            return SETTLED_IDLE
+        return SETTLED_IN_BLOCK if status == "T" else 0
 
     @property
     def idle_in_block(self) -> bool:

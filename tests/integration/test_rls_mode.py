@@ -742,3 +742,50 @@ def test_savepoint_rollback_after_auto_prepared_statements(acme: Conn) -> None:
         rows = acme.execute(AUTO_PREPARED, (0,)).fetchall()
     assert len(rows) == ORDERS_PER_TENANT
     assert_only(rows, "acme")
+
+
+# --- the steady-state lane inside transaction blocks -----------------------------------------
+
+
+def lane_served(proxy: RunningProxy) -> int | None:
+    """Statements the sessions' lanes answered (None: this build has no lane)."""
+    lanes = [s._lane for s in proxy.app.server.sessions.values() if s._lane is not None]
+    return sum(lane.served for lane in lanes) if lanes else None
+
+
+@pytest.mark.security
+@pytest.mark.parametrize("mode", ["rls", "both"])
+def test_prepared_statements_in_a_block_keep_the_tenant(
+    mode: str, proxy: RunningProxy, both_proxy: RunningProxy, tenant_db: TenantDb
+) -> None:
+    """Inside a block whose tenant is set, prepared statements may take the lane
+    (compiled build); a SAVEPOINT, a ROLLBACK TO (which reverts the set_config made
+    after its SAVEPOINT) and an error each send the next statement the Python way,
+    which sets the tenant again: every read sees exactly the tenant's rows."""
+    running = proxy if mode == "rls" else both_proxy
+    query = (
+        "SELECT * FROM orders WHERE tenant_id = %s AND id > %s ORDER BY id"
+        if mode == "both"
+        else "SELECT * FROM orders WHERE id > %s AND %s::text IS NOT NULL ORDER BY id"
+    )
+    params = ("acme", 0) if mode == "both" else (0, "x")
+    expected = tenant_db.snapshot("acme")["orders"]
+    with connect(running, tenant_db, "acme", autocommit=False) as conn:
+        before = lane_served(running)
+        for _ in range(2):
+            for _ in range(4):
+                assert conn.execute(query, params, prepare=True).fetchall() == expected
+            conn.execute("SAVEPOINT a")
+            assert conn.execute(query, params, prepare=True).fetchall() == expected
+            conn.execute("ROLLBACK TO SAVEPOINT a")
+            for _ in range(3):
+                assert conn.execute(query, params, prepare=True).fetchall() == expected
+            with pytest.raises(errors.DivisionByZero):
+                conn.execute("SELECT 1/0")
+            conn.rollback()
+            assert conn.execute(query, params, prepare=True).fetchall() == expected
+            conn.commit()
+        after = lane_served(running)
+    if after is not None:  # the compiled build: the lane took part of them
+        assert before is not None
+        assert after > before

@@ -57,7 +57,15 @@ LANE = lane_class()
 pytestmark = pytest.mark.skipif(LANE is None, reason="the lane runs on the compiled build only")
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_session_fast_paths import PREPARED, SWAPPED, _bound, _proxy, _run, _Server  # noqa: E402
+from test_session_fast_paths import (  # noqa: E402
+    PREPARED,
+    SWAPPED,
+    _bound,
+    _control_bound,
+    _proxy,
+    _run,
+    _Server,
+)
 
 TENANT = b"acme"
 INFO = PortalInfo(False, "select", "SELECT 1")
@@ -189,16 +197,18 @@ def binds(draw: Callable[..., Any]) -> tuple[bytes, bytes, tuple[int, ...]]:
 
 
 @settings(max_examples=1500, deadline=None)
-@given(case=binds())
+@given(case=binds(), in_block=st.booleans(), plain=st.booleans())
 def test_the_lane_takes_a_bind_exactly_when_the_python_path_allows_it_by_its_bytes(
-    case: tuple[bytes, bytes, tuple[int, ...]],
+    case: tuple[bytes, bytes, tuple[int, ...]], in_block: bool, plain: bool
 ) -> None:
+    """Outside a block any statement taught; inside one (``in_block``) only a plain
+    one (neither transaction control nor DEALLOCATE ALL)."""
     chunk, name, numbers = case
     lane, ends, portals = _lane()
-    learnt = lane.learn(name, numbers, INFO, "select")
+    learnt = lane.learn(name, numbers, INFO, "select", plain)
     assert learnt == (len(name) <= 63)
-    expected = learnt and _python_takes(chunk, name, numbers)
-    assert lane.client(chunk) is expected
+    expected = learnt and (plain or not in_block) and _python_takes(chunk, name, numbers)
+    assert lane.client(chunk, in_block) is expected
     assert lane.outstanding is expected
     assert ends.upstream == ([chunk] if expected else [])
     assert portals == ({"": INFO} if expected else {})
@@ -214,9 +224,11 @@ KNOWN_PARSE = Parse("", PREPARED, ()).encode()
     case=binds(),
     prefix=st.sampled_from(["known", "known", "swapped", "other", "named", "cut", "long"]),
     cut=st.integers(0, 40),
+    in_block=st.booleans(),
+    plain=st.booleans(),
 )
 def test_the_lane_takes_a_known_parse_and_bind_exactly_when_the_python_path_would(
-    case: tuple[bytes, bytes, tuple[int, ...]], prefix: str, cut: int
+    case: tuple[bytes, bytes, tuple[int, ...]], prefix: str, cut: int, in_block: bool, plain: bool
 ) -> None:
     chunk, _, numbers = case
     parse = {
@@ -231,9 +243,9 @@ def test_the_lane_takes_a_known_parse_and_bind_exactly_when_the_python_path_woul
     lane, ends, portals = _lane()
     cache = _Cache()
     payload = KNOWN_PARSE[5:]
-    assert lane.learn_parse(payload, numbers, INFO, "select", cache)
-    expected = _python_takes(parse + chunk, b"", numbers, payload)
-    assert lane.client(parse + chunk) is expected
+    assert lane.learn_parse(payload, numbers, INFO, "select", cache, plain)
+    expected = (plain or not in_block) and _python_takes(parse + chunk, b"", numbers, payload)
+    assert lane.client(parse + chunk, in_block) is expected
     assert ends.upstream == ([parse + chunk] if expected else [])
     assert portals == ({"": INFO} if expected else {})
     if expected:
@@ -248,17 +260,17 @@ class _Cache:
 
 def test_a_bind_the_lane_forwarded_is_handed_over_before_the_next_chunk() -> None:
     lane, ends, _portals = _lane()
-    lane.learn(b"s1", (1,), INFO, "select")
+    lane.learn(b"s1", (1,), INFO, "select", True)
     chunk = _bound("s1", "acme", 1, describe=True, parse=False)
     before = time.perf_counter()
-    assert lane.client(chunk)
-    assert not lane.client(chunk)  # pipelined: the first request goes to the tracker first
+    assert lane.client(chunk, False)
+    assert not lane.client(chunk, False)  # pipelined: the first request goes to the tracker first
     ((info, describe, started),) = ends.handed
     assert info is INFO
     assert describe
     assert before <= started <= time.perf_counter()
     assert not lane.outstanding
-    assert lane.client(chunk)  # nothing outstanding again: its case
+    assert lane.client(chunk, False)  # nothing outstanding again: its case
     lane.hand_over()
     lane.hand_over()  # once only
     assert len(ends.handed) == 2
@@ -268,12 +280,12 @@ def test_a_bind_the_lane_forwarded_is_handed_over_before_the_next_chunk() -> Non
 def test_the_portal_map_is_bounded_as_record_portal_bounds_it() -> None:
     lane, _ends, portals = _lane()
     lane.attach(portals, 2)
-    lane.learn(b"s1", (1,), INFO, "select")
+    lane.learn(b"s1", (1,), INFO, "select", True)
     chunk = _bound("s1", "acme", 1, describe=False, parse=False)
     for size, after in ((2, {"a", "b", ""}), (3, {""})):
         portals.clear()
         portals.update({str(i): None for i in "ab"[:size]} | ({"c": None} if size == 3 else {}))
-        assert lane.client(chunk)
+        assert lane.client(chunk, False)
         lane.hand_over()
         assert set(portals) == after
 
@@ -281,32 +293,32 @@ def test_the_portal_map_is_bounded_as_record_portal_bounds_it() -> None:
 def test_what_the_lane_learns_and_forgets() -> None:
     lane, _ends, _portals = _lane()
     chunk = _bound("s1", "acme", 1, describe=False, parse=False)
-    assert not lane.learn(b"s" * 64, (1,), INFO, "select")  # the Python way for long names
-    assert not lane.learn(b"s1", tuple(range(1, 10)), INFO, "select")  # 9 tenant parameters
-    assert not lane.learn(b"s1", (2, 1), INFO, "select")  # not ascending
-    assert not lane.learn(b"s1", (0,), INFO, "select")
+    assert not lane.learn(b"s" * 64, (1,), INFO, "select", True)  # the Python way for long names
+    assert not lane.learn(b"s1", tuple(range(1, 10)), INFO, "select", True)  # 9 tenant parameters
+    assert not lane.learn(b"s1", (2, 1), INFO, "select", True)  # not ascending
+    assert not lane.learn(b"s1", (0,), INFO, "select", True)
     assert lane.learnt == 0
-    assert not lane.client(chunk)
+    assert not lane.client(chunk, False)
     for number in range(6):
-        assert lane.learn(f"t{number}".encode(), (1,), INFO, f"command{number}")
-    assert not lane.learn(b"s1", (1,), INFO, "a seventh label")  # labels are kept for good
+        assert lane.learn(f"t{number}".encode(), (1,), INFO, f"command{number}", True)
+    assert not lane.learn(b"s1", (1,), INFO, "a seventh label", True)  # labels are kept for good
     lane, _ends, _portals = _lane()
     for number in range(16):
-        assert lane.learn(f"t{number}".encode(), (1,), INFO, "select")
+        assert lane.learn(f"t{number}".encode(), (1,), INFO, "select", True)
     assert lane.learnt == 16
-    assert lane.learn(b"s1", (1,), INFO, "select")  # a full table is emptied first
+    assert lane.learn(b"s1", (1,), INFO, "select", True)  # a full table is emptied first
     assert lane.learnt == 1
-    assert lane.client(chunk)
+    assert lane.client(chunk, False)
     lane.hand_over()
     lane.forget()
-    assert not lane.client(chunk)
-    lane.learn(b"s1", (1,), INFO, "select")
+    assert not lane.client(chunk, False)
+    lane.learn(b"s1", (1,), INFO, "select", True)
     other: dict[str, Any] = {}
     lane.attach(other, 1000)  # a reload's new inspector: nothing it did not teach
     assert lane.learnt == 0
-    assert not lane.client(chunk)
-    lane.learn(b"s1", (1,), INFO, "select")
-    assert lane.client(chunk)
+    assert not lane.client(chunk, False)
+    lane.learn(b"s1", (1,), INFO, "select", True)
+    assert lane.client(chunk, False)
     assert other == {"": INFO}
 
 
@@ -332,7 +344,7 @@ def answers(draw: Callable[..., Any]) -> tuple[bool, bool, bytes]:
         parts.append(draw(st.sampled_from([ROWDESC, Empty("n").encode()])))
     parts += [DataRow((b"1",)).encode()] * draw(st.integers(0, 3))
     parts.append(CommandComplete(draw(st.sampled_from(TAGS))).encode())
-    parts.append(ReadyForQuery(draw(st.sampled_from("IIIITE"))).encode())
+    parts.append(ReadyForQuery(draw(st.sampled_from("IIITTTE"))).encode())
     damage = draw(st.sampled_from(["none"] * 4 + ["drop", "insert", "swap", "cut", "extra"]))
     if damage == "drop":
         del parts[draw(st.integers(0, len(parts) - 1))]
@@ -352,16 +364,18 @@ def answers(draw: Callable[..., Any]) -> tuple[bool, bool, bytes]:
     return describe, with_parse, chunk
 
 
-def _python_consumes(describe: bool, with_parse: bool, chunk: bytes) -> int | None:
-    """The row count if pass_plain consumes all of ``chunk`` for a bound request and
-    leaves the tracker idle with status 'I'; None otherwise."""
+def _python_consumes(describe: bool, with_parse: bool, chunk: bytes, status: str) -> int | None:
+    """The row count if pass_plain consumes all of ``chunk`` for a bound request sent
+    with the server in ``status`` and leaves the tracker idle in that status; None
+    otherwise."""
     tracker = ResponseTracker()
+    tracker.status = status
     done: list[tuple[Pending, bool]] = []
     tracker.on_complete = lambda entry, ok: done.append((entry, ok))
     entry = Pending(Kind.EXECUTE, command="select")
     parsed: list[bool] = []
     tracker.expect_bound(entry, describe, parsed.append if with_parse else None)
-    if tracker.pass_plain(chunk, 0) != len(chunk) or not tracker.idle or tracker.status != "I":
+    if tracker.pass_plain(chunk, 0) != len(chunk) or not tracker.idle or tracker.status != status:
         return None
     assert done == [(entry, True)]
     assert parsed == ([True] if with_parse else [])
@@ -369,20 +383,22 @@ def _python_consumes(describe: bool, with_parse: bool, chunk: bytes) -> int | No
 
 
 @settings(max_examples=1500, deadline=None)
-@given(case=answers())
+@given(case=answers(), in_block=st.booleans())
 def test_the_lane_takes_an_answer_exactly_when_pass_plain_consumes_it_whole(
-    case: tuple[bool, bool, bytes],
+    case: tuple[bool, bool, bytes], in_block: bool
 ) -> None:
+    """Whole, and ending in the status the request was sent in (a change of status,
+    e.g. an error in a block, goes the Python way)."""
     describe, with_parse, chunk = case
     lane, ends, _portals = _lane()
     cache = _Cache()
     if with_parse:
-        lane.learn_parse(KNOWN_PARSE[5:], (1,), INFO, "select", cache)
-        assert lane.client(_bound("", "acme", 1, describe=describe, parse=True))
+        lane.learn_parse(KNOWN_PARSE[5:], (1,), INFO, "select", cache, True)
+        assert lane.client(_bound("", "acme", 1, describe=describe, parse=True), in_block)
     else:
-        lane.learn(b"s1", (1,), INFO, "select")
-        assert lane.client(_bound("s1", "acme", 1, describe=describe, parse=False))
-    rows = _python_consumes(describe, with_parse, chunk)
+        lane.learn(b"s1", (1,), INFO, "select", True)
+        assert lane.client(_bound("s1", "acme", 1, describe=describe, parse=False), in_block)
+    rows = _python_consumes(describe, with_parse, chunk, "T" if in_block else "I")
     if b"1" + b"0" * 18 in chunk:
         rows = None  # more digits than the lane counts: the Python path counts them
     assert lane.upstream(chunk) is (rows is not None)
@@ -417,8 +433,8 @@ def test_no_answer_is_taken_without_a_request() -> None:
 def test_the_tallies_are_what_the_metrics_would_have_counted() -> None:
     bounds = (-1.0, 1e-12, 3600.0)  # every duration falls in bucket 2
     lane, ends, _portals = _lane(bounds)
-    lane.learn(b"s1", (1,), INFO, "select")
-    lane.learn(b"s2", (1,), PortalInfo(False, "update", None), "update")
+    lane.learn(b"s1", (1,), INFO, "select", True)
+    lane.learn(b"s2", (1,), PortalInfo(False, "update", None), "update", True)
     answer = (
         b"2\x00\x00\x00\x04" + CommandComplete("UPDATE 3").encode() + ReadyForQuery("I").encode()
     )
@@ -426,7 +442,7 @@ def test_the_tallies_are_what_the_metrics_would_have_counted() -> None:
     for name in ("s1", "s2", "s1"):
         chunk = _bound(name, "acme", 1, describe=False, parse=False)
         sent += len(chunk)
-        assert lane.client(chunk)
+        assert lane.client(chunk, False)
         assert lane.upstream(answer)
     assert ends.marks == 1  # once per period between takes, not per statement
     bytes_in, bytes_out, rows, commands = lane.take()
@@ -441,7 +457,7 @@ def test_the_tallies_are_what_the_metrics_would_have_counted() -> None:
         assert buckets == (0, 0, count, 0)
         assert 0 < seconds < 60
     assert lane.take() == (0, 0, 0, ())
-    assert lane.client(_bound("s1", "acme", 1, describe=False, parse=False))
+    assert lane.client(_bound("s1", "acme", 1, describe=False, parse=False), False)
     assert ends.marks == 2
 
 
@@ -452,11 +468,11 @@ def test_bucket_choice_is_bisect_left(seconds: float, bounds: list[float]) -> No
     bounds b is that of 0-ish among b - d."""
     ordered = tuple(sorted(bounds))
     lane, _ends, _portals = _lane(tuple(bound - seconds for bound in ordered))
-    lane.learn(b"s1", (), INFO, "select")
+    lane.learn(b"s1", (), INFO, "select", True)
     answer = (
         b"2\x00\x00\x00\x04" + CommandComplete("SELECT 0").encode() + ReadyForQuery("I").encode()
     )
-    assert lane.client(_bound("s1", "acme", 1, describe=False, parse=False))
+    assert lane.client(_bound("s1", "acme", 1, describe=False, parse=False), False)
     assert lane.upstream(answer)
     ((_, _, buckets, measured),) = lane.take()[3]
     expected = bisect.bisect_left(ordered, seconds + measured)
@@ -472,15 +488,15 @@ def test_the_lane_clock_is_perf_counter() -> None:
 
 def test_release_hands_over_and_lets_go() -> None:
     lane, ends, _portals = _lane()
-    lane.learn(b"s1", (1,), INFO, "select")
+    lane.learn(b"s1", (1,), INFO, "select", True)
     chunk = _bound("s1", "acme", 1, describe=False, parse=False)
-    assert lane.client(chunk)
+    assert lane.client(chunk, False)
     lane.release()
     assert len(ends.handed) == 1
     assert not lane.outstanding
     assert lane.learnt == 0
-    assert not lane.client(chunk)
-    assert not lane.learn(b"s1", (1,), INFO, "select")
+    assert not lane.client(chunk, False)
+    assert not lane.learn(b"s1", (1,), INFO, "select", True)
     assert lane.take()[0] == len(chunk)  # the tallies stay for the last flush
 
 
@@ -561,12 +577,8 @@ def test_the_session_takes_the_lane_and_hands_over() -> None:
     asyncio.run(run())
 
 
-def test_no_lane_when_every_statement_is_audited_or_tenants_are_injected() -> None:
+def test_no_lane_when_every_statement_is_audited() -> None:
     async def run() -> None:
-        for mode in ("rls", "both"):
-            proxy = _proxy(mode, False)
-            proxy.session.start_lane()
-            assert proxy.session._lane is None
         proxy = _proxy("enforce", False)
         proxy.app.audit = _Audit()  # type: ignore[assignment]
         proxy.app._telemetry.clear()
@@ -577,14 +589,58 @@ def test_no_lane_when_every_statement_is_audited_or_tenants_are_injected() -> No
     asyncio.run(run())
 
 
+@pytest.mark.parametrize("mode", ["enforce", "both", "rls"])
+def test_inside_a_block_the_lane_takes_plain_statements_once_the_tenant_is_set(
+    mode: str,
+) -> None:
+    """rls/both set the tenant per transaction: outside a block every statement
+    needs it injected, so the lane takes nothing there; inside one, once its first
+    statement set it, the lane takes the plain statements (not COMMIT), and an
+    error, which ends the block's steady state, goes the Python way."""
+
+    async def run() -> None:
+        session, exchange = _served_session(mode)
+        lane = session._lane
+        injects = mode != "enforce"
+        exchange(Parse("s1", PREPARED, ()).encode() + Sync().encode())
+        exchange(Parse("c", "COMMIT", ()).encode() + Sync().encode())
+        bind = _bound("s1", "acme", 1, describe=False, parse=False)
+        commit = _control_bound("c", describe=False)
+        for _ in range(2):  # the first teaches it; outside a block rls/both inject
+            assert exchange(bind).endswith(READY)
+        assert lane.served == (0 if injects else 1)
+        exchange(Query("BEGIN").encode())
+        served = lane.served
+        for _ in range(3):  # rls/both: the first sets the block's tenant (Python)
+            assert exchange(bind).endswith(ReadyForQuery("T").encode())
+        assert lane.served == served + (2 if injects else 3)
+        for _ in range(2):  # taught, but transaction control: never in a block
+            assert exchange(commit).endswith(READY)
+            exchange(Query("BEGIN").encode())
+        assert lane.served == served + (2 if injects else 3)
+        served = lane.served
+        assert exchange(bind).endswith(ReadyForQuery("T").encode())  # the tenant again
+        failed = exchange(_bound("s1", "acme", 3, describe=False, parse=False))
+        assert failed.endswith(ReadyForQuery("E").encode())  # handed over, not answered
+        assert session.tracker.status == "E"
+        assert b"25P02" in exchange(bind)  # the block is aborted: the Python way
+        exchange(Query("ROLLBACK").encode())
+        assert lane.served == served + (0 if injects else 1)
+        assert session.tracker.idle
+        assert not session._lane_busy
+
+    asyncio.run(run())
+
+
 class _Audit:
     statements = True
 
 
-def _served_session() -> tuple[Any, Callable[[bytes], bytes]]:
-    """An enforce-mode session with its lane, and a function that sends a client
-    chunk and returns what the client got back (the simulated server answers)."""
-    proxy = _proxy("enforce", False)
+def _served_session(mode: str = "enforce") -> tuple[Any, Callable[[bytes], bytes]]:
+    """A session with its lane (enforce mode by default), and a function that sends
+    a client chunk and returns what the client got back (the simulated server
+    answers)."""
+    proxy = _proxy(mode, False)
     session = proxy.session
     session.start_lane()
     assert session._lane is not None

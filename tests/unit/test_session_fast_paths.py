@@ -145,12 +145,17 @@ def _general(session: Session, data: bytes) -> None:
 
 
 class _Server:
-    """Answers the messages a session sent upstream, as PostgreSQL would."""
+    """Answers the messages a session sent upstream, as PostgreSQL would, transaction
+    blocks included: BEGIN opens one (status T), an error in it aborts it (status E:
+    everything but COMMIT/ROLLBACK fails until then), COMMIT/ROLLBACK end it."""
 
     def __init__(self) -> None:
         self.statements: dict[str, tuple[int, ...]] = {}  # name -> parameter types
+        self.texts: dict[str, str] = {}  # name -> its text
         self.skipping = False
+        self.status = "I"
         self.portal_keys: dict[str, bytes] = {}  # portal -> the key bound to it
+        self.portal_texts: dict[str, str] = {}  # portal -> its statement's text
 
     def answer(self, sent: bytes) -> bytes:
         frames, consumed = scan_frames(sent, 1 << 20)
@@ -158,8 +163,15 @@ class _Server:
         return b"".join(self._one(t, sent[start:end]) for t, start, end in frames)
 
     def _error(self, sqlstate: str) -> bytes:
+        if self.status == "T":
+            self.status = "E"
         fields = (("S", "ERROR"), ("V", "ERROR"), ("C", sqlstate), ("M", "failed"))
         return ErrorResponse(fields).encode()
+
+    def _fail(self, sqlstate: str) -> bytes:
+        """An extended-protocol error: the rest up to Sync is discarded."""
+        self.skipping = True
+        return self._error(sqlstate)
 
     def _rows(self, key: bytes) -> bytes:
         """A statement's result for the row of ``key``: key 2 also raises a notice
@@ -168,67 +180,102 @@ class _Server:
             return self._error("22012")
         rows = DataRow((b"10",)).encode() + CommandComplete("SELECT 1").encode()
         if key == b"2":
-            notice = (("S", "NOTICE"), ("V", "NOTICE"), ("C", "00000"), ("M", "note"))
-            return ErrorResponse(notice, notice=True).encode() + rows
+            return _notice() + rows
         return rows
+
+    def _control(self, text: str) -> bytes | None:
+        """Run ``text`` if it is transaction control: its answer, else None."""
+        word = text.strip().upper()
+        if word == "BEGIN":
+            if self.status != "I":
+                return _notice() + CommandComplete("BEGIN").encode()
+            self.status = "T"
+            return CommandComplete("BEGIN").encode()
+        if word in ("COMMIT", "ROLLBACK"):
+            tag = "ROLLBACK" if self.status == "E" else word
+            out = _notice() if self.status == "I" else b""
+            self.status = "I"
+            return out + CommandComplete(tag).encode()
+        return None
 
     def _one(self, msg_type: int, payload: bytes) -> bytes:
         if msg_type == 0x53:  # Sync
             self.skipping = False
-            return ReadyForQuery("I").encode()
+            return ReadyForQuery(self.status).encode()
         if self.skipping:  # after an error, everything up to Sync is discarded
             return b""
         if msg_type == 0x51:  # Query: one result per statement (rls/both prefix set_config)
             self.statements.pop("", None)  # a simple Query drops the unnamed statement
             text = Query.decode(payload).query
             if "rejected by policy" in text:
-                return self._error("42601") + ReadyForQuery("I").encode()
+                return self._error("42601") + ReadyForQuery(self.status).encode()
             out = b""
             for statement in (s.strip() for s in text.split(";") if s.strip()):
+                control = self._control(statement)
+                if control is not None:
+                    out += control
+                    continue
+                if self.status == "E":
+                    return out + self._error("25P02") + ReadyForQuery("E").encode()
                 if statement.upper().startswith("DEALLOCATE"):
                     name = statement.split()[-1]
                     if name.upper() == "ALL":
                         self.statements.clear()
                     elif self.statements.pop(name, None) is None:
-                        return out + self._error("26000") + ReadyForQuery("I").encode()
+                        return out + self._error("26000") + ReadyForQuery(self.status).encode()
                     out += CommandComplete("DEALLOCATE").encode()
                 else:
                     key = statement.rsplit("id = ", 1)[-1].encode() if "id = " in statement else b""
                     result = self._rows(key)
                     out += result if key == b"3" else _row_description() + result
                     if key == b"3":  # the rest of the string is skipped
-                        return out + ReadyForQuery("I").encode()
-            return out + ReadyForQuery("I").encode()
+                        return out + ReadyForQuery(self.status).encode()
+            return out + ReadyForQuery(self.status).encode()
         if msg_type == 0x50:  # Parse
             parse = Parse.decode(payload)
             if "rejected by policy" in parse.query:
-                self.skipping = True
-                return self._error("42601")
+                return self._fail("42601")
+            if self.status == "E" and self._control(parse.query) is None:
+                return self._fail("25P02")
             if parse.name and parse.name in self.statements:
-                self.skipping = True
-                return self._error("42P05")  # prepared statement already exists
+                return self._fail("42P05")  # prepared statement already exists
             swapped = "id = $1" in parse.query
             self.statements[parse.name] = (23, 25) if swapped else (25, 23)
+            self.texts[parse.name] = parse.query
             return frame(b"1")
         if msg_type == 0x42:  # Bind
             bind = Bind.decode(payload)
             if bind.statement not in self.statements:
-                self.skipping = True
-                return self._error("26000")
+                return self._fail("26000")
+            text = self.texts.get(bind.statement, "")
+            if self.status == "E" and text.upper() not in ("COMMIT", "ROLLBACK"):
+                return self._fail("25P02")
             key = bind.params[1] if len(bind.params) > 1 else None
             self.portal_keys[bind.portal] = key or b""
+            self.portal_texts[bind.portal] = text
             return frame(b"2")
         if msg_type == 0x44:  # Describe
             describe = Describe.decode(payload)
             if describe.kind == "S":
                 types = self.statements.get(describe.name)
                 if types is None:
-                    self.skipping = True
-                    return self._error("26000")
+                    return self._fail("26000")
                 return ParameterDescription(types).encode() + _row_description()
+            if self.portal_texts.get(describe.name, "").upper() in (*_CONTROL, "DEALLOCATE ALL"):
+                return frame(b"n")  # NoData
             return _row_description()
         if msg_type == 0x45:  # Execute
-            key = self.portal_keys.get(Execute.decode(payload).portal, b"")
+            portal = Execute.decode(payload).portal
+            text = self.portal_texts.get(portal, "")
+            control = self._control(text)
+            if control is not None:
+                return control
+            if self.status == "E":
+                return self._fail("25P02")
+            if text.upper() == "DEALLOCATE ALL":
+                self.statements.clear()
+                return CommandComplete("DEALLOCATE ALL").encode()
+            key = self.portal_keys.get(portal, b"")
             self.skipping = key == b"3"
             return self._rows(key)
         if msg_type == 0x43:  # Close: a statement (gone, if it was there) or a portal
@@ -237,6 +284,14 @@ class _Server:
                 self.statements.pop(close.name, None)
             return frame(b"3")
         raise AssertionError(f"unexpected message {chr(msg_type)!r} upstream")
+
+
+_CONTROL = ("BEGIN", "COMMIT", "ROLLBACK")
+
+
+def _notice() -> bytes:
+    notice = (("S", "NOTICE"), ("V", "NOTICE"), ("C", "00000"), ("M", "note"))
+    return ErrorResponse(notice, notice=True).encode()
 
 
 def _row_description() -> bytes:
@@ -269,6 +324,16 @@ def _bound(
     elif form == "null tenant":
         params = (None, params[1])
     out += Bind("", statement, formats, params, (0,)).encode()
+    if describe:
+        out += Describe("P", "").encode()
+    return out + Execute("", 0).encode() + Sync().encode()
+
+
+def _control_bound(statement: str, describe: bool, text: str | None = None) -> bytes:
+    """Bind [+ Describe] + Execute + Sync of a statement without parameters (``text``:
+    with the unnamed statement's Parse of it in front)."""
+    out = b"" if text is None else Parse("", text, ()).encode()
+    out += Bind("", statement, (), (), ()).encode()
     if describe:
         out += Describe("P", "").encode()
     return out + Execute("", 0).encode() + Sync().encode()
@@ -325,6 +390,19 @@ operations: st.SearchStrategy[bytes] = st.one_of(
     st.builds(
         lambda name: Query(f"DEALLOCATE {name}").encode(), st.sampled_from(["s1", "s2", "ALL"])
     ),
+    # Transaction blocks, by simple Query and by prepared (or unnamed) statements.
+    st.builds(lambda word: Query(word).encode(), st.sampled_from(_CONTROL)),
+    st.builds(
+        lambda name, word: Parse(name, word, ()).encode() + Sync().encode(),
+        st.sampled_from(["b", "c"]),
+        st.sampled_from(["BEGIN", "COMMIT", "BEGIN", "COMMIT", "ROLLBACK"]),
+    ),
+    st.builds(_control_bound, st.sampled_from(["b", "c"]), st.booleans()),
+    st.builds(
+        lambda word, describe: _control_bound("", describe, word),
+        st.sampled_from(_CONTROL),
+        st.booleans(),
+    ),
 )
 
 
@@ -334,8 +412,12 @@ def steps(draw: Callable[..., object]) -> list[tuple[list[bytes], int | None]]:
     sent one after the other before any answer, or one split in two) and where to
     split the server's answer (None: one chunk)."""
     out: list[tuple[list[bytes], int | None]] = []
-    for _ in range(draw(st.integers(1, 12))):  # type: ignore[operator]
+    # Often inside a transaction block, where rls/both inject once per block.
+    in_block: bool = draw(st.booleans())  # type: ignore[operator]
+    for number in range(draw(st.integers(1, 12))):  # type: ignore[operator]
         first: bytes = draw(operations)  # type: ignore[operator]
+        if number == 0 and in_block:
+            first = Query("BEGIN").encode()
         shape = draw(st.sampled_from(["one", "one", "pipelined", "two", "split"]))  # type: ignore[operator]
         if shape == "pipelined":
             chunks = [first + draw(operations)]  # type: ignore[operator]
@@ -361,7 +443,19 @@ def _registry(session: Session) -> dict[str, object]:
         )
         for name, slot in inspector._statements.items()
     }
-    return {"statements": statements, "portals": dict(inspector._portals)}
+    injector = session.injector
+    return {
+        "statements": statements,
+        "portals": dict(inspector._portals),
+        "injector": None
+        if injector is None
+        else (
+            injector.tenant_in_block,
+            injector._needs_injection,
+            injector.prepared,
+            injector.statement_name,
+        ),
+    }
 
 
 def _metrics(app: ProxyApp) -> list[str]:
@@ -456,5 +550,89 @@ def test_the_fast_paths_are_taken(mode: str, dry_run: bool) -> None:
             answer()
         assert not session._bound_execute(query)
         assert session.tracker.idle
+
+    asyncio.run(run())
+
+
+# Transaction blocks, where rls/both set the tenant once per block and the fast
+# paths (and the lane) take the statements after that: a focused vocabulary, so
+# that scripts stay inside a block for several statements.
+_BLOCK_SETUP = [
+    Parse("s1", PREPARED, ()).encode() + Sync().encode(),
+    Parse("b", "BEGIN", ()).encode() + Sync().encode(),
+    Parse("c", "COMMIT", ()).encode() + Sync().encode(),
+    Parse("d", "DEALLOCATE ALL", ()).encode() + Sync().encode(),
+]
+_BLOCK_VOCABULARY = [
+    Query("BEGIN").encode(),
+    Query("COMMIT").encode(),
+    Query("ROLLBACK").encode(),
+    _control_bound("b", describe=False),
+    _control_bound("c", describe=True),
+    _control_bound("", describe=True, text="BEGIN"),
+    _control_bound("d", describe=False),
+    _bound("s1", "acme", 1, describe=False, parse=False),
+    _bound("s1", "acme", 1, describe=False, parse=False),
+    _bound("s1", "acme", 2, describe=True, parse=False),
+    _bound("s1", "acme", 3, describe=False, parse=False),  # fails: aborts the block
+    _bound("s1", "globex", 1, describe=False, parse=False),  # refused
+    _bound("", "acme", 1, describe=True, parse=True),
+    _bound("", "acme", 1, describe=True, parse=True),
+    Query(SELECT.format(tenant="'acme'", key=1)).encode(),
+    Query("DEALLOCATE ALL").encode(),
+    # An Execute whose Sync comes later: the block may get the tenant without one.
+    _bound("s1", "acme", 1, describe=False, parse=False)[: -len(Sync().encode())],
+    Sync().encode(),
+]
+
+
+@pytest.mark.parametrize("mode", ["enforce", "both", "rls"])
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    script=st.lists(
+        st.tuples(
+            st.sampled_from(_BLOCK_VOCABULARY).map(lambda chunk: [chunk]),
+            st.one_of(st.none(), st.none(), st.integers(1, 40)),
+        ),
+        min_size=1,
+        max_size=14,
+    )
+)
+def test_fast_paths_match_the_general_path_in_transaction_blocks(
+    mode: str, script: list[tuple[list[bytes], int | None]]
+) -> None:
+    setup: list[tuple[list[bytes], int | None]] = [([chunk], None) for chunk in _BLOCK_SETUP]
+    asyncio.run(_run([*setup, ([Query("BEGIN").encode()], None), *script], mode, False, None))
+
+
+@pytest.mark.parametrize("mode", ["both", "rls"])
+def test_in_a_block_with_the_tenant_a_bound_request_is_one_entry(mode: str) -> None:
+    """rls/both: the block's first statement gets the tenant (the injector's Bind +
+    Execute + Close before it, their answers hidden); the ones after it need
+    nothing and are held as one tracker entry, as in enforce mode."""
+
+    async def run() -> None:
+        proxy = _proxy(mode)
+        server = _Server()
+        session = proxy.session
+
+        def exchange(chunk: bytes) -> bytes:
+            session.client_data(chunk)
+            sent = proxy.upstream.take()
+            session.upstream_data(server.answer(sent))
+            return sent
+
+        for chunk in _BLOCK_SETUP:
+            exchange(chunk)
+        exchange(Query("BEGIN").encode())
+        bind = _bound("s1", "acme", 1, describe=False, parse=False)
+        assert b"__tenantgate" in exchange(bind)  # the block's first statement
+        session.client_data(bind)
+        assert session.tracker.outstanding > len(session.tracker._pending) == 1
+        assert proxy.upstream.take() == bind  # as received
+        session.upstream_data(server.answer(bind))
+        assert proxy.client.take().endswith(ReadyForQuery("T").encode())
+        assert exchange(_control_bound("c", describe=False)) == _control_bound("c", False)
+        assert b"__tenantgate" in exchange(bind)  # a new transaction: the tenant again
 
     asyncio.run(run())
