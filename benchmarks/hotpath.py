@@ -12,6 +12,13 @@ time, so only the shape cache can help).  What it reports is microseconds of
 CPU per statement spent in tenantgate's Python code, the part of ``cpu_cost.py``'s per-transaction
 figure that is not the event loop or the kernel.  ``--profile`` prints the
 top functions under cProfile.
+
+Protocols ``w3-extended`` and ``w3-prepared`` are per transaction instead:
+W3's seven statements (BEGIN, the TPC-B-like body with the tenant, COMMIT),
+each its own Sync as pgbench sends them; use ``--mode both`` as W3 does.
+The server's answers are made once by a small responder while warming up
+and then replayed.  ``--site DIR`` imports tenantgate from DIR (e.g. the
+build ``baseline.py`` made of an earlier commit) to compare two builds.
 """
 
 from __future__ import annotations
@@ -29,6 +36,8 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "proxy"))
+if "--site" in sys.argv:  # before tenantgate is imported
+    sys.path.insert(0, sys.argv[sys.argv.index("--site") + 1])
 
 from tenantgate.app import ProxyApp
 from tenantgate.config import parse_policy
@@ -40,7 +49,7 @@ from tenantgate.protocol.backend import (
     ReadyForQuery,
     RowDescription,
 )
-from tenantgate.protocol.framing import frame
+from tenantgate.protocol.framing import frame, scan_frames
 from tenantgate.protocol.frontend import Bind, Describe, Execute, Parse, Query, Sync
 from tenantgate.session import Session, SessionInfo
 
@@ -48,7 +57,11 @@ POLICY = """
 listen: {host: 127.0.0.1, port: 0}
 upstream: {host: 127.0.0.1, port: 1, database: bench, user: bench, password: x}
 mode: MODE
-tables: {pgbench_accounts: tenant_id}
+tables:
+  pgbench_accounts: tenant_id
+  pgbench_tellers: tenant_id
+  pgbench_branches: tenant_id
+  pgbench_history: tenant_id
 tenants:
   acme: {users: {acme_app: {password: secret}}}
 metrics: {enabled: false}
@@ -81,9 +94,12 @@ class _Upstream:
         pass
 
 
+def _row_description() -> bytes:
+    return RowDescription((FieldDescription("abalance", 0, 0, 23, 4, -1, 0),)).encode()
+
+
 def _answer() -> bytes:
-    row = RowDescription((FieldDescription("abalance", 0, 0, 23, 4, -1, 0),)).encode()
-    return row + DataRow((b"0",)).encode() + CommandComplete("SELECT 1").encode()
+    return _row_description() + DataRow((b"0",)).encode() + CommandComplete("SELECT 1").encode()
 
 
 def wire(policy_text: str, client: Sink, upstream: Sink) -> tuple[Session, ProxyApp]:
@@ -108,11 +124,11 @@ def wire(policy_text: str, client: Sink, upstream: Sink) -> tuple[Session, Proxy
     return session, app
 
 
-def build(mode: str) -> tuple[Session, Any]:
+def build(mode: str, upstream: Sink | None = None) -> tuple[Session, Any]:
     """A session as ``serve`` sets it up: the rate limiter's hook only if the tenant
     has a limit, and the steady-state lane where it applies (``TENANTGATE_LANE=0``
     measures without it)."""
-    session, app = wire(POLICY.replace("MODE", mode), Sink(), Sink())
+    session, app = wire(POLICY.replace("MODE", mode), Sink(), upstream or Sink())
     app.server._set_rate_limit(session, app.policy)
     session.start_lane()
     return session, app
@@ -148,6 +164,119 @@ def workload(protocol: str) -> tuple[list[bytes], list[bytes]]:
     )
 
 
+# W3's body as pgbench -M extended/prepared sends it (its :variables as $n, in order).
+W3_STATEMENTS = (
+    ("BEGIN", ()),
+    ("UPDATE pgbench_accounts SET abalance = abalance + $1 WHERE tenant_id = $2 AND aid = $3",
+     (b"-12", b"acme", b"4242")),
+    ("SELECT abalance FROM pgbench_accounts WHERE tenant_id = $1 AND aid = $2",
+     (b"acme", b"4242")),
+    ("UPDATE pgbench_tellers SET tbalance = tbalance + $1 WHERE tenant_id = $2 AND tid = $3",
+     (b"-12", b"acme", b"17")),
+    ("UPDATE pgbench_branches SET bbalance = bbalance + $1 WHERE tenant_id = $2 AND bid = $3",
+     (b"-12", b"acme", b"3")),
+    ("INSERT INTO pgbench_history (tenant_id, tid, bid, aid, delta, mtime) "
+     "VALUES ($1, $2, $3, $4, $5, CURRENT_TIMESTAMP)",
+     (b"acme", b"17", b"3", b"4242", b"-12")),
+    ("COMMIT", ()),
+)  # fmt: skip
+
+
+def w3_chunks(protocol: str) -> list[bytes]:
+    """One W3 transaction's client chunks: Parse (unnamed) or the prepared statement
+    ``w3_<n>``, Bind, Describe portal, Execute, Sync per statement."""
+    chunks = []
+    for number, (sql, params) in enumerate(W3_STATEMENTS):
+        name = f"w3_{number}" if protocol == "w3-prepared" else ""
+        parse = Parse("", sql, ()).encode() if not name else b""
+        bind = Bind("", name, (), params, ()).encode()
+        chunks.append(
+            parse + bind + Describe("P", "").encode() + Execute("", 0).encode() + Sync().encode()
+        )
+    return chunks
+
+
+class Responder:
+    """What PostgreSQL answers to the bytes a session sent upstream, for W3's
+    statements and the injected set_config (enough of it for this workload)."""
+
+    def __init__(self) -> None:
+        self.texts: dict[str, str] = {}
+        self.portals: dict[str, str] = {}
+        self.status = "I"
+
+    def answer(self, sent: bytes) -> bytes:
+        out = []
+        for msg_type, start, end in scan_frames(sent, 1 << 20)[0]:
+            payload = sent[start:end]
+            if msg_type == 0x50:
+                parse = Parse.decode(payload)
+                self.texts[parse.name] = parse.query
+                out.append(frame(b"1"))
+            elif msg_type == 0x42:
+                bind = Bind.decode(payload)
+                self.portals[bind.portal] = self.texts[bind.statement]
+                out.append(frame(b"2"))
+            elif msg_type == 0x44:
+                text = self.portals[Describe.decode(payload).name]
+                out.append(_row_description() if text.startswith("SELECT") else frame(b"n"))
+            elif msg_type == 0x45:
+                text = self.portals[Execute.decode(payload).portal]
+                if text.startswith("SELECT"):
+                    out.append(DataRow((b"0",)).encode())
+                out.append(_done(text))
+                self.status = {"BEGIN": "T", "COMMIT": "I"}.get(text, self.status)
+            elif msg_type == 0x43:
+                out.append(frame(b"3"))
+            elif msg_type == 0x53:
+                out.append(ReadyForQuery(self.status).encode())
+        return b"".join(out)
+
+
+def _done(text: str) -> bytes:
+    word = text.split(maxsplit=1)[0]
+    tag = {"SELECT": "SELECT 1", "UPDATE": "UPDATE 1", "INSERT": "INSERT 0 1"}.get(word, word)
+    return CommandComplete(tag).encode()
+
+
+class Recorder(Sink):
+    """A transport that keeps what it is given while ``recording``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.data = bytearray()
+        self.recording = True
+
+    def write(self, data: bytes) -> None:
+        if self.recording:
+            self.data += data
+
+
+def w3_workload(
+    session: Session, recorder: Recorder, protocol: str
+) -> tuple[list[bytes], list[bytes]]:
+    """(client chunks, the server's answer to each) of one W3 transaction in steady
+    state, answered once by the Responder (after a first transaction that prepares
+    what is prepared once); ``recorder`` is the session's upstream transport."""
+    responder = Responder()
+    chunks = w3_chunks(protocol)
+    if protocol == "w3-prepared":
+        for number, (sql, _params) in enumerate(W3_STATEMENTS):
+            session.client_data(Parse(f"w3_{number}", sql, ()).encode() + Sync().encode())
+            session.upstream_data(responder.answer(bytes(recorder.data)))
+            recorder.data.clear()
+    answers: list[bytes] = []
+    for _ in range(2):
+        answers = []
+        for chunk in chunks:
+            session.client_data(chunk)
+            answers.append(responder.answer(bytes(recorder.data)))
+            recorder.data.clear()
+            session.upstream_data(answers[-1])
+    recorder.recording = False
+    return chunks, answers
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     parser.add_argument("--iterations", type=int, default=200_000)
@@ -155,16 +284,21 @@ def main() -> int:
     parser.add_argument("--protocols", default="simple,extended,prepared,unique")
     parser.add_argument("--repeats", type=int, default=5, help="report the best repeat")
     parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--site", help="import tenantgate from this directory")
     return asyncio.run(measure(parser.parse_args()))
 
 
 async def measure(args: argparse.Namespace) -> int:
     for protocol in args.protocols.split(","):
-        session, _app = build(args.mode)
+        recorder = Recorder()
+        session, _app = build(args.mode, recorder)
         if protocol == "prepared":
             session.client_data(Parse("s1", PREPARED_SQL, ()).encode() + Sync().encode())
             session.upstream_data(frame(b"1") + ReadyForQuery("I").encode())
-        client, server = workload(protocol)
+        if protocol.startswith("w3-"):
+            client, server = w3_workload(session, recorder, protocol)
+        else:
+            client, server = workload(protocol)
         clients = (
             iter(list(unique_queries(1000 + args.iterations)))  # made before the clock starts
             if protocol == "unique"
@@ -178,10 +312,21 @@ async def measure(args: argparse.Namespace) -> int:
             for chunk in server:
                 session.upstream_data(chunk)
 
+        if protocol.startswith("w3-"):
+            pairs = list(zip(client, server, strict=True))
+
+            def one(session: Session = session, pairs: list[tuple[bytes, bytes]] = pairs) -> None:
+                for chunk, answer in pairs:
+                    session.client_data(chunk)
+                    session.upstream_data(answer)
+
         for _ in range(1000):
             one()
         if session._finished.done():
             print(f"session ended during warm-up: {session._finished.result()!r}")
+            return 1
+        if not session.tracker.idle or session.tracker.status != "I":
+            print("the replayed answers did not answer every request")
             return 1
         if args.profile:
             profiler = cProfile.Profile()
@@ -197,9 +342,13 @@ async def measure(args: argparse.Namespace) -> int:
             profiler.disable()
             pstats.Stats(profiler).sort_stats("tottime").print_stats(25)
         costs.sort()
+        unit = "transaction (7 statements)" if protocol.startswith("w3-") else "statement"
+        lane = session._lane
+        served = "" if lane is None else f"; the lane answered {lane.served}"
         print(
-            f"{args.mode} {protocol}: {costs[0]:.2f} us of CPU per statement (best of "
-            f"{args.repeats}; median {costs[len(costs) // 2]:.2f}), client message + server answer"
+            f"{args.mode} {protocol}: {costs[0]:.2f} us of CPU per {unit} (best of "
+            f"{args.repeats}; median {costs[len(costs) // 2]:.2f}), client messages + server "
+            f"answers{served}"
         )
     return 0
 

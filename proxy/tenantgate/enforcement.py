@@ -235,6 +235,11 @@ class PolicyInspector:
         self._judged: dict[int, tuple[Analysis, Rejection | None, str | None]] = {}
         # Unnamed Parses allowed, for known_parse: payload -> what it made.
         self._known_parses: dict[bytes, Prepared] = {}
+        # The unnamed statement last confirmed (_teach_parse): the lane learns a Parse
+        # only when the same one comes twice running, as a driver that does not
+        # prepare repeats it; texts that take turns (a transaction's statements)
+        # would make it learn and forget at every statement for nothing.
+        self._last_unnamed: bytes | None = None
 
     # --- verdicts ------------------------------------------------------------------
 
@@ -498,10 +503,14 @@ class PolicyInspector:
     def _teach_parse(self, prepared: Prepared) -> None:
         """The server now holds ``prepared`` as its unnamed statement, with no Parse
         pending: the lane may take its known Parse and a Bind of it when known_parse
-        and known_bind would answer for them by their bytes."""
+        and known_bind would answer for them by their bytes (from the second time
+        running the same Parse is confirmed)."""
         payload = prepared.payload
+        repeated = payload == self._last_unnamed
+        self._last_unnamed = payload
         if (
             self._lane is None
+            or not repeated
             or payload is None
             or prepared.parse.name
             or self._known_parses.get(payload) is not prepared
