@@ -13,7 +13,11 @@
    CommandComplete + ReadyForQuery with the status it was sent in: 'I', or 'T' in a
    block).  In a block only statements that are neither transaction control nor
    DEALLOCATE ALL pass (the inspector says which are `plain`), so that nothing the
-   rls/both injector tracks changes.  The per-statement metrics
+   rls/both injector tracks changes.  In enforce mode it also takes a chunk that is
+   exactly a simple Query the inspector allowed before by its bytes (the analysis
+   cache's known_messages, as PolicyInspector.known_query looks it up, once the
+   inspector said so: learn_queries), and its answer when whole ([RowDescription +]
+   DataRow* + CommandComplete + ReadyForQuery).  The per-statement metrics
    (count, duration bucket, rows, bytes) are tallied here and taken by the
    session's metrics when they flush.
 
@@ -64,6 +68,10 @@ typedef struct {
 typedef struct {
     PyObject_HEAD
     PyObject *upstream_write, *client_write, *materialize, *tenant, *portals, *mark;
+    /* Simple Queries: the hand-over of one (NULL: the lane takes none), and, while
+       the inspector's registry is as when it said so (learn_queries), the known
+       messages, the tenant's constants and the cache whose hits they count. */
+    PyObject *materialize_query, *queries, *tenant_only, *query_cache;
     /* The unnamed statement's Parse payload (learn_parse), its statement, and the
        analysis cache whose hits a known Parse counts; parse_payload NULL: none. */
     PyObject *parse_payload, *cache;
@@ -79,6 +87,7 @@ typedef struct {
     int outstanding, describe, current_tally;
     unsigned char status; /* the ReadyForQuery status its answer must end with */
     PyObject *current_info, *current_parse; /* current_parse: its Parse payload, or NULL */
+    PyObject *current_sql, *current_command; /* a Query's (current_info NULL) */
     double started;
     /* Since the last take(). */
     long long bytes_in, bytes_out, rows;
@@ -110,8 +119,15 @@ static void forget_named(Lane *self) {
     self->statement_count = 0;
 }
 
+static void forget_queries(Lane *self) {
+    Py_CLEAR(self->queries);
+    Py_CLEAR(self->tenant_only);
+    Py_CLEAR(self->query_cache);
+}
+
 static void forget_statements(Lane *self) {
     forget_named(self);
+    forget_queries(self);
     Py_CLEAR(self->parse_payload);
     Py_CLEAR(self->parse_statement.info);
     Py_CLEAR(self->cache);
@@ -126,6 +142,12 @@ static int Lane_traverse(Lane *self, visitproc visit, void *arg) {
     Py_VISIT(self->mark);
     Py_VISIT(self->current_info);
     Py_VISIT(self->current_parse);
+    Py_VISIT(self->current_sql);
+    Py_VISIT(self->current_command);
+    Py_VISIT(self->materialize_query);
+    Py_VISIT(self->queries);
+    Py_VISIT(self->tenant_only);
+    Py_VISIT(self->query_cache);
     Py_VISIT(self->parse_payload);
     Py_VISIT(self->parse_statement.info);
     Py_VISIT(self->cache);
@@ -146,6 +168,9 @@ static int Lane_clear(Lane *self) {
     Py_CLEAR(self->mark);
     Py_CLEAR(self->current_info);
     Py_CLEAR(self->current_parse);
+    Py_CLEAR(self->current_sql);
+    Py_CLEAR(self->current_command);
+    Py_CLEAR(self->materialize_query);
     forget_statements(self);
     self->outstanding = 0;
     self->released = 1;
@@ -163,12 +188,13 @@ static void Lane_dealloc(Lane *self) {
 }
 
 static int Lane_init(Lane *self, PyObject *args, PyObject *kwds) {
-    PyObject *upstream_write, *client_write, *materialize, *tenant;
+    PyObject *upstream_write, *client_write, *materialize, *tenant, *materialize_query = Py_None;
     Py_ssize_t max_message;
     static char *kwlist[] = {"upstream_write", "client_write", "materialize", "tenant",
-                             "max_message", NULL};
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOOO!n", kwlist, &upstream_write, &client_write,
-                                     &materialize, &PyBytes_Type, &tenant, &max_message)) {
+                             "max_message", "materialize_query", NULL};
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOOO!n|O", kwlist, &upstream_write,
+                                     &client_write, &materialize, &PyBytes_Type, &tenant,
+                                     &max_message, &materialize_query)) {
         return -1;
     }
     if (self->tenant != NULL) {
@@ -184,6 +210,10 @@ static int Lane_init(Lane *self, PyObject *args, PyObject *kwds) {
     self->materialize = materialize;
     self->tenant = tenant;
     self->max_message = max_message;
+    if (materialize_query != Py_None) {
+        Py_INCREF(materialize_query);
+        self->materialize_query = materialize_query;
+    }
     return 0;
 }
 
@@ -193,13 +223,23 @@ static int hand_over(Lane *self) {
         return 0;
     }
     self->outstanding = 0;
-    PyObject *info = self->current_info, *parse = self->current_parse;
-    self->current_info = self->current_parse = NULL;
-    PyObject *result = PyObject_CallFunction(self->materialize, "OOdO", info,
-                                             self->describe ? Py_True : Py_False, self->started,
-                                             parse == NULL ? Py_None : parse);
-    Py_DECREF(info);
-    Py_XDECREF(parse);
+    PyObject *result;
+    if (self->current_info == NULL) { /* a Query */
+        PyObject *sql = self->current_sql, *command = self->current_command;
+        self->current_sql = self->current_command = NULL;
+        result = PyObject_CallFunction(self->materialize_query, "OOd", sql, command,
+                                       self->started);
+        Py_DECREF(sql);
+        Py_DECREF(command);
+    } else {
+        PyObject *info = self->current_info, *parse = self->current_parse;
+        self->current_info = self->current_parse = NULL;
+        result = PyObject_CallFunction(self->materialize, "OOdO", info,
+                                       self->describe ? Py_True : Py_False, self->started,
+                                       parse == NULL ? Py_None : parse);
+        Py_DECREF(info);
+        Py_XDECREF(parse);
+    }
     if (result == NULL) {
         return -1;
     }
@@ -300,6 +340,59 @@ static int tenant_params_match(Lane *self, const Statement *statement,
     return pos == size && found == statement->count;
 }
 
+static int count_hit(PyObject *cache);
+static int find_tally(Lane *self, PyObject *command);
+
+/* PolicyInspector.known_query's verdict by the bytes, in enforce mode: ``data``
+   (the whole chunk) is a Query message it allowed before and its tenant constants,
+   if any, are this tenant's; the hit counted, the Query forwarded. */
+static PyObject *query_client(Lane *self, PyObject *data, int in_block) {
+    if (self->queries == NULL || PyBytes_GET_SIZE(data) - 5 > self->max_message) {
+        Py_RETURN_FALSE; /* not now, or a long one: the Python path reports it */
+    }
+    PyObject *found = PyDict_GetItemWithError(self->queries, data);
+    if (found == NULL) {
+        if (PyErr_Occurred()) {
+            return NULL;
+        }
+        Py_RETURN_FALSE;
+    }
+    if (!PyTuple_CheckExact(found) || PyTuple_GET_SIZE(found) != 4) {
+        Py_RETURN_FALSE;
+    }
+    PyObject *sql = PyTuple_GET_ITEM(found, 0), *command = PyTuple_GET_ITEM(found, 2);
+    PyObject *constants = PyTuple_GET_ITEM(found, 3);
+    if (!PyUnicode_CheckExact(command) || !PyFrozenSet_CheckExact(constants)) {
+        Py_RETURN_FALSE;
+    }
+    Py_INCREF(sql);
+    Py_INCREF(command);
+    int fits = 1;
+    if (PySet_GET_SIZE(constants) > 0) { /* another tenant's constant: the Python way */
+        fits = PyObject_RichCompareBool(constants, self->tenant_only, Py_EQ);
+    }
+    int index = fits > 0 ? find_tally(self, command) : -1;
+    if (fits < 0 || index == -2 || (index >= 0 && count_hit(self->query_cache) < 0)) {
+        Py_DECREF(sql);
+        Py_DECREF(command);
+        return NULL;
+    }
+    if (index < 0) {
+        Py_DECREF(sql);
+        Py_DECREF(command);
+        Py_RETURN_FALSE;
+    }
+    self->current_sql = sql;
+    self->current_command = command;
+    self->current_tally = index;
+    self->describe = 0;
+    self->status = in_block ? 'T' : 'I';
+    self->outstanding = 1;
+    self->started = now();
+    self->bytes_in += PyBytes_GET_SIZE(data);
+    return pass_on(self, self->upstream_write, data);
+}
+
 PyDoc_STRVAR(client_doc,
              "client(data, in_block) -> bool\n\n"
              "Check and forward a client chunk that is the lane's case, sent while the server\n"
@@ -328,6 +421,9 @@ static PyObject *Lane_client(Lane *self, PyObject *const *args, Py_ssize_t nargs
     }
     const unsigned char *chunk = (const unsigned char *)PyBytes_AS_STRING(data);
     Py_ssize_t size = PyBytes_GET_SIZE(data);
+    if (size >= 1 && chunk[0] == 'Q') {
+        return query_client(self, data, in_block);
+    }
     Py_ssize_t bind_at = 0;
     int with_parse = 0;
     if (size >= 5 && chunk[0] == 'P') {
@@ -423,14 +519,15 @@ static long long count_rows(const unsigned char *buffer, Py_ssize_t start, Py_ss
     return rows;
 }
 
-enum { EXPECT_PARSE, EXPECT_BIND, EXPECT_DESCRIBE, EXPECT_ROWS, EXPECT_READY, DONE };
+enum { EXPECT_PARSE, EXPECT_BIND, EXPECT_DESCRIBE, EXPECT_HEAD, EXPECT_ROWS, EXPECT_READY, DONE };
 
 /* The answer to the lane's request, if ``chunk`` is exactly all of it (what
-   tracker._pass_bound consumes, ending in ReadyForQuery ``status``): its row
-   count; -1: not that case. */
-static long long whole_answer(const unsigned char *chunk, Py_ssize_t size, int describe,
-                              int with_parse, unsigned char status) {
-    int stage = with_parse ? EXPECT_PARSE : EXPECT_BIND;
+   tracker._pass_bound consumes, ending in ReadyForQuery ``status``; for a Query,
+   what pass_plain consumes of one statement's result): its row count; -1: not
+   that case. */
+static long long whole_answer(const unsigned char *chunk, Py_ssize_t size, int query,
+                              int describe, int with_parse, unsigned char status) {
+    int stage = query ? EXPECT_HEAD : with_parse ? EXPECT_PARSE : EXPECT_BIND;
     long long rows = 0;
     Py_ssize_t pos = 0;
     while (size - pos >= 5) {
@@ -440,6 +537,13 @@ static long long whole_answer(const unsigned char *chunk, Py_ssize_t size, int d
             return -1;
         }
         Py_ssize_t end = pos + 1 + length;
+        if (stage == EXPECT_HEAD) { /* a Query's RowDescription, if it returns rows */
+            stage = EXPECT_ROWS;
+            if (type == 'T') {
+                pos = end;
+                continue;
+            }
+        }
         switch (stage) {
         case EXPECT_PARSE:
             if (type != '1') {
@@ -498,12 +602,12 @@ static void tally(Lane *self, long long rows, double seconds) {
     self->rows += rows;
 }
 
-/* known_parse's `self._cache.hits += 1`, for a known Parse the lane answered. */
-static int count_hit(Lane *self) {
-    if (self->cache == NULL) {
+/* known_parse's (and known_query's) `self._cache.hits += 1`. */
+static int count_hit(PyObject *cache) {
+    if (cache == NULL) {
         return 0;
     }
-    PyObject *hits = PyObject_GetAttr(self->cache, HITS);
+    PyObject *hits = PyObject_GetAttr(cache, HITS);
     if (hits == NULL) {
         return -1;
     }
@@ -512,7 +616,7 @@ static int count_hit(Lane *self) {
     if (more == NULL) {
         return -1;
     }
-    int failed = PyObject_SetAttr(self->cache, HITS, more);
+    int failed = PyObject_SetAttr(cache, HITS, more);
     Py_DECREF(more);
     return failed;
 }
@@ -529,8 +633,8 @@ static PyObject *Lane_upstream(Lane *self, PyObject *data) {
     long long rows = -1;
     if (PyBytes_CheckExact(data)) {
         rows = whole_answer((const unsigned char *)PyBytes_AS_STRING(data),
-                            PyBytes_GET_SIZE(data), self->describe, self->current_parse != NULL,
-                            self->status);
+                            PyBytes_GET_SIZE(data), self->current_info == NULL, self->describe,
+                            self->current_parse != NULL, self->status);
     }
     if (rows < 0) {
         if (hand_over(self) < 0) {
@@ -543,8 +647,10 @@ static PyObject *Lane_upstream(Lane *self, PyObject *data) {
     self->outstanding = 0;
     Py_CLEAR(self->current_info);
     Py_CLEAR(self->current_parse);
+    Py_CLEAR(self->current_sql);
+    Py_CLEAR(self->current_command);
     tally(self, rows, seconds);
-    if (with_parse && count_hit(self) < 0) {
+    if (with_parse && count_hit(self->cache) < 0) {
         return NULL;
     }
     self->bytes_out += PyBytes_GET_SIZE(data);
@@ -691,10 +797,35 @@ static PyObject *Lane_learn_parse(Lane *self, PyObject *args) {
     Py_RETURN_TRUE;
 }
 
+PyDoc_STRVAR(learn_queries_doc,
+             "learn_queries(known, tenant_only, cache)\n\n"
+             "Until the next forget(): a chunk that is a key of ``known`` (message bytes ->\n"
+             "(sql, analysis, command, constants)) whose constants are none or\n"
+             "``tenant_only`` may pass here, counting a hit in ``cache.hits``, as\n"
+             "known_query allows it.  Only for a lane made with materialize_query.");
+
+static PyObject *Lane_learn_queries(Lane *self, PyObject *args) {
+    PyObject *known, *tenant_only, *cache;
+    if (!PyArg_ParseTuple(args, "O!O!O", &PyDict_Type, &known, &PyFrozenSet_Type, &tenant_only,
+                          &cache)) {
+        return NULL;
+    }
+    if (self->released || self->materialize_query == NULL || self->queries == known) {
+        Py_RETURN_NONE;
+    }
+    Py_INCREF(known);
+    Py_INCREF(tenant_only);
+    Py_INCREF(cache);
+    Py_XSETREF(self->queries, known);
+    Py_XSETREF(self->tenant_only, tenant_only);
+    Py_XSETREF(self->query_cache, cache);
+    Py_RETURN_NONE;
+}
+
 PyDoc_STRVAR(forget_doc, "forget()\n\nForget every statement learnt (the registry changed).");
 
 static PyObject *Lane_forget(Lane *self, PyObject *unused) {
-    if (self->statement_count || self->parse_payload != NULL) {
+    if (self->statement_count || self->parse_payload != NULL || self->queries != NULL) {
         forget_statements(self);
     }
     Py_RETURN_NONE;
@@ -825,7 +956,8 @@ static PyObject *Lane_get_served(Lane *self, void *closure) {
 }
 
 static PyObject *Lane_get_learnt(Lane *self, void *closure) {
-    return PyLong_FromLong(self->statement_count + (self->parse_payload != NULL));
+    return PyLong_FromLong(self->statement_count + (self->parse_payload != NULL) +
+                           (self->queries != NULL));
 }
 
 static PyMethodDef Lane_methods[] = {
@@ -834,6 +966,7 @@ static PyMethodDef Lane_methods[] = {
     {"hand_over", (PyCFunction)Lane_hand_over, METH_NOARGS, hand_over_doc},
     {"learn", (PyCFunction)Lane_learn, METH_VARARGS, learn_doc},
     {"learn_parse", (PyCFunction)Lane_learn_parse, METH_VARARGS, learn_parse_doc},
+    {"learn_queries", (PyCFunction)Lane_learn_queries, METH_VARARGS, learn_queries_doc},
     {"forget", (PyCFunction)Lane_forget, METH_NOARGS, forget_doc},
     {"attach", (PyCFunction)Lane_attach, METH_VARARGS, attach_doc},
     {"report_to", (PyCFunction)Lane_report_to, METH_VARARGS, report_to_doc},
@@ -845,7 +978,8 @@ static PyMethodDef Lane_methods[] = {
 static PyGetSetDef Lane_getset[] = {
     {"outstanding", (getter)Lane_get_outstanding, NULL, "A request forwarded here awaits its answer.", NULL},
     {"served", (getter)Lane_get_served, NULL, "Statements answered here.", NULL},
-    {"learnt", (getter)Lane_get_learnt, NULL, "Statements the lane may pass now.", NULL},
+    {"learnt", (getter)Lane_get_learnt, NULL,
+     "Statements the lane may pass now (the known Queries count as one).", NULL},
     {NULL},
 };
 

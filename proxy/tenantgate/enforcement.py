@@ -615,6 +615,10 @@ class PolicyInspector:
         self.last_would_reject = False
         self.query_sent()
         self._cache.hits += 1
+        if self._lane is not None:
+            # Until the registry changes again, query_sent would change nothing: the
+            # lane may allow the known messages itself (enforce mode only).
+            self._lane.learn_queries(self._known, self._tenant_only, self._cache)
         return KnownQuery(sql, command)
 
     def _unparsed_query(self, message: bytes) -> KnownQuery | None:

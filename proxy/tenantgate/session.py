@@ -76,6 +76,7 @@ _DESCRIBE_EXECUTE_SYNC: Final = Describe("P", "").encode() + _EXECUTE_SYNC
 # or TENANTGATE_LANE=0.
 _LANE: Final = lane_class()
 _PARSE_OR_BIND: Final = frozenset(b"PB")  # the first message of a chunk _bound_execute may take
+_LANE_STARTS: Final = frozenset(b"PBQ")  # the first message of a chunk the lane may take
 _FUNCTION_CALL_REJECTION: Final = rejected(
     "function_call",
     "the FunctionCall protocol message is not allowed",
@@ -182,8 +183,10 @@ class Session:
 
         The lane checks and forwards, in C, a [Parse +] Bind [+ Describe] + Execute +
         Sync of a statement the inspector taught it (a named one, or the unnamed one
-        with its known Parse), and the answer to it when that comes whole;
-        everything else stays on the Python path.  In rls/both mode it takes
+        with its known Parse), in enforce mode also a Query the inspector allowed
+        before by its bytes (what _known_query takes from the inspector's table),
+        and the answer to either when that comes whole; everything else stays on
+        the Python path.  In rls/both mode it takes
         requests only inside a block that has the tenant (_lane_may_take).  Only
         if the observer can take its tallies (not when every statement is
         audited) and the inspector can teach it.
@@ -196,6 +199,8 @@ class Session:
             self._lane_request,
             self.info.tenant.encode(),
             self._max_message,
+            # Known Queries too in enforce mode (rls/both rewrite every Query).
+            self._lane_query if self.injector is None else None,
         )
         if self.observer.attach_lane(lane) and self.inspector.attach_lane(lane):
             self._lane = lane
@@ -231,6 +236,14 @@ class Session:
         entry = _statement_entry(Kind.EXECUTE, portal.command, portal.sql, portal.would_reject)
         entry.started = started
         self.tracker.expect_bound(entry, describe, parse_done)
+
+    def _lane_query(self, sql: str, command: str, started: float) -> None:
+        """The lane hands over the known Query it forwarded: the tracker entry
+        _known_query makes for it, timed from when the lane sent it."""
+        self._lane_busy = False
+        entry = _statement_entry(Kind.QUERY, command, sql, False)
+        entry.started = started
+        self.tracker.expect(entry)
 
     async def run(self) -> None:
         """Forward until either side ends; always closes the upstream connection.
@@ -338,7 +351,7 @@ class Session:
             if lane is not None:
                 settled = (
                     self.tracker.settled
-                    if data[0] in _PARSE_OR_BIND
+                    if data[0] in _LANE_STARTS
                     and self.rate_limit is None
                     and not self._deferred
                     and not len(self._client_held)

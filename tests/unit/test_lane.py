@@ -17,6 +17,7 @@ import asyncio
 import bisect
 import gc
 import itertools
+import re
 import sys
 import time
 import weakref
@@ -40,7 +41,7 @@ from tenantgate.protocol.backend import (
     ReadyForQuery,
     RowDescription,
 )
-from tenantgate.protocol.framing import uint32_at
+from tenantgate.protocol.framing import scan_frames, uint32_at
 from tenantgate.protocol.frontend import Bind, Close, Execute, Parse, Query, Sync, bind_params_at
 from tenantgate.session import _DESCRIBE_EXECUTE_SYNC, _EXECUTE_SYNC
 from tenantgate.tracker import Kind, Pending, ResponseTracker
@@ -80,7 +81,11 @@ class _Ends:
         self.client: list[bytes] = []
         self.handed: list[tuple[object, bool, float]] = []
         self.parses: list[bytes | None] = []  # the Parse payload handed over with each
+        self.queries: list[tuple[str, str, float]] = []  # the Queries handed over
         self.marks = 0
+
+    def hand_query(self, sql: str, command: str, started: float) -> None:
+        self.queries.append((sql, command, started))
 
     def hand(self, info: object, describe: bool, started: float, parse: bytes | None) -> None:
         self.handed.append((info, describe, started))
@@ -90,10 +95,14 @@ class _Ends:
         self.marks += 1
 
 
-def _lane(bounds: tuple[float, ...] = ()) -> tuple[Lane, _Ends, dict[str, Any]]:
+def _lane(
+    bounds: tuple[float, ...] = (), max_message: int = MAX_MESSAGE
+) -> tuple[Lane, _Ends, dict[str, Any]]:
     assert LANE is not None
     ends = _Ends()
-    lane = LANE(ends.upstream.append, ends.client.append, ends.hand, TENANT, MAX_MESSAGE)
+    lane = LANE(
+        ends.upstream.append, ends.client.append, ends.hand, TENANT, max_message, ends.hand_query
+    )
     portals: dict[str, Any] = {}
     lane.attach(portals, 1000)
     lane.report_to(ends.mark, bounds)
@@ -711,6 +720,10 @@ def test_the_lane_takes_the_known_parse_of_the_unnamed_statement() -> None:
 # these makes the session differential test (``_run``) exercise the lane's
 # forgetting far more often than its general vocabulary does.
 _LANE_VOCABULARY = [
+    Query("SELECT balance FROM accounts WHERE tenant_id = 'acme' AND id = 1").encode(),
+    Query("SELECT balance FROM accounts WHERE tenant_id = 'acme' AND id = 1").encode(),
+    Query("SELECT balance FROM accounts WHERE tenant_id = 'globex' AND id = 1").encode(),
+    _bound("", "acme", 1, describe=False, parse=False),  # the unnamed statement, no Parse
     Parse("s1", PREPARED, ()).encode() + Sync().encode(),
     Close("S", "s1").encode() + Parse("s1", SWAPPED, ()).encode() + Sync().encode(),
     Close("S", "s1").encode() + Parse("s1", PREPARED, ()).encode() + Sync().encode(),
@@ -734,3 +747,192 @@ def test_the_lane_matches_the_general_path_as_statements_change(
     script: list[tuple[list[bytes], int | None]],
 ) -> None:
     asyncio.run(_run(script, "enforce", False, None))
+
+
+# --- known simple Queries (enforce mode) ------------------------------------------------------
+
+TENANT_ONLY = frozenset({"acme"})
+QUERY_A = Query("SELECT 1").encode()
+QUERY_B = Query("SELECT balance FROM accounts WHERE tenant_id = 'acme'").encode()
+QUERY_C = Query("SELECT balance FROM accounts WHERE tenant_id = 'globex'").encode()
+
+
+def _known_messages() -> dict[bytes, tuple[str, Any, str, frozenset[str]]]:
+    """An analysis cache's known_messages: no constants, this tenant's, another's."""
+    return {
+        QUERY_A: ("SELECT 1", object(), "select", frozenset()),
+        QUERY_B: ("SELECT balance ... 'acme'", object(), "select", TENANT_ONLY),
+        QUERY_C: ("SELECT balance ... 'globex'", object(), "select", frozenset({"globex"})),
+    }
+
+
+@settings(max_examples=800, deadline=None)
+@given(
+    base=st.sampled_from([QUERY_A, QUERY_B, QUERY_C, Query("SELECT 2").encode()]),
+    damage=st.sampled_from(["none", "none", "cut", "extra", "pipelined", "flip"]),
+    at=st.integers(0, 60),
+    taught=st.booleans(),
+    in_block=st.booleans(),
+    max_message=st.sampled_from([MAX_MESSAGE, 20]),
+)
+def test_the_lane_takes_a_query_exactly_when_known_query_allows_it_by_its_bytes(
+    base: bytes, damage: str, at: int, taught: bool, in_block: bool, max_message: int
+) -> None:
+    """PolicyInspector.known_query's table lookup: the whole chunk is a message it
+    allowed, with no tenant constant or only this tenant's; and only after the
+    inspector taught it (learn_queries), until forget()."""
+    chunk = {
+        "none": base,
+        "cut": base[: min(at, len(base) - 1)],
+        "extra": base + b"\x00",
+        "pipelined": base + Sync().encode(),
+        "flip": base[: min(at, len(base) - 1)] + b"!" + base[min(at, len(base) - 1) + 1 :],
+    }[damage]
+    known = _known_messages()
+    lane, ends, _portals = _lane(max_message=max_message)
+    cache = _Cache()
+    if taught:
+        lane.learn_queries(known, TENANT_ONLY, cache)
+    found = known.get(chunk)
+    expected = (
+        taught
+        and found is not None
+        and found[3] in (frozenset(), TENANT_ONLY)
+        and len(chunk) - 5
+        <= max_message  # a longer one: _known_query leaves it to the general path
+    )
+    assert lane.client(chunk, in_block) is expected
+    assert ends.upstream == ([chunk] if expected else [])
+    assert cache.hits == (1 if expected else 0)  # counted when sent, as known_query counts
+    if expected:
+        assert found is not None
+        lane.hand_over()
+        assert [(sql, command) for sql, command, _ in ends.queries] == [(found[0], "select")]
+    assert not ends.handed
+    lane.forget()
+    assert not lane.client(chunk, in_block)
+
+
+def test_a_lane_without_a_query_hand_over_takes_no_query() -> None:
+    """rls/both: the session makes its lane without materialize_query."""
+    assert LANE is not None
+    ends = _Ends()
+    lane = LANE(ends.upstream.append, ends.client.append, ends.hand, TENANT, MAX_MESSAGE)
+    lane.attach({}, 1000)
+    lane.learn_queries(_known_messages(), TENANT_ONLY, _Cache())
+    assert lane.learnt == 0
+    assert not lane.client(QUERY_A, False)
+
+
+@st.composite
+def query_answers(draw: Callable[..., Any]) -> bytes:
+    """The answer to a Query: one statement's result, often whole, sometimes damaged,
+    sometimes two statements' or an empty query's."""
+    parts = []
+    if draw(st.booleans()):
+        parts.append(ROWDESC)
+    parts += [DataRow((b"1",)).encode()] * draw(st.integers(0, 3))
+    parts.append(CommandComplete(draw(st.sampled_from(TAGS))).encode())
+    parts.append(ReadyForQuery(draw(st.sampled_from("IIITTTE"))).encode())
+    damage = draw(
+        st.sampled_from(["none"] * 4 + ["drop", "insert", "swap", "cut", "extra", "empty"])
+    )
+    if damage == "drop":
+        del parts[draw(st.integers(0, len(parts) - 1))]
+    elif damage == "insert":
+        extra = draw(
+            st.sampled_from([NOTICE, ERROR, ROWDESC, CommandComplete("SELECT 1").encode()])
+        )
+        parts.insert(draw(st.integers(0, len(parts))), extra)
+    elif damage == "swap" and len(parts) > 2:
+        at = draw(st.integers(0, len(parts) - 2))
+        parts[at], parts[at + 1] = parts[at + 1], parts[at]
+    elif damage == "empty":
+        parts = [Empty("I").encode(), ReadyForQuery("I").encode()]
+    chunk = b"".join(parts)
+    if damage == "cut":
+        chunk = chunk[: draw(st.integers(0, len(chunk) - 1))]
+    elif damage == "extra":
+        chunk += draw(st.sampled_from([NOTICE, ReadyForQuery("I").encode(), b"Z\x00"]))
+    return chunk
+
+
+def _one_result(chunk: bytes) -> bool:
+    """Whether ``chunk`` is exactly [RowDescription +] DataRow* + CommandComplete +
+    ReadyForQuery: one statement's result, all the lane takes of a Query's answer."""
+    types = bytes(t for t, _, _ in scan_frames(chunk, 1 << 20)[0])
+    return (
+        scan_frames(chunk, 1 << 20)[1] == len(chunk) and re.fullmatch(b"T?D*CZ", types) is not None
+    )
+
+
+@settings(max_examples=1500, deadline=None)
+@given(chunk=query_answers(), in_block=st.booleans())
+def test_the_lane_takes_a_query_answer_exactly_when_pass_plain_consumes_it_whole(
+    chunk: bytes, in_block: bool
+) -> None:
+    """One statement's result, whole, consumed by pass_plain for the Query's entry,
+    ending in the status the Query was sent in; anything else is handed over."""
+    lane, ends, _portals = _lane()
+    lane.learn_queries(_known_messages(), TENANT_ONLY, _Cache())
+    assert lane.client(QUERY_A, in_block)
+    status = "T" if in_block else "I"
+    tracker = ResponseTracker()
+    tracker.status = status
+    done: list[tuple[Pending, bool]] = []
+    tracker.on_complete = lambda entry, ok: done.append((entry, ok))
+    entry = Pending(Kind.QUERY, command="select")
+    tracker.expect(entry)
+    consumed = (
+        tracker.pass_plain(chunk, 0) == len(chunk) and tracker.idle and tracker.status == status
+    )
+    rows = entry.rows if consumed and _one_result(chunk) else None
+    if b"1" + b"0" * 18 in chunk:
+        rows = None  # more digits than the lane counts: the Python path counts them
+    assert lane.upstream(chunk) is (rows is not None)
+    assert not lane.outstanding
+    if rows is None:
+        assert [(sql, command) for sql, command, _ in ends.queries] == [("SELECT 1", "select")]
+        assert not ends.client
+    else:
+        assert done == [(entry, True)]
+        assert not ends.queries
+        assert ends.client == [chunk]
+        _bytes_in, bytes_out, counted, commands = lane.take()
+        assert (bytes_out, counted) == (len(chunk), rows)
+        assert [(command, allowed) for command, allowed, _, _ in commands] == [("select", 1)]
+
+
+def test_the_session_lane_takes_known_queries_and_forgets_them() -> None:
+    """A Query allowed twice by the Python path is then the lane's (until the
+    registry changes: an unnamed Parse); another tenant's literal stays refused."""
+
+    async def run() -> None:
+        session, exchange = _served_session()
+        lane = session._lane
+        inspector = cast(PolicyInspector, session.inspector)
+        mine = Query("SELECT balance FROM accounts WHERE tenant_id = 'acme' AND id = 1").encode()
+        hits = []
+        for _ in range(5):
+            hits.append(inspector._cache.hits)
+            assert exchange(mine).endswith(READY)
+        hits.append(inspector._cache.hits)
+        # Analysed, then known by its text, then by its bytes (Python), then the lane's.
+        assert lane.served == 2
+        assert [after - before for before, after in itertools.pairwise(hits)][2:] == [1, 1, 1]
+        theirs = Query(
+            "SELECT balance FROM accounts WHERE tenant_id = 'globex' AND id = 1"
+        ).encode()
+        for _ in range(3):
+            assert b"42501" in exchange(theirs)
+        assert exchange(mine).endswith(READY)
+        assert lane.served == 3
+        exchange(Parse("", PREPARED, ()).encode() + Sync().encode())
+        assert lane.learnt == 0  # the registry changed: the next one goes the Python way
+        assert exchange(mine).endswith(READY)
+        assert lane.served == 3
+        assert exchange(mine).endswith(READY)
+        assert lane.served == 4
+        assert session.tracker.idle
+
+    asyncio.run(run())
