@@ -1,9 +1,9 @@
 /* tenantgate._lane: the steady-state lane, the per-statement path of a prepared
    statement in C.
 
-   Owns one session's steady state, outside a transaction block in enforce mode
-   and inside a block in every mode once the block has the tenant (the session
-   says which): a client chunk that is exactly
+   Owns one session's steady state, outside a transaction block in enforce mode,
+   and inside a block in every mode (in rls/both once the block has its tenant;
+   the session says when): a client chunk that is exactly
    [Parse +] Bind (unnamed portal) [+ Describe portal] + Execute + Sync, whose Bind
    is of a named statement the Python inspector taught it, or whose Parse is the
    unnamed statement's, byte for byte the one the server holds (taught likewise),
@@ -368,7 +368,7 @@ static PyObject *query_client(Lane *self, PyObject *data, int in_block) {
     Py_INCREF(sql);
     Py_INCREF(command);
     int fits = 1;
-    if (PySet_GET_SIZE(constants) > 0) { /* another tenant's constant: the Python way */
+    if (PySet_GET_SIZE(constants) > 0) { /* not only this tenant's: the Python way */
         fits = PyObject_RichCompareBool(constants, self->tenant_only, Py_EQ);
     }
     int index = fits > 0 ? find_tally(self, command) : -1;
