@@ -251,6 +251,12 @@ class Recorder(Sink):
         if self.recording:
             self.data += data
 
+    def take(self) -> bytes:
+        """What it kept since the last take."""
+        out = bytes(self.data)
+        self.data.clear()
+        return out
+
 
 def w3_workload(
     session: Session, recorder: Recorder, protocol: str

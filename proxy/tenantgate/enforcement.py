@@ -173,12 +173,6 @@ class _Slot:
         return ([self.confirmed] if self.confirmed else []) + self.pending
 
 
-def _plain(info: PortalInfo) -> bool:
-    """Neither transaction control nor DEALLOCATE ALL: running it in a transaction
-    block changes nothing the rls/both injector tracks (the lane may take it there)."""
-    return not (info.transaction_control or info.deallocates_all)
-
-
 class _BindLane:
     """What a Bind of one named statement needs checked while the registry is as it
     was (``version``): its tenant parameters ($n) are this tenant's bytes in text
@@ -498,19 +492,20 @@ class PolicyInspector:
         """Let the session's lane apply ``bind_lane`` (valid at this version) itself."""
         if self._lane is not None:
             info = bind_lane.info
-            self._lane.learn(key, bind_lane.numbers, info, info.command, _plain(info))
+            self._lane.learn(key, bind_lane.numbers, info, info.command, info.plain)
 
     def _teach_parse(self, prepared: Prepared) -> None:
         """The server now holds ``prepared`` as its unnamed statement, with no Parse
         pending: the lane may take its known Parse and a Bind of it when known_parse
         and known_bind would answer for them by their bytes (from the second time
         running the same Parse is confirmed)."""
+        if self._lane is None:
+            return
         payload = prepared.payload
         repeated = payload == self._last_unnamed
         self._last_unnamed = payload
         if (
-            self._lane is None
-            or not repeated
+            not repeated
             or payload is None
             or prepared.parse.name
             or self._known_parses.get(payload) is not prepared
@@ -523,7 +518,7 @@ class PolicyInspector:
             if not matches_as_bytes(False, prepared.param_type(number - 1)):
                 return  # not a test of the bytes alone: known_bind decides each Bind
         info = prepared.info
-        self._lane.learn_parse(payload, numbers, info, info.command, self._cache, _plain(info))
+        self._lane.learn_parse(payload, numbers, info, info.command, self._cache, info.plain)
 
     def _changed(self) -> None:
         """The statement registry changed: every _BindLane is out of date."""

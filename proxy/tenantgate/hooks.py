@@ -30,6 +30,12 @@ class PortalInfo:
     would_reject: bool = False  # dry run: already counted as would_reject at Parse/Bind
     deallocates_all: bool = False  # DEALLOCATE ALL: drops the proxy's internal statement too
 
+    @property
+    def plain(self) -> bool:
+        """Neither transaction control nor DEALLOCATE ALL: running it inside a
+        transaction block changes nothing the rls/both injector tracks."""
+        return not (self.transaction_control or self.deallocates_all)
+
 
 UNKNOWN_PORTAL: Final = PortalInfo(False, "other", None)
 

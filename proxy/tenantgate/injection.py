@@ -160,12 +160,13 @@ class TenantInjector:
         """
         self._in_block = idle_in_block and self.tenant_in_block
 
-    def runs_as_is(self, transaction_control: bool) -> bool:
+    def runs_as_is(self, plain: bool) -> bool:
         """Whether a client's Execute in the chunk just observed needs nothing
-        injected (:meth:`before_execute` would return None and change nothing):
-        the upstream is idle in a block that has the tenant, and the statement is
-        not transaction control."""
-        return self._in_block and not transaction_control
+        injected and changes nothing here (:meth:`before_execute` would return
+        None, :meth:`statements_dropped` is not due): the upstream is idle in a
+        block that has the tenant, and the statement is ``plain`` (neither
+        transaction control nor DEALLOCATE ALL)."""
+        return self._in_block and plain
 
     @property
     def steady_in_block(self) -> bool:

@@ -241,9 +241,7 @@ class Session:
         """The lane hands over the known Query it forwarded: the tracker entry
         _known_query makes for it, timed from when the lane sent it."""
         self._lane_busy = False
-        entry = _statement_entry(Kind.QUERY, command, sql, False)
-        entry.started = started
-        self.tracker.expect(entry)
+        self._expect_statement(Kind.QUERY, command, sql, False).started = started
 
     async def run(self) -> None:
         """Forward until either side ends; always closes the upstream connection.
@@ -573,10 +571,7 @@ class Session:
                 known_parse = None
         bind_payload = data[parse_end + 5 : end]
         info = None if parse_instead is not None else inspector.known_bind(bind_payload)
-        if info is not None and (
-            injector is None
-            or (injector.runs_as_is(info.transaction_control) and not info.deallocates_all)
-        ):
+        if info is not None and (injector is None or injector.runs_as_is(info.plain)):
             # Allowed in place, nothing to inject: the request is one tracker entry.
             entry = _statement_entry(Kind.EXECUTE, info.command, info.sql, info.would_reject)
             parse_done = None if known_parse is None else self._parse_done(known_parse)

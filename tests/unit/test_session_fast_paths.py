@@ -47,7 +47,7 @@ from tenantgate.session import Session
 
 # The session wiring hotpath.py measures with (serve's wiring, without sockets).
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
-from hotpath import Sink, wire
+from hotpath import Recorder, wire
 
 POLICY = """
 listen: {host: 127.0.0.1, port: 0}
@@ -68,28 +68,12 @@ SWAPPED = "SELECT balance FROM accounts WHERE id = $1 AND tenant_id = $2"
 UNPROVABLE = "SELECT balance FROM accounts WHERE id = 1"
 
 
-class _Transport(Sink):
-    """Collects what the session writes."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.data = bytearray()
-
-    def write(self, data: bytes) -> None:
-        self.data += data
-
-    def take(self) -> bytes:
-        out = bytes(self.data)
-        self.data.clear()
-        return out
-
-
 @dataclass
 class _Proxy:
     session: Session
     app: ProxyApp
-    client: _Transport
-    upstream: _Transport
+    client: Recorder
+    upstream: Recorder
     rate_limit: _RateLimit | None = None
 
 
@@ -123,7 +107,7 @@ CASES = (
 
 def _proxy(mode: str = "enforce", dry_run: bool = False, refuse_every: int | None = None) -> _Proxy:
     policy = POLICY.replace("MODE", mode).replace("DRY_RUN", "true" if dry_run else "false")
-    client, upstream = _Transport(), _Transport()
+    client, upstream = Recorder(), Recorder()
     session, app = wire(policy, client, upstream)
     proxy = _Proxy(session, app, client, upstream)
     if refuse_every is not None:
