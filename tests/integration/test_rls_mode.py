@@ -37,6 +37,7 @@ from support.db import (
     TenantDb,
 )
 from support.proxy import RunningProxy
+from tenantgate.compiled import lane_class
 
 pytestmark = pytest.mark.postgres
 
@@ -747,10 +748,15 @@ def test_savepoint_rollback_after_auto_prepared_statements(acme: Conn) -> None:
 # --- the steady-state lane inside transaction blocks -----------------------------------------
 
 
-def lane_served(proxy: RunningProxy) -> int | None:
-    """Statements the sessions' lanes answered (None: this build has no lane)."""
-    lanes = [s._lane for s in proxy.app.server.sessions.values() if s._lane is not None]
-    return sum(lane.served for lane in lanes) if lanes else None
+def lane_served(proxy: RunningProxy, backend_pid: int) -> int | None:
+    """Statements the lane of the session with this (proxy) backend pid answered.
+
+    None: the session has no lane, because this build has none or because the
+    session has not attached it yet (it does so when it starts running, which can
+    be just after the client has its ReadyForQuery).
+    """
+    lane = proxy.app.server.sessions[backend_pid]._lane
+    return None if lane is None else lane.served
 
 
 @pytest.mark.security
@@ -771,7 +777,8 @@ def test_prepared_statements_in_a_block_keep_the_tenant(
     params = ("acme", 0) if mode == "both" else (0, "x")
     expected = tenant_db.snapshot("acme")["orders"]
     with connect(running, tenant_db, "acme", autocommit=False) as conn:
-        before = lane_served(running)
+        pid = conn.info.backend_pid
+        before = lane_served(running, pid) or 0  # a lane not attached yet served none
         for _ in range(2):
             for _ in range(4):
                 assert conn.execute(query, params, prepare=True).fetchall() == expected
@@ -785,7 +792,9 @@ def test_prepared_statements_in_a_block_keep_the_tenant(
             conn.rollback()
             assert conn.execute(query, params, prepare=True).fetchall() == expected
             conn.commit()
-        after = lane_served(running)
-    if after is not None:  # the compiled build: the lane took part of them
-        assert before is not None
+        after = lane_served(running, pid)
+    if lane_class() is None:  # pure Python, or TENANTGATE_LANE=0: no lane
+        assert after is None
+    else:  # the lane took part of them
+        assert after is not None
         assert after > before
