@@ -49,15 +49,13 @@ from services import (
     DATABASE,
     HOST,
     Database,
+    Forwarder,
     PgBouncer,
     Scale,
     Tenantgate,
-    free_port,
     process_cpu,
     run_command,
     stat_fields,
-    stop_process,
-    wait_port,
 )
 from workloads import CASES, HOT_KEYS, Case
 
@@ -148,34 +146,6 @@ class Counters:
                 with contextlib.suppress(ValueError):  # "<not counted>"
                     totals[fields[2]] = float(fields[0])
         return totals
-
-
-class Forwarder:
-    def __init__(self, workdir: Path, db: Database) -> None:
-        self.workdir, self.db, self.port = workdir, db, 0
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def pid(self) -> int:
-        assert self.proc is not None
-        return self.proc.pid
-
-    def start(self) -> None:
-        self.port = free_port()
-        self.proc = subprocess.Popen(
-            [sys.executable, str(Path(__file__).with_name("forwarder.py")), str(self.port),
-             str(self.db.port)],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=open(self.workdir / "forwarder.log", "ab"),  # noqa: SIM115
-            start_new_session=True,
-        )  # fmt: skip
-        wait_port(self.port, self.proc, "forwarder")
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            stop_process(self.proc)
-            self.proc = None
 
 
 def pgbench(

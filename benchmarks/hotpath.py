@@ -13,9 +13,10 @@ CPU per statement spent in tenantgate's Python code, the part of ``cpu_cost.py``
 figure that is not the event loop or the kernel.  ``--profile`` prints the
 top functions under cProfile.
 
-Protocols ``w3-extended`` and ``w3-prepared`` are per transaction instead:
-W3's seven statements (BEGIN, the TPC-B-like body with the tenant, COMMIT),
-each its own Sync as pgbench sends them; use ``--mode both`` as W3 does.
+Protocols ``w3-simple``, ``w3-extended`` and ``w3-prepared`` are per
+transaction instead: W3's seven statements (BEGIN, the TPC-B-like body with
+the tenant, COMMIT), each its own Query or Sync as pgbench sends them (simple:
+new inlined values in every transaction); use ``--mode both`` as W3 does.
 The server's answers are made once by a small responder while warming up
 and then replayed.  ``--site DIR`` imports tenantgate from DIR (e.g. the
 build ``baseline.py`` made of an earlier commit) to compare two builds.
@@ -196,6 +197,35 @@ def w3_chunks(protocol: str) -> list[bytes]:
     return chunks
 
 
+# The same body as pgbench -M simple sends it: every variable inlined.
+W3_SIMPLE = (
+    "BEGIN;",
+    "UPDATE pgbench_accounts SET abalance = abalance + {delta} WHERE tenant_id = 'acme' "
+    "AND aid = {aid};",
+    "SELECT abalance FROM pgbench_accounts WHERE tenant_id = 'acme' AND aid = {aid};",
+    "UPDATE pgbench_tellers SET tbalance = tbalance + {delta} WHERE tenant_id = 'acme' "
+    "AND tid = {tid};",
+    "UPDATE pgbench_branches SET bbalance = bbalance + {delta} WHERE tenant_id = 'acme' "
+    "AND bid = {bid};",
+    "INSERT INTO pgbench_history (tenant_id, tid, bid, aid, delta, mtime) "
+    "VALUES ('acme', {tid}, {bid}, {aid}, {delta}, CURRENT_TIMESTAMP);",
+    "COMMIT;",
+)
+
+
+def w3_simple_transactions(count: int) -> Iterator[list[bytes]]:
+    """W3 simple's client chunks, one list per transaction, with pgbench's random values."""
+    rng = random.Random(3)
+    for _ in range(count):
+        values = {
+            "aid": rng.randint(1, 100_000),
+            "bid": rng.randint(1, 1),
+            "tid": rng.randint(1, 10),
+            "delta": rng.randint(-5000, 5000),
+        }
+        yield [Query(sql.format(**values)).encode() for sql in W3_SIMPLE]
+
+
 class Responder:
     """What PostgreSQL answers to the bytes a session sent upstream, for W3's
     statements and the injected set_config (enough of it for this workload)."""
@@ -230,7 +260,18 @@ class Responder:
                 out.append(frame(b"3"))
             elif msg_type == 0x53:
                 out.append(ReadyForQuery(self.status).encode())
+            elif msg_type == 0x51:  # no ';' inside W3's literals: split the statements
+                for text in Query.decode(payload).query.split(";"):
+                    if text.strip():
+                        self._simple(text.strip(), out)
+                out.append(ReadyForQuery(self.status).encode())
         return b"".join(out)
+
+    def _simple(self, text: str, out: list[bytes]) -> None:
+        if text.startswith("SELECT"):
+            out += (_row_description(), DataRow((b"0",)).encode())
+        out.append(_done(text))
+        self.status = {"BEGIN": "T", "COMMIT": "I"}.get(text, self.status)
 
 
 def _done(text: str) -> bytes:
@@ -265,7 +306,7 @@ def w3_workload(
     state, answered once by the Responder (after a first transaction that prepares
     what is prepared once); ``recorder`` is the session's upstream transport."""
     responder = Responder()
-    chunks = w3_chunks(protocol)
+    chunks = next(w3_simple_transactions(1)) if protocol == "w3-simple" else w3_chunks(protocol)
     if protocol == "w3-prepared":
         for number, (sql, _params) in enumerate(W3_STATEMENTS):
             session.client_data(Parse(f"w3_{number}", sql, ()).encode() + Sync().encode())
@@ -323,6 +364,15 @@ async def measure(args: argparse.Namespace) -> int:
 
             def one(session: Session = session, pairs: list[tuple[bytes, bytes]] = pairs) -> None:
                 for chunk, answer in pairs:
+                    session.client_data(chunk)
+                    session.upstream_data(answer)
+
+        if protocol == "w3-simple":  # new values every transaction, made before the clock
+            transactions = iter(list(w3_simple_transactions(1000 + args.iterations)))
+
+            def one(session: Session = session, answers: list[bytes] = server,
+                    transactions: Iterator[list[bytes]] = transactions) -> None:  # fmt: skip
+                for chunk, answer in zip(next(transactions), answers, strict=True):
                     session.client_data(chunk)
                     session.upstream_data(answer)
 

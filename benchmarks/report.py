@@ -8,7 +8,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from workloads import CASES, TARGETS, Case, Measurement, median
+from workloads import CASES, FLOOR, TARGETS, Case, Measurement, median
 
 P99_ADDED_LIMIT_MS = 0.5
 IDLE_RSS_LIMIT_MIB = 150.0
@@ -25,7 +25,8 @@ def summarize(runs: list[Measurement]) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     for (case_key, protocol, clients), items in groups.items():
         row: dict[str, Any] = {"case": case_key, "protocol": protocol, "clients": clients}
-        for target in TARGETS:
+        with_floor = any(m.target == FLOOR for m in items)
+        for target in (*TARGETS, FLOOR) if with_floor else TARGETS:
             mine = [m for m in items if m.target == target]
             good = [m for m in mine if m.ok]
             row[target] = {
@@ -40,6 +41,9 @@ def summarize(runs: list[Measurement]) -> list[dict[str, Any]]:
         row["ratio_pgbouncer"] = _ratio(tg["tps"], pgb["tps"])
         row["ratio_direct"] = _ratio(tg["tps"], direct["tps"])
         row["p99_added_ms"] = tg["p99_ms"] - direct["p99_ms"]
+        if with_floor:  # how far the cheapest Python proxy gets, and tenantgate of it
+            row["floor_ratio_pgbouncer"] = _ratio(row[FLOOR]["tps"], pgb["tps"])
+            row["ratio_floor"] = _ratio(tg["tps"], row[FLOOR]["tps"])
         case = CASE_BY_KEY[case_key]
         row["target_ratio"] = case.target_ratio
         row["meets_ratio"] = row["ratio_pgbouncer"] >= case.target_ratio
@@ -76,8 +80,11 @@ def markdown(result: dict[str, Any]) -> str:
         f"{machine['pgbench']}; tenantgate: {machine.get('tenantgate_build', 'n/a')}  "
     )
     cfg = result["config"]
+    floor = any(FLOOR in r for r in rows)
     out.append(
-        f"Rounds {cfg['rounds']} (interleaved direct / PgBouncer / tenantgate), "
+        f"Rounds {cfg['rounds']} (interleaved direct / PgBouncer / "
+        + ("forwarder / " if floor else "")
+        + "tenantgate), "
         f"{cfg['duration']} s each, `-j 2`; medians of the rounds. "
         f"Started {result['started']}, took {result['elapsed_s']:.0f} s."
     )
@@ -90,24 +97,40 @@ def markdown(result: dict[str, Any]) -> str:
             + "/".join(f"{x:.1f}" for x in load["end"])
             + " (the box is shared; each run's 1-min load is in results.json)."
         )
+    if floor:
+        out.append(
+            "The forwarder (`forwarder.py`, 8 clients only) is the reference floor: a uvloop "
+            "proxy that parses nothing and runs the baseline script; fwd/PgB is how far any "
+            "Python proxy gets here, tg/fwd what tenantgate's work costs on top of that."
+        )
     out.append("")
+    floor_head = " fwd/PgB | tg/fwd |" if floor else ""
     out.append(
         "| case | proto | clients | direct TPS | PgBouncer TPS | tenantgate TPS | "
-        "tg/PgB | tg/direct | p50 ms d / PgB / tg | p99 ms d / PgB / tg | p99 added ms | "
-        "target |"
+        "tg/PgB | tg/direct |" + floor_head + " p50 ms d / PgB / tg | p99 ms d / PgB / tg | "
+        "p99 added ms | target |"
     )
-    out.append("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    out.append(
+        "|---|---|---|---|---|---|---|---|" + ("---|---|" if floor else "") + "---|---|---|---|"
+    )
     for r in rows:
         d, p, t = r["direct"], r["pgbouncer"], r["tenantgate"]
         verdict = "n/a (64 cl.)"
         if r["clients"] == TARGET_CLIENTS:
             verdict = _verdict(r)
-        failed = sum(r[x]["failed_rounds"] for x in TARGETS)
+        failed = sum(r[x]["failed_rounds"] for x in (*TARGETS, FLOOR) if x in r)
         note = f" ({failed} failed runs)" if failed else ""
+        floor_cells = ""
+        if floor:
+            floor_cells = (
+                f" {_f(r['floor_ratio_pgbouncer'])} | {_f(r['ratio_floor'])} |"
+                if FLOOR in r
+                else " | |"
+            )
         out.append(
             f"| {r['case']} | {r['protocol']} | {r['clients']} | {_tps(d['tps'])} | "
             f"{_tps(p['tps'])} | {_tps(t['tps'])}{note} | {_f(r['ratio_pgbouncer'])} | "
-            f"{_f(r['ratio_direct'])} | {_f(d['p50_ms'], 3)} / {_f(p['p50_ms'], 3)} / "
+            f"{_f(r['ratio_direct'])} |{floor_cells} {_f(d['p50_ms'], 3)} / {_f(p['p50_ms'], 3)} / "
             f"{_f(t['p50_ms'], 3)} | {_f(d['p99_ms'], 3)} / {_f(p['p99_ms'], 3)} / "
             f"{_f(t['p99_ms'], 3)} | {_f(r['p99_added_ms'], 3)} | {verdict} |"
         )
@@ -163,9 +186,14 @@ def target_lines(rows: list[dict[str, Any]], conn: dict[str, Any] | None) -> lis
             for r in mine
         )
         ok = all(r["meets_ratio"] for r in mine)
+        floor = ""
+        if all("floor_ratio_pgbouncer" in r for r in mine):
+            floor = "; the bare forwarder: " + ", ".join(
+                f"{r['protocol']} {_f(r['floor_ratio_pgbouncer'])}x" for r in mine
+            )
         lines.append(
             f"{case.key} >= {case.target_ratio:.1f}x PgBouncer: "
-            f"{'MET' if ok else 'NOT MET'} ({parts})"
+            f"{'MET' if ok else 'NOT MET'} ({parts}{floor})"
         )
     if eight:
         worst = max(
@@ -210,20 +238,27 @@ def chart(rows: list[dict[str, Any]], path: Path, title: str) -> bool:
     fig, axes = plt.subplots(
         len(client_counts), 1, figsize=(13, 4.2 * len(client_counts)), squeeze=False
     )
-    colors = {"direct": "#7f7f7f", "pgbouncer": "#1f77b4", "tenantgate": "#d62728"}
+    colors = {
+        "direct": "#7f7f7f",
+        "pgbouncer": "#1f77b4",
+        FLOOR: "#bcbd22",
+        "tenantgate": "#d62728",
+    }
     for ax, clients in zip(axes[:, 0], client_counts, strict=True):
         mine = [r for r in rows if r["clients"] == clients]
         labels = [f"{r['case']}\n{r['protocol']}" for r in mine]
-        width = 0.27
-        for i, target in enumerate(TARGETS):
-            values = [r[target]["tps"] if r[target]["tps"] == r[target]["tps"] else 0 for r in mine]
-            xs = [x + (i - 1) * width for x in range(len(mine))]
+        shown = [t for t in (*TARGETS[:-1], FLOOR, TARGETS[-1]) if any(t in r for r in mine)]
+        width = 0.8 / len(shown)
+        for i, target in enumerate(shown):
+            values = [_bar(r, target) for r in mine]
+            xs = [x + (i - (len(shown) - 1) / 2) * width for x in range(len(mine))]
             ax.bar(xs, values, width, label=target, color=colors[target])
         for x, r in enumerate(mine):
             ratio = r["ratio_pgbouncer"]
             if ratio == ratio:
-                top = max(r[t]["tps"] for t in TARGETS if r[t]["tps"] == r[t]["tps"])
-                ax.annotate(f"{ratio:.2f}x", (x + width, top), ha="center", va="bottom", fontsize=8)
+                top = max(_bar(r, t) for t in shown)
+                last = x + (len(shown) - 1) / 2 * width  # above tenantgate's bar
+                ax.annotate(f"{ratio:.2f}x", (last, top), ha="center", va="bottom", fontsize=8)
         ax.set_xticks(range(len(mine)))
         ax.set_xticklabels(labels, fontsize=8)
         ax.set_ylabel("TPS (median)")
@@ -235,6 +270,12 @@ def chart(rows: list[dict[str, Any]], path: Path, title: str) -> bool:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return True
+
+
+def _bar(row: dict[str, Any], target: str) -> float:
+    """A target's median TPS in a row, 0 if it has none."""
+    tps = row[target]["tps"] if target in row else float("nan")
+    return float(tps) if tps == tps else 0.0
 
 
 def write_outputs(result: dict[str, Any], runs: list[Measurement], out_dir: Path) -> None:

@@ -7,9 +7,10 @@
 Starts a throwaway PostgreSQL cluster, PgBouncer (session pooling) and one
 ``tenantgate serve`` subprocess per mode, loads a multi-tenant pgbench schema
 with fail-closed RLS, runs pgbench against direct / PgBouncer / tenantgate in
-interleaved rounds, measures tenantgate's RSS with idle clients and the
-largest client count it holds, and writes results.md, results.json and
-results.png.  See benchmarks/README.md.
+interleaved rounds (at 8 clients also the bare Python forwarder, the floor of
+any Python proxy here; ``--no-forwarder`` leaves it out), measures
+tenantgate's RSS with idle clients and the largest client count it holds, and
+writes results.md, results.json and results.png.  See benchmarks/README.md.
 """
 
 from __future__ import annotations
@@ -32,13 +33,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import psycopg
 from connections import measure_connections
-from report import summarize, target_lines, write_outputs
+from report import TARGET_CLIENTS, summarize, target_lines, write_outputs
 from services import (
     APP_ROLE,
     BENCH_TENANT,
     DATABASE,
     HOST,
     Database,
+    Forwarder,
     PgBouncer,
     Scale,
     Tenantgate,
@@ -49,6 +51,7 @@ from services import (
 )
 from workloads import (
     CASES,
+    FLOOR,
     PROTOCOLS,
     TARGETS,
     Case,
@@ -75,6 +78,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--accounts", type=int, default=100_000, help="accounts per tenant")
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
     parser.add_argument(
+        "--no-forwarder",
+        action="store_true",
+        help="leave out the reference forwarder (run at 8 clients otherwise)",
+    )
+    parser.add_argument(
         "--connections-only", action="store_true", help="only the idle-RSS / max-clients test"
     )
     args = parser.parse_args(argv)
@@ -94,6 +102,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.max_clients = args.max_clients or (args.idle_clients if quick else 5000)
     args.accounts = 20_000 if quick and args.accounts == 100_000 else args.accounts
     return args
+
+
+def targets_for(clients: int, with_forwarder: bool) -> tuple[str, ...]:
+    """The targets of one interleaved group, in run order: the forwarder (before
+    tenantgate) only at the client count the issue's targets are stated for."""
+    if with_forwarder and clients == TARGET_CLIENTS:
+        return (*TARGETS[:-1], FLOOR, TARGETS[-1])
+    return TARGETS
 
 
 def check_visibility(endpoints: dict[str, Endpoint], case: Case) -> None:
@@ -138,11 +154,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     started_at = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
     t0 = time.monotonic()
+    with_forwarder = not args.no_forwarder
     n_runs = (
         args.rounds
-        * len(args.clients)
+        * sum(len(targets_for(clients, with_forwarder)) for clients in args.clients)
         * sum(len([p for p in c.protocols if p in args.protocol_list]) for c in args.cases)
-        * len(TARGETS)
     )
     print(
         f"{n_runs} pgbench runs of {args.duration}s (~{n_runs * (args.duration + 0.7) / 60:.1f} "
@@ -170,6 +186,10 @@ def main(argv: list[str] | None = None) -> int:
         bouncer = PgBouncer(workdir, db, max_clients=max(args.clients) + 50)
         stack.callback(bouncer.stop)
         bouncer.start()
+        forwarder = Forwarder(workdir, db)
+        if with_forwarder:
+            stack.callback(forwarder.stop)
+            forwarder.start()
         proxies: dict[str, Tenantgate] = {}
         for mode in sorted({c.mode for c in args.cases}):
             proxy = Tenantgate(workdir, db, mode)
@@ -178,6 +198,7 @@ def main(argv: list[str] | None = None) -> int:
             proxies[mode] = proxy
         print(
             f"PostgreSQL {db.port}, PgBouncer {bouncer.port}, "
+            + (f"forwarder {forwarder.port}, " if with_forwarder else "")
             + ", ".join(f"tenantgate {m} {p.port}" for m, p in proxies.items()),
             flush=True,
         )
@@ -189,13 +210,16 @@ def main(argv: list[str] | None = None) -> int:
             role = case.baseline_role
             proxy = proxies[case.mode]
             user = proxy.user_of(BENCH_TENANT)
-            return {
+            found = {
                 "direct": Endpoint("direct", db.port, role, db.password_of(role)),
                 "pgbouncer": Endpoint("pgbouncer", bouncer.port, role, db.password_of(role)),
                 "tenantgate": Endpoint(
                     "tenantgate", proxy.port, user, proxy.passwords[BENCH_TENANT]
                 ),
             }
+            if with_forwarder:
+                found[FLOOR] = Endpoint(FLOOR, forwarder.port, role, db.password_of(role))
+            return found
 
         for case in args.cases:
             check_visibility(endpoints(case), case)
@@ -219,6 +243,7 @@ def main(argv: list[str] | None = None) -> int:
                     "branches_per_tenant": scale.branches,
                     "tellers_per_tenant": scale.tellers,
                     "rls_role": APP_ROLE,
+                    "forwarder": with_forwarder,
                 },
                 "load_average": {"start": load_start, "end": list(os.getloadavg())},
                 "summary": summary,
@@ -230,16 +255,15 @@ def main(argv: list[str] | None = None) -> int:
         for round_no in range(1, args.rounds + 1):
             for clients in args.clients:
                 for case in args.cases:
-                    eps = endpoints(case)
                     for protocol in (p for p in case.protocols if p in args.protocol_list):
-                        for target in TARGETS:  # A B C, A B C, ...
+                        for target in targets_for(clients, with_forwarder):  # A B C, A B C
                             script = scripts[
                                 f"{case.key}.{'proxy' if target == 'tenantgate' else 'baseline'}"
                             ]
                             m = run_pgbench(
                                 case=case,
                                 script=script,
-                                endpoint=eps[target],
+                                endpoint=endpoints(case)[target],  # (after restarts too)
                                 protocol=protocol,
                                 clients=clients,
                                 duration=args.duration,
@@ -255,6 +279,9 @@ def main(argv: list[str] | None = None) -> int:
                                 f"p99 {m.p99_ms:6.3f} ms  {status}",
                                 flush=True,
                             )
+                            if target == FLOOR and not forwarder.alive():
+                                incidents.append(f"the forwarder died in r{round_no}: restarted")
+                                forwarder.start()
                             proxy = proxies[case.mode]
                             if target == "tenantgate" and not proxy.alive():
                                 msg = (

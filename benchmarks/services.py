@@ -372,6 +372,40 @@ pidfile = {self.dir / "pgbouncer.pid"}
 # --- tenantgate ------------------------------------------------------------------------
 
 
+class Forwarder:
+    """``forwarder.py``: the cheapest Python proxy (uvloop, parses nothing), the floor
+    any Python proxy pays on this machine."""
+
+    def __init__(self, workdir: Path, db: Database) -> None:
+        self.workdir, self.db, self.port = workdir, db, 0
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def start(self) -> None:
+        self.port = free_port()
+        self.proc = subprocess.Popen(
+            [sys.executable, str(Path(__file__).with_name("forwarder.py")), str(self.port),
+             str(self.db.port)],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=open(self.workdir / "forwarder.log", "ab"),  # noqa: SIM115
+            start_new_session=True,
+        )  # fmt: skip
+        wait_port(self.port, self.proc, "forwarder")
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            stop_process(self.proc)
+            self.proc = None
+
+
 class Tenantgate:
     """``tenantgate serve`` as a subprocess in one mode, with one login per tenant."""
 

@@ -63,6 +63,9 @@ SELECT abalance FROM pgbench_accounts WHERE tenant_id = :tenant AND aid = :aid L
 HOT_KEYS = 1000  # W1/W2 keys: few enough that simple-protocol texts repeat (cache hits)
 
 TARGETS: tuple[str, ...] = ("direct", "pgbouncer", "tenantgate")
+# The reference beside them at 8 clients: forwarder.py, a uvloop proxy that parses
+# nothing, runs the baseline script (the floor of any Python proxy on this machine).
+FLOOR = "forwarder"
 PROTOCOLS: tuple[str, ...] = ("simple", "extended", "prepared")
 
 
