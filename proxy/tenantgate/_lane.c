@@ -757,11 +757,9 @@ static PyObject *Lane_learn(Lane *self, PyObject *args) {
         statement = &self->statements[self->statement_count++];
         statement->info = NULL;
     }
-    Py_XSETREF(statement->info, learnt.info); /* the reference fill_statement took */
-    statement->tally = learnt.tally;
-    statement->plain = learnt.plain;
-    statement->count = learnt.count;
-    memcpy(statement->numbers, learnt.numbers, sizeof(learnt.numbers));
+    PyObject *old_info = statement->info;
+    *statement = learnt; /* every field fill_statement set, with the reference it took */
+    Py_XDECREF(old_info);
     statement->name_length = (int)name_length;
     memcpy(statement->name, PyBytes_AS_STRING(name), (size_t)name_length);
     statement->name[name_length] = 0;
