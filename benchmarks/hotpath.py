@@ -250,26 +250,26 @@ class Responder:
             elif msg_type == 0x44:
                 text = self.portals[Describe.decode(payload).name]
                 out.append(_row_description() if text.startswith("SELECT") else frame(b"n"))
-            elif msg_type == 0x45:
-                text = self.portals[Execute.decode(payload).portal]
-                if text.startswith("SELECT"):
-                    out.append(DataRow((b"0",)).encode())
-                out.append(_done(text))
-                self.status = {"BEGIN": "T", "COMMIT": "I"}.get(text, self.status)
+            elif msg_type == 0x45:  # (its RowDescription answered the Describe)
+                self._result(self.portals[Execute.decode(payload).portal], out)
             elif msg_type == 0x43:
                 out.append(frame(b"3"))
             elif msg_type == 0x53:
                 out.append(ReadyForQuery(self.status).encode())
             elif msg_type == 0x51:  # no ';' inside W3's literals: split the statements
-                for text in Query.decode(payload).query.split(";"):
-                    if text.strip():
-                        self._simple(text.strip(), out)
+                for piece in Query.decode(payload).query.split(";"):
+                    text = piece.strip()
+                    if text.startswith("SELECT"):
+                        out.append(_row_description())
+                    if text:
+                        self._result(text, out)
                 out.append(ReadyForQuery(self.status).encode())
         return b"".join(out)
 
-    def _simple(self, text: str, out: list[bytes]) -> None:
+    def _result(self, text: str, out: list[bytes]) -> None:
+        """A statement's rows and CommandComplete; BEGIN and COMMIT move the status."""
         if text.startswith("SELECT"):
-            out += (_row_description(), DataRow((b"0",)).encode())
+            out.append(DataRow((b"0",)).encode())
         out.append(_done(text))
         self.status = {"BEGIN": "T", "COMMIT": "I"}.get(text, self.status)
 
@@ -346,35 +346,34 @@ async def measure(args: argparse.Namespace) -> int:
             client, server = w3_workload(session, recorder, protocol)
         else:
             client, server = workload(protocol)
-        clients = (
-            iter(list(unique_queries(1000 + args.iterations)))  # made before the clock starts
-            if protocol == "unique"
-            else itertools.repeat(client)
-        )
-
-        def one(session: Session = session, clients: Iterator[list[bytes]] = clients,
-                server: list[bytes] = server) -> None:  # fmt: skip
-            for chunk in next(clients):
-                session.client_data(chunk)
-            for chunk in server:
-                session.upstream_data(chunk)
-
         if protocol.startswith("w3-"):
-            pairs = list(zip(client, server, strict=True))
+            # Each transaction's chunks, answered one by one with the answers made above;
+            # new values every transaction in simple (made before the clock starts).
+            transactions = (
+                iter(list(w3_simple_transactions(1000 + args.iterations)))
+                if protocol == "w3-simple"
+                else itertools.repeat(client)
+            )
 
-            def one(session: Session = session, pairs: list[tuple[bytes, bytes]] = pairs) -> None:
-                for chunk, answer in pairs:
-                    session.client_data(chunk)
-                    session.upstream_data(answer)
-
-        if protocol == "w3-simple":  # new values every transaction, made before the clock
-            transactions = iter(list(w3_simple_transactions(1000 + args.iterations)))
-
-            def one(session: Session = session, answers: list[bytes] = server,
-                    transactions: Iterator[list[bytes]] = transactions) -> None:  # fmt: skip
+            def one(session: Session = session, transactions: Iterator[list[bytes]] = transactions,
+                    answers: list[bytes] = server) -> None:  # fmt: skip
                 for chunk, answer in zip(next(transactions), answers, strict=True):
                     session.client_data(chunk)
                     session.upstream_data(answer)
+
+        else:
+            clients = (
+                iter(list(unique_queries(1000 + args.iterations)))  # made before the clock starts
+                if protocol == "unique"
+                else itertools.repeat(client)
+            )
+
+            def one(session: Session = session, clients: Iterator[list[bytes]] = clients,
+                    server: list[bytes] = server) -> None:  # fmt: skip
+                for chunk in next(clients):
+                    session.client_data(chunk)
+                for chunk in server:
+                    session.upstream_data(chunk)
 
         for _ in range(1000):
             one()

@@ -8,7 +8,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from workloads import CASES, FLOOR, TARGETS, Case, Measurement, median
+from workloads import CASES, FLOOR, TARGETS, TARGETS_WITH_FLOOR, Case, Measurement, median
 
 P99_ADDED_LIMIT_MS = 0.5
 IDLE_RSS_LIMIT_MIB = 150.0
@@ -26,7 +26,7 @@ def summarize(runs: list[Measurement]) -> list[dict[str, Any]]:
     for (case_key, protocol, clients), items in groups.items():
         row: dict[str, Any] = {"case": case_key, "protocol": protocol, "clients": clients}
         with_floor = any(m.target == FLOOR for m in items)
-        for target in (*TARGETS, FLOOR) if with_floor else TARGETS:
+        for target in TARGETS_WITH_FLOOR if with_floor else TARGETS:
             mine = [m for m in items if m.target == target]
             good = [m for m in mine if m.ok]
             row[target] = {
@@ -118,7 +118,7 @@ def markdown(result: dict[str, Any]) -> str:
         verdict = "n/a (64 cl.)"
         if r["clients"] == TARGET_CLIENTS:
             verdict = _verdict(r)
-        failed = sum(r[x]["failed_rounds"] for x in (*TARGETS, FLOOR) if x in r)
+        failed = sum(r[x]["failed_rounds"] for x in TARGETS_WITH_FLOOR if x in r)
         note = f" ({failed} failed runs)" if failed else ""
         floor_cells = ""
         if floor:
@@ -247,7 +247,7 @@ def chart(rows: list[dict[str, Any]], path: Path, title: str) -> bool:
     for ax, clients in zip(axes[:, 0], client_counts, strict=True):
         mine = [r for r in rows if r["clients"] == clients]
         labels = [f"{r['case']}\n{r['protocol']}" for r in mine]
-        shown = [t for t in (*TARGETS[:-1], FLOOR, TARGETS[-1]) if any(t in r for r in mine)]
+        shown = [t for t in TARGETS_WITH_FLOOR if any(t in r for r in mine)]
         width = 0.8 / len(shown)
         for i, target in enumerate(shown):
             values = [_bar(r, target) for r in mine]

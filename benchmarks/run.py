@@ -54,6 +54,7 @@ from workloads import (
     FLOOR,
     PROTOCOLS,
     TARGETS,
+    TARGETS_WITH_FLOOR,
     Case,
     Endpoint,
     Measurement,
@@ -107,9 +108,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def targets_for(clients: int, with_forwarder: bool) -> tuple[str, ...]:
     """The targets of one interleaved group, in run order: the forwarder (before
     tenantgate) only at the client count the issue's targets are stated for."""
-    if with_forwarder and clients == TARGET_CLIENTS:
-        return (*TARGETS[:-1], FLOOR, TARGETS[-1])
-    return TARGETS
+    return TARGETS_WITH_FLOOR if with_forwarder and clients == TARGET_CLIENTS else TARGETS
 
 
 def check_visibility(endpoints: dict[str, Endpoint], case: Case) -> None:

@@ -66,6 +66,8 @@ TARGETS: tuple[str, ...] = ("direct", "pgbouncer", "tenantgate")
 # The reference beside them at 8 clients: forwarder.py, a uvloop proxy that parses
 # nothing, runs the baseline script (the floor of any Python proxy on this machine).
 FLOOR = "forwarder"
+# The run order (and the chart's) of a group that has it: just before tenantgate.
+TARGETS_WITH_FLOOR: tuple[str, ...] = (*TARGETS[:-1], FLOOR, TARGETS[-1])
 PROTOCOLS: tuple[str, ...] = ("simple", "extended", "prepared")
 
 
