@@ -16,8 +16,12 @@
    rls/both injector tracks changes.  In enforce mode it also takes a chunk that is
    exactly a simple Query the inspector allowed before by its bytes (the analysis
    cache's known_messages, as PolicyInspector.known_query looks it up, once the
-   inspector said so: learn_queries), and its answer when whole ([RowDescription +]
-   DataRow* + CommandComplete + ReadyForQuery).  The per-statement metrics
+   inspector said so: learn_queries).  In every mode it takes a chunk that is
+   exactly a simple Query of a text shape the inspector taught it (learn_shapes:
+   a text with new literals inlined, as PolicyInspector._unparsed_query finds it
+   by its digit key; always one plain SELECT, INSERT, UPDATE or DELETE).  It takes
+   the answer to a Query when whole ([RowDescription +] DataRow* + CommandComplete
+   + ReadyForQuery).  The per-statement metrics
    (count, duration bucket, rows, bytes) are tallied here and taken by the
    session's metrics when they flush.
 
@@ -42,6 +46,11 @@
 #define MAX_COMMANDS 6    /* metric labels (select, insert, update, delete, other, ...) */
 #define MAX_BOUNDS 16     /* duration histogram bounds (metrics.DURATION_BUCKETS: 15) */
 #define MAX_ROW_DIGITS 18 /* a longer row count goes the Python way (no overflow) */
+
+/* A text shape's checks (textshapes.LANE_*): triples of uint32 (check, start, end). */
+enum { CHECK_DIGIT, CHECK_INT4, CHECK_NUMERIC, CHECK_TENANT };
+#define CHECK_SIZE 12
+#define INT4_DIGITS 10 /* len(str(2**31 - 1)) */
 
 /* Execute (unnamed portal, no row limit) + Sync; Describe portal "" before them. */
 static const unsigned char EXECUTE_SYNC[15] = {'E', 0, 0, 0, 9, 0, 0, 0, 0, 0, 'S', 0, 0, 0, 4};
@@ -72,6 +81,11 @@ typedef struct {
        the inspector's registry is as when it said so (learn_queries), the known
        messages, the tenant's constants and the cache whose hits they count. */
     PyObject *materialize_query, *queries, *tenant_only, *query_cache;
+    int known_queries; /* whether it may take Queries by their bytes (enforce mode) */
+    /* Text shapes, while the registry is as when the inspector said so
+       (learn_shapes): digit key -> (checks, command, analysis); and the analysis
+       cache's file_shaped.  tenant_literal: the tenant as a string literal. */
+    PyObject *shapes, *file_shaped, *tenant_literal;
     /* The unnamed statement's Parse payload (learn_parse), its statement, and the
        analysis cache whose hits a known Parse counts; parse_payload NULL: none. */
     PyObject *parse_payload, *cache;
@@ -123,6 +137,8 @@ static void forget_queries(Lane *self) {
     Py_CLEAR(self->queries);
     Py_CLEAR(self->tenant_only);
     Py_CLEAR(self->query_cache);
+    Py_CLEAR(self->shapes);
+    Py_CLEAR(self->file_shaped);
 }
 
 static void forget_statements(Lane *self) {
@@ -148,6 +164,9 @@ static int Lane_traverse(Lane *self, visitproc visit, void *arg) {
     Py_VISIT(self->queries);
     Py_VISIT(self->tenant_only);
     Py_VISIT(self->query_cache);
+    Py_VISIT(self->shapes);
+    Py_VISIT(self->file_shaped);
+    Py_VISIT(self->tenant_literal);
     Py_VISIT(self->parse_payload);
     Py_VISIT(self->parse_statement.info);
     Py_VISIT(self->cache);
@@ -181,6 +200,7 @@ static void Lane_dealloc(Lane *self) {
     PyObject_GC_UnTrack(self);
     Lane_clear(self);
     Py_CLEAR(self->tenant);
+    Py_CLEAR(self->tenant_literal);
     for (int i = 0; i < MAX_COMMANDS; i++) {
         Py_CLEAR(self->tallies[i].command);
     }
@@ -190,17 +210,28 @@ static void Lane_dealloc(Lane *self) {
 static int Lane_init(Lane *self, PyObject *args, PyObject *kwds) {
     PyObject *upstream_write, *client_write, *materialize, *tenant, *materialize_query = Py_None;
     Py_ssize_t max_message;
-    static char *kwlist[] = {"upstream_write", "client_write", "materialize", "tenant",
-                             "max_message", "materialize_query", NULL};
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOOO!n|O", kwlist, &upstream_write,
+    int known_queries = 0;
+    static char *kwlist[] = {"upstream_write", "client_write",      "materialize",
+                             "tenant",         "max_message",       "materialize_query",
+                             "known_queries",  NULL};
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOOO!n|Op", kwlist, &upstream_write,
                                      &client_write, &materialize, &PyBytes_Type, &tenant,
-                                     &max_message, &materialize_query)) {
+                                     &max_message, &materialize_query, &known_queries)) {
         return -1;
     }
     if (self->tenant != NULL) {
         PyErr_SetString(PyExc_TypeError, "a Lane is initialised once");
         return -1;
     }
+    Py_ssize_t tenant_length = PyBytes_GET_SIZE(tenant);
+    self->tenant_literal = PyBytes_FromStringAndSize(NULL, tenant_length + 2);
+    if (self->tenant_literal == NULL) {
+        return -1;
+    }
+    char *literal = PyBytes_AS_STRING(self->tenant_literal);
+    literal[0] = literal[tenant_length + 1] = '\'';
+    memcpy(literal + 1, PyBytes_AS_STRING(tenant), (size_t)tenant_length);
+    self->known_queries = known_queries;
     Py_INCREF(upstream_write);
     Py_INCREF(client_write);
     Py_INCREF(materialize);
@@ -343,20 +374,26 @@ static int tenant_params_match(Lane *self, const Statement *statement,
 static int count_hit(PyObject *cache);
 static int find_tally(Lane *self, PyObject *command);
 
-/* PolicyInspector.known_query's verdict by the bytes, in enforce mode: ``data``
-   (the whole chunk) is a Query message it allowed before and its tenant constants,
-   if any, are this tenant's; the hit counted, the Query forwarded. */
-static PyObject *query_client(Lane *self, PyObject *data, int in_block) {
-    if (self->queries == NULL || PyBytes_GET_SIZE(data) - 5 > self->max_message) {
-        Py_RETURN_FALSE; /* not now, or a long one: the Python path reports it */
-    }
-    PyObject *found = PyDict_GetItemWithError(self->queries, data);
-    if (found == NULL) {
-        if (PyErr_Occurred()) {
-            return NULL;
-        }
-        Py_RETURN_FALSE;
-    }
+/* The Query ``data``, allowed with the metric label ``command`` (tally ``index``)
+   and text ``sql`` (both references taken over), sent: True, or NULL. */
+static PyObject *send_query(Lane *self, PyObject *data, PyObject *sql, PyObject *command,
+                            int index, int in_block) {
+    self->current_sql = sql;
+    self->current_command = command;
+    self->current_tally = index;
+    self->describe = 0;
+    self->status = in_block ? 'T' : 'I';
+    self->outstanding = 1;
+    self->started = now();
+    self->bytes_in += PyBytes_GET_SIZE(data);
+    return pass_on(self, self->upstream_write, data);
+}
+
+/* PolicyInspector.known_query's verdict by the bytes, in enforce mode: ``found``
+   (known_messages' entry for the whole chunk ``data``) is a Query message it
+   allowed before, and its tenant constants, if any, are this tenant's; the hit
+   counted, the Query forwarded. */
+static PyObject *known_query(Lane *self, PyObject *data, PyObject *found, int in_block) {
     if (!PyTuple_CheckExact(found) || PyTuple_GET_SIZE(found) != 4) {
         Py_RETURN_FALSE;
     }
@@ -365,6 +402,7 @@ static PyObject *query_client(Lane *self, PyObject *data, int in_block) {
     if (!PyUnicode_CheckExact(command) || !PyFrozenSet_CheckExact(constants)) {
         Py_RETURN_FALSE;
     }
+    /* Held before count_hit, which calls into Python: ``found`` is only borrowed. */
     Py_INCREF(sql);
     Py_INCREF(command);
     int fits = 1;
@@ -382,15 +420,154 @@ static PyObject *query_client(Lane *self, PyObject *data, int in_block) {
         Py_DECREF(command);
         Py_RETURN_FALSE;
     }
-    self->current_sql = sql;
-    self->current_command = command;
-    self->current_tally = index;
-    self->describe = 0;
-    self->status = in_block ? 'T' : 'I';
-    self->outstanding = 1;
-    self->started = now();
-    self->bytes_in += PyBytes_GET_SIZE(data);
-    return pass_on(self, self->upstream_write, data);
+    return send_query(self, data, sql, command, index, in_block);
+}
+
+/* textshapes._fits_int4 of the integer literal [start, end) (a minus, digits). */
+static int fits_int4(const unsigned char *text, Py_ssize_t start, Py_ssize_t end) {
+    start += start < end && text[start] == '-';
+    if (start >= end) {
+        return -1;
+    }
+    for (Py_ssize_t i = start; i < end; i++) {
+        if (text[i] < '0' || text[i] > '9') {
+            return -1;
+        }
+    }
+    while (end - start > INT4_DIGITS - 1 && text[start] == '0') {
+        start++;
+    }
+    Py_ssize_t digits = end - start;
+    return digits < INT4_DIGITS ||
+           (digits == INT4_DIGITS && memcmp(text + start, "2147483647", INT4_DIGITS) <= 0);
+}
+
+/* Whether the Query text [text, text + length) passes a text shape's ``checks``
+   (TextShapes.lane_program): the same text key and this tenant's literals. */
+static int shape_fits(Lane *self, const unsigned char *text, Py_ssize_t length,
+                      PyObject *checks) {
+    const unsigned char *check_at = (const unsigned char *)PyBytes_AS_STRING(checks);
+    Py_ssize_t size = PyBytes_GET_SIZE(checks);
+    const char *literal = PyBytes_AS_STRING(self->tenant_literal);
+    Py_ssize_t literal_length = PyBytes_GET_SIZE(self->tenant_literal);
+    if (size % CHECK_SIZE) {
+        return 0;
+    }
+    for (Py_ssize_t at = 0; at < size; at += CHECK_SIZE) {
+        uint32_t check, start, end;
+        memcpy(&check, check_at + at, 4);
+        memcpy(&start, check_at + at + 4, 4);
+        memcpy(&end, check_at + at + 8, 4);
+        if (start >= (uint64_t)length) {
+            return 0;
+        }
+        switch (check) {
+        case CHECK_DIGIT:
+            if (text[start] != end) {
+                return 0;
+            }
+            break;
+        case CHECK_INT4:
+        case CHECK_NUMERIC:
+            if (end > (uint64_t)length || fits_int4(text, start, end) != (check == CHECK_INT4)) {
+                return 0;
+            }
+            break;
+        case CHECK_TENANT:
+            if (end > (uint64_t)length || end - start != (uint64_t)literal_length ||
+                memcmp(text + start, literal, (size_t)literal_length) != 0) {
+                return 0;
+            }
+            break;
+        default:
+            return 0;
+        }
+    }
+    return 1;
+}
+
+/* PolicyInspector._unparsed_query's verdict for a text its text shape answers, by
+   the digit key (TextShapes.lookup_bytes): ``data`` (the whole chunk) is one Query
+   message whose digit key the inspector taught with the checks its text passes, so
+   it has the taught text's analysis and verdict; the cache counts and files it
+   (file_shaped, which declines a text it holds or a message known by its bytes:
+   the Python way counts those as hits), and the Query is forwarded. */
+static PyObject *shape_query(Lane *self, PyObject *data, int in_block) {
+    const unsigned char *chunk = (const unsigned char *)PyBytes_AS_STRING(data);
+    Py_ssize_t size = PyBytes_GET_SIZE(data);
+    if (size < 6 || be32(chunk + 1) != (uint32_t)(size - 1) || chunk[size - 1] != 0) {
+        Py_RETURN_FALSE;
+    }
+    const unsigned char *text = chunk + 5;
+    Py_ssize_t length = size - 6;
+    PyObject *digits = PyBytes_FromStringAndSize(NULL, length);
+    if (digits == NULL) {
+        return NULL;
+    }
+    unsigned char *key = (unsigned char *)PyBytes_AS_STRING(digits);
+    for (Py_ssize_t i = 0; i < length; i++) {
+        key[i] = text[i] >= '1' && text[i] <= '9' ? '0' : text[i];
+    }
+    PyObject *route = PyDict_GetItemWithError(self->shapes, digits);
+    Py_DECREF(digits);
+    if (route == NULL) {
+        if (PyErr_Occurred()) {
+            return NULL;
+        }
+        Py_RETURN_FALSE;
+    }
+    if (!PyTuple_CheckExact(route) || PyTuple_GET_SIZE(route) != 3) {
+        Py_RETURN_FALSE;
+    }
+    PyObject *checks = PyTuple_GET_ITEM(route, 0), *command = PyTuple_GET_ITEM(route, 1);
+    PyObject *analysis = PyTuple_GET_ITEM(route, 2);
+    if (!PyBytes_CheckExact(checks) || !PyUnicode_CheckExact(command) ||
+        !shape_fits(self, text, length, checks)) {
+        Py_RETURN_FALSE;
+    }
+    int index = find_tally(self, command);
+    if (index < 0) {
+        return index == -2 ? NULL : Py_NewRef(Py_False);
+    }
+    PyObject *sql = PyUnicode_DecodeASCII((const char *)text, length, NULL);
+    if (sql == NULL) { /* cannot be: the digit key is an ASCII text's */
+        PyErr_Clear();
+        Py_RETURN_FALSE;
+    }
+    /* The route is only borrowed from the dict: hold what outlives the call. */
+    Py_INCREF(command);
+    Py_INCREF(analysis);
+    PyObject *filed = PyObject_CallFunctionObjArgs(self->file_shaped, sql, data, analysis, NULL);
+    Py_DECREF(analysis);
+    int took = filed == NULL ? -1 : PyObject_IsTrue(filed);
+    Py_XDECREF(filed);
+    if (took <= 0) {
+        Py_DECREF(sql);
+        Py_DECREF(command);
+        return took < 0 ? NULL : Py_NewRef(Py_False);
+    }
+    return send_query(self, data, sql, command, index, in_block);
+}
+
+/* A chunk that starts with a Query: known by its bytes (enforce mode), or of a
+   text shape taught; False: neither (or a long one: the Python path reports it). */
+static PyObject *query_client(Lane *self, PyObject *data, int in_block) {
+    if (PyBytes_GET_SIZE(data) - 5 > self->max_message) {
+        Py_RETURN_FALSE;
+    }
+    if (self->queries != NULL) {
+        PyObject *found = PyDict_GetItemWithError(self->queries, data);
+        if (found != NULL) {
+            return known_query(self, data, found, in_block);
+        }
+        if (PyErr_Occurred()) {
+            return NULL;
+        }
+    }
+    if (self->shapes == NULL) {
+        Py_RETURN_FALSE;
+    }
+    return shape_query(self, data, in_block);
 }
 
 PyDoc_STRVAR(client_doc,
@@ -800,7 +977,8 @@ PyDoc_STRVAR(learn_queries_doc,
              "Until the next forget(): a chunk that is a key of ``known`` (message bytes ->\n"
              "(sql, analysis, command, constants)) whose constants are none or\n"
              "``tenant_only`` may pass here, counting a hit in ``cache.hits``, as\n"
-             "known_query allows it.  Only for a lane made with materialize_query.");
+             "known_query allows it.  Only for a lane made with materialize_query and\n"
+             "known_queries (enforce mode).");
 
 static PyObject *Lane_learn_queries(Lane *self, PyObject *args) {
     PyObject *known, *tenant_only, *cache;
@@ -808,7 +986,8 @@ static PyObject *Lane_learn_queries(Lane *self, PyObject *args) {
                           &cache)) {
         return NULL;
     }
-    if (self->released || self->materialize_query == NULL || self->queries == known) {
+    if (self->released || self->materialize_query == NULL || !self->known_queries ||
+        self->queries == known) {
         Py_RETURN_NONE;
     }
     Py_INCREF(known);
@@ -820,10 +999,34 @@ static PyObject *Lane_learn_queries(Lane *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+PyDoc_STRVAR(learn_shapes_doc,
+             "learn_shapes(routes, file_shaped)\n\n"
+             "Until the next forget(): a chunk that is one Query whose text's digit key\n"
+             "(every digit made 0) is a key of ``routes`` (-> (checks, command, analysis):\n"
+             "PolicyInspector._teach_shape) and whose text passes its checks may pass here,\n"
+             "once ``file_shaped(sql, message, analysis)`` has filed it (False: not its case).\n"
+             "Only for a lane made with materialize_query.");
+
+static PyObject *Lane_learn_shapes(Lane *self, PyObject *args) {
+    PyObject *routes, *file_shaped;
+    if (!PyArg_ParseTuple(args, "O!O", &PyDict_Type, &routes, &file_shaped)) {
+        return NULL;
+    }
+    if (self->released || self->materialize_query == NULL || self->shapes == routes) {
+        Py_RETURN_NONE;
+    }
+    Py_INCREF(routes);
+    Py_INCREF(file_shaped);
+    Py_XSETREF(self->shapes, routes);
+    Py_XSETREF(self->file_shaped, file_shaped);
+    Py_RETURN_NONE;
+}
+
 PyDoc_STRVAR(forget_doc, "forget()\n\nForget every statement learnt (the registry changed).");
 
 static PyObject *Lane_forget(Lane *self, PyObject *unused) {
-    if (self->statement_count || self->parse_payload != NULL || self->queries != NULL) {
+    if (self->statement_count || self->parse_payload != NULL || self->queries != NULL ||
+        self->shapes != NULL) {
         forget_statements(self);
     }
     Py_RETURN_NONE;
@@ -955,7 +1158,7 @@ static PyObject *Lane_get_served(Lane *self, void *closure) {
 
 static PyObject *Lane_get_learnt(Lane *self, void *closure) {
     return PyLong_FromLong(self->statement_count + (self->parse_payload != NULL) +
-                           (self->queries != NULL));
+                           (self->queries != NULL) + (self->shapes != NULL));
 }
 
 static PyMethodDef Lane_methods[] = {
@@ -965,6 +1168,7 @@ static PyMethodDef Lane_methods[] = {
     {"learn", (PyCFunction)Lane_learn, METH_VARARGS, learn_doc},
     {"learn_parse", (PyCFunction)Lane_learn_parse, METH_VARARGS, learn_parse_doc},
     {"learn_queries", (PyCFunction)Lane_learn_queries, METH_VARARGS, learn_queries_doc},
+    {"learn_shapes", (PyCFunction)Lane_learn_shapes, METH_VARARGS, learn_shapes_doc},
     {"forget", (PyCFunction)Lane_forget, METH_NOARGS, forget_doc},
     {"attach", (PyCFunction)Lane_attach, METH_VARARGS, attach_doc},
     {"report_to", (PyCFunction)Lane_report_to, METH_VARARGS, report_to_doc},
@@ -977,7 +1181,9 @@ static PyGetSetDef Lane_getset[] = {
     {"outstanding", (getter)Lane_get_outstanding, NULL, "A request forwarded here awaits its answer.", NULL},
     {"served", (getter)Lane_get_served, NULL, "Statements answered here.", NULL},
     {"learnt", (getter)Lane_get_learnt, NULL,
-     "Statements the lane may pass now (the known Queries count as one).", NULL},
+     "Statements the lane may pass now (the known Queries count as one, the text shapes "
+     "as one).",
+     NULL},
     {NULL},
 };
 

@@ -25,6 +25,7 @@ from tenantgate.analysis import (
     matches_as_bytes,
     tenant_param_matches,
 )
+from tenantgate.analysis.textshapes import digits_of
 from tenantgate.config import Policy
 from tenantgate.errors import PgError, rejected
 from tenantgate.hooks import UNKNOWN_PORTAL, Inspector, KnownQuery, PortalInfo
@@ -47,6 +48,8 @@ MAX_KNOWN_PARSES: Final = 16
 MAX_KNOWN_PARSE_BYTES: Final = 2048
 # Named statements whose Binds a session checks by their tenant parameters' bytes.
 MAX_BIND_LANES: Final = 64
+# Text shapes a session's lane may allow by their digit keys (_teach_shape).
+MAX_SHAPE_ROUTES: Final = 64
 
 
 def _asyncpg_reset_queries() -> frozenset[str]:
@@ -225,6 +228,11 @@ class PolicyInspector:
         self.rejections = 0
         self._known = cache.known_messages
         self._tenant_only = frozenset((tenant,))
+        # Digit key -> (the lane's checks, metric label, analysis) of the text shapes
+        # this session ran (_teach_shape), and where the lane files what it allows.
+        self._shape_routes: dict[bytes, tuple[bytes, str, Analysis]] = {}
+        self._file_shaped = cache.file_shaped
+        self._tenant_literal = b"'" + self._tenant_bytes + b"'"
         # _judge's answers: id -> (the analysis, held so its id stays unique, answer).
         self._judged: dict[int, tuple[Analysis, Rejection | None, str | None]] = {}
         # Unnamed Parses allowed, for known_parse: payload -> what it made.
@@ -648,7 +656,26 @@ class PolicyInspector:
         self.query_sent()
         if cached:  # its second sight (checked above: allowed, rememberable)
             self._remember(message, sql, analysis, command)
+        elif self._lane is not None:
+            self._teach_shape(self._lane, encoded, analysis, command)
         return KnownQuery(sql, command)
+
+    def _teach_shape(self, lane: Lane, encoded: bytes, analysis: Analysis, command: str) -> None:
+        """A text the cache answered by its text shape was just allowed as is: until the
+        registry changes again (query_sent would change nothing), the lane may allow
+        the texts of its digit key that pass the shape's checks (the same text key,
+        the same tenant literals: the same analysis, so the same verdict) itself.
+        Only texts whose tenant literals are all this tenant's string literal."""
+        routes = self._shape_routes
+        digits = digits_of(encoded)
+        if digits not in routes:
+            checks = self._cache.text_shapes.lane_program(encoded, digits, self._tenant_literal)
+            if checks is None:
+                return
+            if len(routes) >= MAX_SHAPE_ROUTES:
+                routes.clear()
+            routes[digits] = (checks, command, analysis)
+        lane.learn_shapes(routes, self._file_shaped)
 
     def _fast_command(self, analysis: Analysis) -> str | None:
         """The metric label of an analysis the fast path may allow for this session, or

@@ -183,13 +183,15 @@ class Session:
 
         The lane checks and forwards, in C, a [Parse +] Bind [+ Describe] + Execute +
         Sync of a statement the inspector taught it (a named one, or the unnamed one
-        with its known Parse), in enforce mode also a Query the inspector allowed
-        before by its bytes (what _known_query takes from the inspector's table),
-        and the answer to either when that comes whole; everything else stays on
-        the Python path.  In rls/both mode it takes
-        requests only inside a block that has the tenant (_lane_may_take).  Only
-        if the observer can take its tallies (not when every statement is
-        audited) and the inspector can teach it.
+        with its known Parse), a Query of a text shape the inspector taught it, in
+        enforce mode also a Query the inspector allowed before by its bytes (what
+        _known_query takes from the inspector's table: it does not say whether a
+        Query is transaction control, which in rls/both mode must go the Python
+        way), and the answer to any of them when that comes whole; everything else
+        stays on the Python path.  In rls/both mode it takes requests only inside a
+        block that has the tenant (_lane_may_take).  Only if the observer can take
+        its tallies (not when every statement is audited) and the inspector can
+        teach it.
         """
         if _LANE is None or self._lane is not None:
             return
@@ -199,8 +201,8 @@ class Session:
             self._lane_request,
             self.info.tenant.encode(),
             self._max_message,
-            # Known Queries too in enforce mode (rls/both rewrite every Query).
-            self._lane_query if self.injector is None else None,
+            self._lane_query,
+            known_queries=self.injector is None,
         )
         if self.observer.attach_lane(lane) and self.inspector.attach_lane(lane):
             self._lane = lane

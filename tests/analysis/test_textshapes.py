@@ -10,6 +10,9 @@ out, the corpus supplies the breadth and hypothesis the rest.
 
 from __future__ import annotations
 
+import array
+import re
+
 import pytest
 from analysis_corpus import POLICY, RLS_POLICY, load_cases
 from hypothesis import given, settings
@@ -18,7 +21,17 @@ from pglast.parser import parse_sql_json
 from test_shapes import through_one_cache, variants, verdicts
 
 from tenantgate.analysis import AnalysisCache, AnalysisPolicy, analyse_sql, check_tenant
-from tenantgate.analysis.textshapes import _kind, literal_slots, literals_of, text_key
+from tenantgate.analysis.textshapes import (
+    LANE_DIGIT,
+    LANE_INT4,
+    LANE_NUMERIC,
+    LANE_TENANT,
+    _kind,
+    digits_of,
+    literal_slots,
+    literals_of,
+    text_key,
+)
 
 CASES = load_cases()
 BASE = "SELECT id FROM orders WHERE tenant_id = 'acme' AND id = 10"
@@ -427,3 +440,136 @@ def test_without_parse_counts_and_files_nothing_until_taken() -> None:
     assert cache.without_parse(other, other.encode()) is not None
     cache.get_or_analyse(other)
     assert (cache.hits, cache.misses) == (hits + 1, misses + 2)
+
+
+# --- the lane's checks (TextShapes.lane_program; _lane.c's shape_fits) -----------------------
+
+ACME = b"'acme'"
+
+
+def _passes(checks: bytes, text: bytes) -> bool:
+    """The checks as _lane.c's shape_fits reads them (tests/unit/test_lane.py holds
+    the C code to this reading of int4/numeric and of the tenant literal)."""
+    words = array.array("I")
+    words.frombytes(checks)
+    for at in range(0, len(words), 3):
+        check, start, end = words[at : at + 3]
+        if check == LANE_DIGIT:
+            fits = start < len(text) and text[start] == end
+        elif check in (LANE_INT4, LANE_NUMERIC):
+            token = text[start:end].decode("ascii", "replace")
+            fits = re.fullmatch(r"-?[0-9]+", token) is not None and (_kind(token) in "iI") == (
+                check == LANE_INT4
+            )
+        else:
+            assert check == LANE_TENANT
+            fits = text[start:end] == ACME
+        if not fits:
+            return False
+    return True
+
+
+def _program(cache: AnalysisCache, sql: str) -> bytes | None:
+    encoded = sql.encode()
+    return cache.text_shapes.lane_program(encoded, digits_of(encoded), ACME)
+
+
+def test_the_lanes_checks_hold_a_text_to_its_text_key_and_tenant_literal() -> None:
+    cache = _filed(POLICY, BASE)
+    checks = _program(cache, BASE)
+    assert checks is not None
+    assert _passes(checks, BASE.encode())
+    taught = cache.text_shapes.lookup_bytes(BASE.encode())
+    for number in ("11", "99", "00"):
+        other = BASE.replace("10", number)
+        assert _passes(checks, other.encode())
+        assert cache.text_shapes.lookup_bytes(other.encode()) is taught
+    # Another tenant's literal: another digit key (and the checks would fail it).
+    assert not _passes(checks, BASE.replace("acme", "gbex").encode())
+    assert _program(cache, BASE.replace("acme", "gbex")) is None
+    assert _program(cache, BASE.replace("10", "12")) is not None
+    # Not filed under a digit key: no checks.
+    assert _program(AnalysisCache(POLICY), BASE) is None
+
+
+LANE_TEXT = "SELECT x FROM t{} WHERE a = {} AND b = {}"
+lane_literals = st.sampled_from(["'acme'", "'acme'", "'gbex'", "'acm1'"]) | st.sampled_from(
+    ["7", "12", "-3", "2147483647", "2147483648", "0002147483648", "99999999999"]
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.tuples(st.integers(1, 4), lane_literals, lane_literals),
+    st.lists(st.tuples(st.integers(1, 4), lane_literals, lane_literals), max_size=5),
+)
+def test_a_text_that_passes_the_lanes_checks_has_the_taught_texts_analysis(
+    learnt: tuple[int, str, str], then: list[tuple[int, str, str]]
+) -> None:
+    """What lets the lane allow a text by its bytes: a text of the taught text's digit
+    key that passes the checks gets, from the digit key, the very analysis the
+    taught text got, which is also a fresh analysis of it."""
+    taught = LANE_TEXT.format(*learnt)
+    cache = _filed(DIGIT_TABLES, taught)
+    checks = _program(cache, taught)
+    if checks is None:
+        return
+    assert _passes(checks, taught.encode())
+    analysis = cache.text_shapes.lookup_bytes(taught.encode())
+    assert analysis is not None
+    for parts in then:
+        sql = LANE_TEXT.format(*parts).encode()
+        if digits_of(sql) != digits_of(taught.encode()) or not _passes(checks, sql):
+            continue
+        assert cache.text_shapes.lookup_bytes(sql) is analysis
+        assert analysis == analyse_sql(sql.decode(), DIGIT_TABLES)
+
+
+def test_generated_lane_checks_are_exercised() -> None:
+    """The property above is not vacuous: the checks pass texts with new values."""
+    taught = LANE_TEXT.format(1, "'acme'", "12")
+    cache = _filed(DIGIT_TABLES, taught)
+    checks = _program(cache, taught)
+    assert checks is not None
+    assert _passes(checks, LANE_TEXT.format(1, "'acme'", "47").encode())
+    assert not _passes(checks, LANE_TEXT.format(2, "'acme'", "47").encode())  # t2: scoped by b
+    # Ten digits: int4 or numeric by value, under one digit key.
+    taught = LANE_TEXT.format(1, "'acme'", "1000000000")
+    cache = _filed(DIGIT_TABLES, taught)
+    checks = _program(cache, taught)
+    assert checks is not None
+    assert _passes(checks, LANE_TEXT.format(1, "'acme'", "2147483647").encode())
+    numeric = LANE_TEXT.format(1, "'acme'", "2147483648").encode()
+    assert digits_of(numeric) == digits_of(taught.encode())
+    assert not _passes(checks, numeric)
+
+
+def test_file_shaped_counts_and_files_as_get_or_analyse_would() -> None:
+    """What the lane has the cache do for a text it allowed by its shape: what
+    get_or_analyse does for a new text its shape answers (a miss, a text-shape hit,
+    the text filed); a text the cache holds, or a message known by its bytes, is
+    declined untouched (the general path counts those as hits)."""
+    cache = _filed(POLICY, BASE)
+    reference = _filed(POLICY, BASE)
+    new = BASE.replace("10", "21")
+    analysis = cache.text_shapes.lookup_bytes(new.encode())
+    assert analysis is not None
+
+    def counts(of: AnalysisCache) -> tuple[int, ...]:
+        return of.hits, of.misses, of.text_shapes.hits, len(of)
+
+    before, reference_before = counts(cache), counts(reference)
+    assert cache.file_shaped(new, b"Q...", analysis)
+    assert reference.get_or_analyse(new) == analysis
+    grew = [after - was for after, was in zip(counts(cache), before, strict=True)]
+    assert grew == [0, 1, 1, 1]
+    assert grew == [
+        after - was for after, was in zip(counts(reference), reference_before, strict=True)
+    ]
+    assert cache.get_or_analyse(new) is analysis  # filed: a hit now
+    filed = counts(cache)
+    assert not cache.file_shaped(new, b"Q...", analysis)
+    other = BASE.replace("10", "22")
+    cache.known_messages[b"Q-other"] = (other, analysis, "select", frozenset({"acme"}))
+    assert not cache.file_shaped(other, b"Q-other", analysis)
+    assert counts(cache) == filed

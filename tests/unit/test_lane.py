@@ -13,6 +13,7 @@ and damaged inputs; the session-level comparison of the whole path is
 
 from __future__ import annotations
 
+import array
 import asyncio
 import bisect
 import gc
@@ -29,6 +30,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tenantgate.analysis.textshapes import LANE_INT4, LANE_NUMERIC, LANE_TENANT, _kind
 from tenantgate.compiled import lane_class
 from tenantgate.enforcement import PolicyInspector, _all_text
 from tenantgate.hooks import PortalInfo
@@ -96,12 +98,19 @@ class _Ends:
 
 
 def _lane(
-    bounds: tuple[float, ...] = (), max_message: int = MAX_MESSAGE
+    bounds: tuple[float, ...] = (), max_message: int = MAX_MESSAGE, known_queries: bool = True
 ) -> tuple[Lane, _Ends, dict[str, Any]]:
+    """A lane as an enforce-mode session makes it (``known_queries``: unless rls/both)."""
     assert LANE is not None
     ends = _Ends()
     lane = LANE(
-        ends.upstream.append, ends.client.append, ends.hand, TENANT, max_message, ends.hand_query
+        ends.upstream.append,
+        ends.client.append,
+        ends.hand,
+        TENANT,
+        max_message,
+        ends.hand_query,
+        known_queries=known_queries,
     )
     portals: dict[str, Any] = {}
     lane.attach(portals, 1000)
@@ -813,15 +822,21 @@ def test_the_lane_takes_a_query_exactly_when_known_query_allows_it_by_its_bytes(
     assert not lane.client(chunk, in_block)
 
 
-def test_a_lane_without_a_query_hand_over_takes_no_query() -> None:
-    """rls/both: the session makes its lane without materialize_query."""
+def test_a_lane_takes_no_query_by_its_bytes_unless_made_to() -> None:
+    """rls/both: the known messages do not say which Queries are transaction control,
+    which must go the Python way in a block (the injector follows them); and a lane
+    without materialize_query could not hand a Query over."""
     assert LANE is not None
     ends = _Ends()
-    lane = LANE(ends.upstream.append, ends.client.append, ends.hand, TENANT, MAX_MESSAGE)
-    lane.attach({}, 1000)
-    lane.learn_queries(_known_messages(), TENANT_ONLY, _Cache())
-    assert lane.learnt == 0
-    assert not lane.client(QUERY_A, False)
+    plain = LANE(ends.upstream.append, ends.client.append, ends.hand, TENANT, MAX_MESSAGE)
+    rls, _ends, _portals = _lane(known_queries=False)
+    for lane in (plain, rls):
+        lane.attach({}, 1000)
+        lane.learn_queries(_known_messages(), TENANT_ONLY, _Cache())
+        assert lane.learnt == 0
+        assert not lane.client(QUERY_A, True)
+    plain.learn_shapes({}, lambda sql, message, analysis: True)
+    assert plain.learnt == 0
 
 
 @st.composite
@@ -936,3 +951,185 @@ def test_the_session_lane_takes_known_queries_and_forgets_them() -> None:
         assert session.tracker.idle
 
     asyncio.run(run())
+
+
+# --- Queries of a text shape (every mode; W3's and W4's inlined values) -----------------------
+
+SHAPED = "SELECT balance FROM {table} WHERE tenant_id = {tenant} AND id = {key}"
+
+
+def _shaped(table: str = "accounts", tenant: str = "'acme'", key: object = 1) -> bytes:
+    return Query(SHAPED.format(table=table, tenant=tenant, key=key)).encode()
+
+
+# Literals as textshapes reads them: int4 or numeric by their digits (leading zeros,
+# ten digits and more), a minus glued on; and what is no integer literal at all.
+shaped_keys = st.one_of(
+    st.integers(-3, 3),
+    st.integers(0, 10**12),
+    st.sampled_from(
+        [2147483647, 2147483648, -2147483647, -2147483648, "0002147483647", "00000000007"]
+    ),
+    st.sampled_from(["1.5", "1e3", "-0", "+4", "(5)", "$1", "4 ", "0x1F", "3 -- 'acme'"]),
+)
+shaped_tenants = st.sampled_from(
+    ["'acme'"] * 6 + ["'globex'", "'acme '", "'ac''me'", "'acme'::text", "E'acme'", "acme"]
+)
+shaped_queries = st.builds(
+    _shaped,
+    st.sampled_from(["accounts", "accounts", "ledger1", "ledger2"]),
+    shaped_tenants,
+    shaped_keys,
+)
+
+
+@pytest.mark.parametrize("mode", ["enforce", "both", "rls"])
+@settings(max_examples=120, deadline=None)
+@given(
+    script=st.lists(
+        st.tuples(
+            st.one_of(
+                shaped_queries,
+                shaped_queries,
+                shaped_queries,
+                st.sampled_from(
+                    [
+                        Query("BEGIN").encode(),
+                        Query("COMMIT").encode(),
+                        # The registry changes: the lane forgets the shapes.
+                        Parse("", PREPARED, ()).encode() + Sync().encode(),
+                    ]
+                ),
+            ).map(lambda chunk: [chunk]),
+            st.one_of(st.none(), st.none(), st.integers(1, 40)),
+        ),
+        min_size=1,
+        max_size=16,
+    )
+)
+def test_the_lane_takes_shaped_queries_as_the_general_path_allows_them(
+    mode: str, script: list[tuple[list[bytes], int | None]]
+) -> None:
+    """Texts of one digit key with other digits, other tenants' literals, other
+    literal kinds, and table names that differ in a digit: the session with the
+    lane sends, answers and counts (cache hits and misses included) exactly what
+    the general path does."""
+    teach = [([_shaped(key=key)], None) for key in (7, 8, 9)]  # analysed, shaped, taught
+    start = [([Query("BEGIN").encode()], None)] if mode != "enforce" else []
+    asyncio.run(_run([*start, *teach, *teach, *script], mode, False, None))
+
+
+@pytest.mark.parametrize("mode", ["enforce", "both"])
+def test_the_session_lane_takes_new_texts_of_a_known_shape(mode: str) -> None:
+    """pgbench's simple protocol: a new value inlined in every statement.  Once the
+    Python path has answered a text by its shape and allowed it, the lane takes
+    the texts of that shape with this tenant's literal (in rls/both only inside a
+    block that has the tenant), each counted as the general path counts it: a
+    text-shape hit, a cache miss, the text filed; a text the cache holds, another
+    tenant's literal or a text of another table go the Python way."""
+
+    async def run() -> None:
+        session, exchange = _served_session(mode)
+        lane = session._lane
+        inspector = cast(PolicyInspector, session.inspector)
+        cache = inspector._cache
+        ready = READY if mode == "enforce" else ReadyForQuery("T").encode()
+        if mode != "enforce":
+            exchange(Query("BEGIN").encode())
+        for key in (10, 11, 12):  # analysed; by the text shape's literal scan; digit key
+            assert exchange(_shaped(key=key)).endswith(ready)
+        assert lane.learnt == 1
+        served, misses, shape_hits = lane.served, cache.misses, cache.text_shapes.hits
+        for key in range(20, 30):
+            assert exchange(_shaped(key=key)).endswith(ready)
+        assert lane.served == served + 10
+        assert (cache.misses, cache.text_shapes.hits) == (misses + 10, shape_hits + 10)
+        assert SHAPED.format(table="accounts", tenant="'acme'", key=29) in cache._entries
+        hits = cache.hits
+        assert exchange(_shaped(key=29)).endswith(ready)  # a text the cache holds
+        assert (lane.served, cache.hits) == (served + 10, hits + 1)
+        refused = exchange(_shaped(tenant="'globex'", key=31))
+        assert b"42501" in refused
+        if mode == "enforce":
+            assert exchange(_shaped(table="ledger1", key=32)).endswith(ready)  # shaped anew
+            assert exchange(_shaped(key=33)).endswith(ready)
+            assert lane.served == served + 11
+        assert session.tracker.idle
+        assert not session._lane_busy
+
+    asyncio.run(run())
+
+
+def test_rls_mode_files_no_digit_key_for_the_lane() -> None:
+    """rls mode needs no tenant literal, so the tenant's string literal is not a
+    tenant value, and textshapes files no text with other string literals under a
+    digit key (their values vary); such Queries stay on the Python path."""
+
+    async def run() -> None:
+        session, exchange = _served_session("rls")
+        exchange(Query("BEGIN").encode())
+        for key in range(10, 20):
+            assert exchange(_shaped(key=key)).endswith(ReadyForQuery("T").encode())
+        assert session._lane.learnt == 0
+        assert session._lane.served == 0
+
+    asyncio.run(run())
+
+
+@settings(max_examples=1500, deadline=None)
+@given(
+    literal=st.one_of(
+        st.from_regex(r"\A-?[0-9]{1,14}\Z"),
+        st.text(alphabet="0123456789-'ab ", min_size=0, max_size=14),
+    ),
+    numeric=st.booleans(),
+    filed=st.booleans(),
+)
+def test_a_shapes_checks_read_literals_as_textshapes_does(
+    literal: str, numeric: bool, filed: bool
+) -> None:
+    """_lane.c's CHECK_INT4 / CHECK_NUMERIC of a literal's span agree with
+    textshapes._kind (int4 or numeric, by the digits after a minus) and fail for
+    anything that is not a minus and digits; CHECK_TENANT is the tenant's string
+    literal byte for byte; the lane sends the Query only if file_shaped agrees."""
+    head = "SELECT x FROM t WHERE tenant_id = 'acme' AND id = "
+    text = (head + literal).encode()
+    start, end = len(head), len(text)
+    tenant_at = head.index("'acme'")
+    checks = array.array(
+        "I",
+        (
+            LANE_TENANT,
+            tenant_at,
+            tenant_at + 6,
+            LANE_NUMERIC if numeric else LANE_INT4,
+            start,
+            end,
+        ),
+    ).tobytes()
+    digits = bytes(b if not 0x31 <= b <= 0x39 else 0x30 for b in text)
+    lane, ends, _portals = _lane()
+    calls: list[tuple[str, bytes, object]] = []
+
+    def file_shaped(sql: str, message: bytes, analysis: object) -> bool:
+        calls.append((sql, message, analysis))
+        return filed
+
+    analysis = object()
+    lane.learn_shapes({digits: (checks, "select", analysis)}, file_shaped)
+    chunk = Query(text.decode()).encode()
+    is_integer = re.fullmatch(r"-?[0-9]+", literal) is not None
+    fits = is_integer and (_kind(literal) in ("N", "n")) == numeric
+    assert lane.client(chunk, False) is (fits and filed)
+    assert bool(calls) is fits
+    if fits:
+        assert calls == [(text.decode(), chunk, analysis)]
+    assert ends.upstream == ([chunk] if fits and filed else [])
+    # Any other tenant literal of the same length fails the check.
+    other = Query(text.decode().replace("'acme'", "'acmf'", 1)).encode()
+    lane.forget()
+    lane.learn_shapes({digits: (checks, "select", analysis)}, file_shaped)
+    if not (fits and filed):
+        calls.clear()
+        assert not lane.client(other, False)
+        assert not calls

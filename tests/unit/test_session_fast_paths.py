@@ -54,7 +54,8 @@ listen: {host: 127.0.0.1, port: 0}
 upstream: {host: 127.0.0.1, port: 1, database: app, user: app, password: x}
 mode: MODE
 dry_run: DRY_RUN
-tables: {accounts: tenant_id}
+# ledger1 and ledger2: names that differ in a digit (one digit key, two text keys).
+tables: {accounts: tenant_id, ledger1: tenant_id, ledger2: tenant_id}
 tenants:
   acme: {users: {acme_app: {password: secret}}}
   globex: {users: {globex_app: {password: secret}}}

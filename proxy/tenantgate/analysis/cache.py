@@ -92,6 +92,18 @@ class AnalysisCache:
         else:
             self._file(sql, analysis)
 
+    def file_shaped(self, sql: str, message: bytes, analysis: Analysis) -> bool:
+        """What get_or_analyse does for a text it does not hold whose text shape
+        answers ``analysis`` (the session's lane found it by its digit key): count the
+        shape's hit and a miss, and file the text.  False, doing nothing, if the text
+        is cached or its Query ``message`` is known by its bytes: the caller then
+        goes the general way (which counts a hit)."""
+        if sql in self._entries or message in self.known_messages:
+            return False
+        self.text_shapes.hits += 1
+        self._file(sql, analysis)
+        return True
+
     def _hit(self, sql: str) -> Analysis | None:
         found = self._entries.get(sql)
         if found is not None:

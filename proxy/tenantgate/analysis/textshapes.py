@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import json
 import re
+from array import array
 from typing import Final
 
 from .model import Analysis, StatementAnalysis
@@ -51,6 +52,13 @@ _INT4_DIGITS: Final = len(_INT4_MAX_DIGITS)
 _A_CONST: Final = '{"A_Const":'
 # Every digit to 0: texts that differ only in digits get one digit key.
 _DIGITS_TO_ZERO: Final = bytes.maketrans(b"123456789", b"000000000")
+
+# The lane's checks (see TextShapes.lane_program and _lane.c's shape_query): each a
+# triple of uint32 (check, start, end).
+LANE_DIGIT: Final = 0  # the byte at ``start`` is the digit ``end``
+LANE_INT4: Final = 1  # the integer literal [start, end) is one PostgreSQL makes an int4
+LANE_NUMERIC: Final = 2  # ... one it makes a numeric
+LANE_TENANT: Final = 3  # [start, end) is the tenant's string literal, byte for byte
 
 # (the text with its literals masked, the text split around its literals: the pieces
 # between them at even indexes, the literals at odd ones).
@@ -84,6 +92,11 @@ def _value(token: str, kind: str) -> str:
     if kind == "s":
         return token[1:-1].replace("''", "'")
     return str(int(token)) if kind in "iI" else token
+
+
+def digits_of(sql: bytes) -> bytes:
+    """``sql``'s digit key: its bytes with every digit made ``0`` (see TextShapes)."""
+    return sql.translate(_DIGITS_TO_ZERO)
 
 
 def text_key(sql: str) -> TextKey | None:
@@ -238,7 +251,7 @@ class TextShapes:
     def lookup_bytes(self, sql: bytes) -> Analysis | None:
         """What :meth:`lookup` answers for the text ``sql`` (UTF-8), if its digit key
         tells its text key; None means only that this level cannot tell."""
-        digit_key = self._digits.get(sql.translate(_DIGITS_TO_ZERO))
+        digit_key = self._digits.get(digits_of(sql))
         if digit_key is None:
             return None
         found = digit_key.variants.get(digit_key.variant(sql))
@@ -248,6 +261,34 @@ class TextShapes:
         return self._analysis(
             masked, tuple([sql[start:end].decode("ascii") for start, end in spans])
         )
+
+    def lane_program(self, sql: bytes, digits: bytes, tenant_literal: bytes) -> bytes | None:
+        """The checks by which the session's lane may tell, from a text's bytes alone,
+        that a text of the digit key ``digits`` (``sql``'s) is of ``sql``'s text key
+        with ``tenant_literal`` at each tenant literal, as :meth:`lookup_bytes`
+        would find: its digits outside integer literals, the int4-or-numeric kind of
+        each long integer literal, and the bytes of each tenant literal.  A text that
+        passes them has :meth:`lookup_bytes`'s analysis of ``sql``.  None unless
+        ``sql`` is filed under ``digits`` and each of its tenant literals is
+        ``tenant_literal``.
+        """
+        digit_key = self._digits.get(digits)
+        if digit_key is None:
+            return None
+        variant = digit_key.variant(sql)
+        found = digit_key.variants.get(variant)
+        if found is None:
+            return None
+        checks = array("I")
+        for start, end in found[1]:
+            if sql[start:end] != tenant_literal:
+                return None
+            checks.extend((LANE_TENANT, start, end))
+        for at in digit_key.fixed_at:
+            checks.extend((LANE_DIGIT, at, sql[at]))
+        for (start, end), kind in zip(digit_key.long, variant[1], strict=True):
+            checks.extend((LANE_INT4 if kind in "iI" else LANE_NUMERIC, start, end))
+        return checks.tobytes()
 
     def _analysis(self, masked: str, tokens: tuple[str, ...]) -> Analysis | None:
         """The analysis of a text of key ``masked`` whose tenant literals are ``tokens``."""
