@@ -83,8 +83,8 @@ typedef struct {
     PyObject *materialize_query, *queries, *tenant_only, *query_cache;
     int known_queries; /* whether it may take Queries by their bytes (enforce mode) */
     /* Text shapes, while the registry is as when the inspector said so
-       (learn_shapes): digit key -> (checks, command, analysis); and the analysis
-       cache's file_shaped.  tenant_literal: the tenant as a string literal. */
+       (learn_shapes): the tenant's string literal (tenant_literal) + a digit key ->
+       (checks, command, analysis); and the analysis cache's file_shaped. */
     PyObject *shapes, *file_shaped, *tenant_literal;
     /* The unnamed statement's Parse payload (learn_parse), its statement, and the
        analysis cache whose hits a known Parse counts; parse_payload NULL: none. */
@@ -500,11 +500,14 @@ static PyObject *shape_query(Lane *self, PyObject *data, int in_block) {
     }
     const unsigned char *text = chunk + 5;
     Py_ssize_t length = size - 6;
-    PyObject *digits = PyBytes_FromStringAndSize(NULL, length);
+    Py_ssize_t literal_length = PyBytes_GET_SIZE(self->tenant_literal);
+    PyObject *digits = PyBytes_FromStringAndSize(NULL, literal_length + length);
     if (digits == NULL) {
         return NULL;
     }
     unsigned char *key = (unsigned char *)PyBytes_AS_STRING(digits);
+    memcpy(key, PyBytes_AS_STRING(self->tenant_literal), (size_t)literal_length);
+    key += literal_length;
     for (Py_ssize_t i = 0; i < length; i++) {
         key[i] = text[i] >= '1' && text[i] <= '9' ? '0' : text[i];
     }
@@ -1002,8 +1005,9 @@ static PyObject *Lane_learn_queries(Lane *self, PyObject *args) {
 PyDoc_STRVAR(learn_shapes_doc,
              "learn_shapes(routes, file_shaped)\n\n"
              "Until the next forget(): a chunk that is one Query whose text's digit key\n"
-             "(every digit made 0) is a key of ``routes`` (-> (checks, command, analysis):\n"
-             "PolicyInspector._teach_shape) and whose text passes its checks may pass here,\n"
+             "(every digit made 0) after the tenant's string literal is a key of ``routes``\n"
+             "(-> (checks, command, analysis): PolicyInspector._teach_shape) and whose text\n"
+             "passes its checks may pass here,\n"
              "once ``file_shaped(sql, message, analysis)`` has filed it (False: not its case).\n"
              "Only for a lane made with materialize_query.");
 

@@ -48,8 +48,6 @@ MAX_KNOWN_PARSES: Final = 16
 MAX_KNOWN_PARSE_BYTES: Final = 2048
 # Named statements whose Binds a session checks by their tenant parameters' bytes.
 MAX_BIND_LANES: Final = 64
-# Text shapes a session's lane may allow by their digit keys (_teach_shape).
-MAX_SHAPE_ROUTES: Final = 64
 
 
 def _asyncpg_reset_queries() -> frozenset[str]:
@@ -228,9 +226,7 @@ class PolicyInspector:
         self.rejections = 0
         self._known = cache.known_messages
         self._tenant_only = frozenset((tenant,))
-        # Digit key -> (the lane's checks, metric label, analysis) of the text shapes
-        # this session ran (_teach_shape), and where the lane files what it allows.
-        self._shape_routes: dict[bytes, tuple[bytes, str, Analysis]] = {}
+        # Where the session's lane files the texts it allows by their shape (_teach_shape).
         self._file_shaped = cache.file_shaped
         self._tenant_literal = b"'" + self._tenant_bytes + b"'"
         # _judge's answers: id -> (the analysis, held so its id stays unique, answer).
@@ -665,16 +661,23 @@ class PolicyInspector:
         registry changes again (query_sent would change nothing), the lane may allow
         the texts of its digit key that pass the shape's checks (the same text key,
         the same tenant literals: the same analysis, so the same verdict) itself.
-        Only texts whose tenant literals are all this tenant's string literal."""
-        routes = self._shape_routes
+
+        Only texts whose tenant literals are all this tenant's string literal.  The
+        routes are the cache's, shared by this tenant's sessions: the verdict on a
+        plain SELECT/INSERT/UPDATE/DELETE whose tenant constants are the tenant's
+        depends on the policy (the cache's) and the tenant only (_judge; the
+        tenant's timeout limits apply to SET statements only).
+        """
+        routes = self._cache.lane_routes
         digits = digits_of(encoded)
-        if digits not in routes:
+        key = self._tenant_literal + digits
+        if key not in routes:
             checks = self._cache.text_shapes.lane_program(encoded, digits, self._tenant_literal)
             if checks is None:
                 return
-            if len(routes) >= MAX_SHAPE_ROUTES:
+            if len(routes) >= self._cache.maxsize:
                 routes.clear()
-            routes[digits] = (checks, command, analysis)
+            routes[key] = (checks, command, analysis)
         lane.learn_shapes(routes, self._file_shaped)
 
     def _fast_command(self, analysis: Analysis) -> str | None:

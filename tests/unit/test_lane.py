@@ -1116,7 +1116,8 @@ def test_a_shapes_checks_read_literals_as_textshapes_does(
         return filed
 
     analysis = object()
-    lane.learn_shapes({digits: (checks, "select", analysis)}, file_shaped)
+    routes = {b"'acme'" + digits: (checks, "select", analysis)}
+    lane.learn_shapes(routes, file_shaped)
     chunk = Query(text.decode()).encode()
     is_integer = re.fullmatch(r"-?[0-9]+", literal) is not None
     fits = is_integer and (_kind(literal) in ("N", "n")) == numeric
@@ -1128,8 +1129,31 @@ def test_a_shapes_checks_read_literals_as_textshapes_does(
     # Any other tenant literal of the same length fails the check.
     other = Query(text.decode().replace("'acme'", "'acmf'", 1)).encode()
     lane.forget()
-    lane.learn_shapes({digits: (checks, "select", analysis)}, file_shaped)
+    lane.learn_shapes(routes, file_shaped)
     if not (fits and filed):
         calls.clear()
         assert not lane.client(other, False)
         assert not calls
+
+
+def test_shape_routes_are_per_tenant() -> None:
+    """The routes are shared by the cache's sessions, keyed by the tenant's string
+    literal: another tenant's lane finds none of them, even for a text with its
+    own literal where this tenant's was."""
+    assert LANE is not None
+    text = b"SELECT x FROM t WHERE tenant_id = 'acme' AND id = 5"
+    digits = bytes(b if not 0x31 <= b <= 0x39 else 0x30 for b in text)
+    at = text.index(b"'acme'")
+    checks = array.array("I", (LANE_TENANT, at, at + 6)).tobytes()
+    routes = {b"'acme'" + digits: (checks, "select", object())}
+    ends = _Ends()
+    other = LANE(
+        ends.upstream.append, ends.client.append, ends.hand, b"gbex", MAX_MESSAGE, ends.hand_query
+    )
+    other.attach({}, 1000)
+    other.learn_shapes(routes, lambda sql, message, analysis: True)
+    for tenant in (b"'acme'", b"'gbex'"):
+        assert not other.client(Query(text.replace(b"'acme'", tenant).decode()).encode(), False)
+    mine, _ends, _portals = _lane()
+    mine.learn_shapes(routes, lambda sql, message, analysis: True)
+    assert mine.client(Query(text.replace(b"5", b"7").decode()).encode(), False)

@@ -26,6 +26,7 @@ class AnalysisCache:
         "_last_key",
         "hits",
         "known_messages",
+        "lane_routes",
         "last_hit",
         "maxsize",
         "misses",
@@ -45,6 +46,10 @@ class AnalysisCache:
         # message bytes -> (text, analysis, metric label, tenant constants).  Bounded
         # like the LRU; emptied when full (cheaper than LRU bookkeeping per hit).
         self.known_messages: dict[bytes, tuple[str, Analysis, str, frozenset[str]]] = {}
+        # Text shapes the sessions' lanes may allow by their digit keys: the tenant's
+        # string literal + a digit key -> (the checks, the metric label, the analysis).
+        # Filled by PolicyInspector._teach_shape, bounded like the LRU.
+        self.lane_routes: dict[bytes, tuple[bytes, str, Analysis]] = {}
         self.shapes = ShapeCache(maxsize)
         self.text_shapes = TextShapes(maxsize)
         self.hits = 0
