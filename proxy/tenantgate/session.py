@@ -478,7 +478,9 @@ class Session:
         entry = self._expect_statement(Kind.QUERY, known.command, known.sql, False)
         if injector is not None:  # rls/both: what _client_message does
             statements = self.inspector.last_statements()
-            data = self._injected_query(injector, entry, data[5:-1], statements)
+            injected = self._injected_query(injector, entry, data[5:-1], statements)
+            if injected is not None:
+                data = injected
         self._upstream_transport.write(data)
         return True
 
@@ -515,9 +517,13 @@ class Session:
     @staticmethod
     def _injected_query(
         injector: TenantInjector, entry: Pending, text: bytes, statements: Sequence[StatementShape]
-    ) -> bytes:
-        """The Query message with the tenant spliced in; ``entry`` learns what to hide."""
+    ) -> bytes | None:
+        """The Query message with the tenant spliced in, or None if nothing is (a block
+        that has it, transaction control): the client's message goes as it is.
+        ``entry`` learns what to hide."""
         rewrite = injector.rewrite_query(text, statements)
+        if not rewrite.shifts:  # nothing inserted: the text is the client's
+            return None
         entry.hidden_statements = rewrite.hidden_statements
         entry.position_shifts = rewrite.shifts
         return frame(b"Q", rewrite.text + b"\x00")
