@@ -1007,9 +1007,9 @@ PyDoc_STRVAR(learn_shapes_doc,
              "Until the next forget(): a chunk that is one Query whose text's digit key\n"
              "(every digit made 0) after the tenant's string literal is a key of ``routes``\n"
              "(-> (checks, command, analysis): PolicyInspector._teach_shape) and whose text\n"
-             "passes its checks may pass here,\n"
-             "once ``file_shaped(sql, message, analysis)`` has filed it (False: not its case).\n"
-             "Only for a lane made with materialize_query.");
+             "passes its checks may pass here, once ``file_shaped(sql, message, analysis)``\n"
+             "has filed it (False: not its case).  Only for a lane made with\n"
+             "materialize_query.");
 
 static PyObject *Lane_learn_shapes(Lane *self, PyObject *args) {
     PyObject *routes, *file_shaped;

@@ -28,6 +28,10 @@ on).  The integer marker says whether the value fits an int4, because that
 decides between PostgreSQL's integer and numeric constants.  A hit returns the
 shape's analysis with this text's values at the tenant slots, which
 ``check_tenant`` then compares with the session's tenant as for any analysis.
+
+:meth:`TextShapes.lane_program` spells what the digit-key level tests as
+checks of a text's bytes, which the session's C lane applies to the next
+texts of a digit key (``_lane.c``'s ``shape_fits``).
 """
 
 from __future__ import annotations
