@@ -103,12 +103,15 @@ def _answer() -> bytes:
     return _row_description() + DataRow((b"0",)).encode() + CommandComplete("SELECT 1").encode()
 
 
-def wire(policy_text: str, client: Sink, upstream: Sink) -> tuple[Session, ProxyApp]:
-    """A session of tenant ``acme`` wired as ``serve`` wires it (ProxyApp's inspector,
-    analysis cache, telemetry and metrics; the injector in rls/both mode), writing to
-    ``client`` and ``upstream`` instead of sockets.  Needs a running event loop."""
+def wire(
+    policy_text: str, client: Sink, upstream: Sink, tenant: str = "acme"
+) -> tuple[Session, ProxyApp]:
+    """A session of ``tenant`` (user ``<tenant>_app``) wired as ``serve`` wires it
+    (ProxyApp's inspector, analysis cache, telemetry and metrics; the injector in
+    rls/both mode), writing to ``client`` and ``upstream`` instead of sockets.  Needs
+    a running event loop."""
     app = ProxyApp(parse_policy(policy_text))
-    info = SessionInfo("bench", "acme", "acme_app", "127.0.0.1", 0, 1, b"k", time.time())
+    info = SessionInfo("bench", tenant, f"{tenant}_app", "127.0.0.1", 0, 1, b"k", time.time())
     session = Session(
         info,
         None,  # type: ignore[arg-type]
@@ -116,7 +119,7 @@ def wire(policy_text: str, client: Sink, upstream: Sink) -> tuple[Session, Proxy
         _Upstream(),  # type: ignore[arg-type]
         app._inspector(app.policy, info),
         app.policy.limits.max_message_bytes,
-        TenantInjector(app.policy.tenant_setting, "acme") if app.policy.injects_tenant else None,
+        TenantInjector(app.policy.tenant_setting, tenant) if app.policy.injects_tenant else None,
     )
     session._client_transport = client  # type: ignore[assignment]
     session._upstream_transport = upstream  # type: ignore[assignment]

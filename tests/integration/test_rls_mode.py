@@ -798,3 +798,43 @@ def test_prepared_statements_in_a_block_keep_the_tenant(
     else:  # the lane took part of them
         assert after is not None
         assert after > before
+
+
+@pytest.mark.security
+def test_new_inlined_texts_in_a_block_keep_the_tenant(
+    both_proxy: RunningProxy, tenant_db: TenantDb
+) -> None:
+    """both mode with pgbench's simple protocol (W3): every statement a new text,
+    its values inlined.  Inside a block whose tenant is set, texts of a known shape
+    may take the lane (compiled build), which checks each text's tenant literal by
+    its bytes: every read sees exactly the tenant's rows, every write touches only
+    them, and a literal of another tenant (of the same length) is refused."""
+    mine = tenant_db.snapshot("acme")["orders"]
+    others = [row[0] for row in tenant_db.snapshot("globex")["orders"]]
+    read = "SELECT id, tenant_id, item FROM orders WHERE tenant_id = {} AND id = {}"
+    write = "UPDATE orders SET amount = amount + {} WHERE tenant_id = 'acme' AND id = {}"
+    with connect(
+        both_proxy, tenant_db, "acme", autocommit=False, cursor_factory=psycopg.ClientCursor
+    ) as conn:
+        pid = conn.info.backend_pid
+        before = lane_served(both_proxy, pid) or 0
+        for round_ in range(3):
+            for row in mine:
+                got = conn.execute(read.format("'acme'", row[0])).fetchall()
+                assert got == [(row[0], "acme", row[2])]
+                assert conn.execute(write.format(round_ * 7 - 5, row[0])).rowcount == 1
+            for other in others:
+                assert conn.execute(read.format("'acme'", other)).fetchall() == []
+                assert conn.execute(write.format(3, other)).rowcount == 0
+            conn.rollback()  # the writes are undone: the seed data stays as it was
+        for other in others[:2]:
+            with pytest.raises(errors.InsufficientPrivilege, match="wrong_tenant"):
+                conn.execute(read.format("'acmf'", other))
+            conn.rollback()
+        after = lane_served(both_proxy, pid)
+    assert tenant_db.snapshot("acme")["orders"] == mine
+    if lane_class() is None:
+        assert after is None
+    else:
+        assert after is not None
+        assert after > before

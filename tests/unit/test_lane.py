@@ -61,13 +61,16 @@ pytestmark = pytest.mark.skipif(LANE is None, reason="the lane runs on the compi
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from test_session_fast_paths import (  # noqa: E402
+    POLICY,
     PREPARED,
     SWAPPED,
+    Recorder,
     _bound,
     _control_bound,
     _proxy,
     _run,
     _Server,
+    wire,
 )
 
 TENANT = b"acme"
@@ -1177,3 +1180,46 @@ def test_shape_routes_are_per_tenant() -> None:
     mine, _ends, _portals = _lane()
     mine.learn_shapes(routes, lambda sql, message, analysis: True)
     assert mine.client(Query(text.replace(b"5", b"7").decode()).encode(), False)
+
+
+@pytest.mark.parametrize("mode", ["enforce", "both"])
+def test_tenants_named_with_digits_share_a_digit_key_but_not_a_verdict(mode: str) -> None:
+    """Tenant ids with digits: 't1' and 't2' give their texts one digit key.  The
+    lane still tells them apart twice over: a digit inside a string literal is one
+    of the digits the checks pin (CHECK_DIGIT), and the tenant literal's bytes are
+    compared too (CHECK_TENANT).  A session of t1 whose lane knows the shape must
+    refuse the same text with 't2'."""
+
+    async def run() -> None:
+        policy = POLICY.replace("MODE", mode).replace("DRY_RUN", "false")
+        policy = policy.replace("acme:", "t1:").replace("acme_app", "t1_app")
+        policy = policy.replace("globex:", "t2:").replace("globex_app", "t2_app")
+        client, upstream = Recorder(), Recorder()
+        session, _app = wire(policy, client, upstream, tenant="t1")
+        session.start_lane()
+        lane = session._lane
+        assert lane is not None
+        server = _Server()
+
+        def exchange(chunk: bytes) -> bytes:
+            session.client_data(chunk)
+            session.upstream_data(server.answer(upstream.take()))
+            return client.take()
+
+        ready = READY if mode == "enforce" else ReadyForQuery("T").encode()
+        if mode != "enforce":
+            exchange(Query("BEGIN").encode())
+        for key in range(10, 20):
+            assert exchange(_shaped(tenant="'t1'", key=key)).endswith(ready)
+        served = lane.served
+        assert served > 0
+        for key in range(20, 25):
+            assert b"42501" in exchange(_shaped(tenant="'t2'", key=key))
+            if mode != "enforce":
+                exchange(Query("ROLLBACK").encode())
+                exchange(Query("BEGIN").encode())
+                exchange(_shaped(tenant="'t1'", key=key))  # the block's tenant again
+            assert exchange(_shaped(tenant="'t1'", key=key + 10)).endswith(ready)
+        assert lane.served == served + 5
+
+    asyncio.run(run())
