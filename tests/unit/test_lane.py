@@ -30,7 +30,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tenantgate.analysis.textshapes import LANE_DIGIT, LANE_INT4, LANE_NUMERIC, LANE_TENANT, _kind
+from tenantgate.analysis.textshapes import (
+    LANE_DIGIT,
+    LANE_INT4,
+    LANE_NUMERIC,
+    LANE_TENANT,
+    _kind,
+    digits_of,
+)
 from tenantgate.compiled import lane_class
 from tenantgate.enforcement import PolicyInspector, _all_text
 from tenantgate.hooks import PortalInfo
@@ -64,13 +71,11 @@ from test_session_fast_paths import (  # noqa: E402
     POLICY,
     PREPARED,
     SWAPPED,
-    Recorder,
     _bound,
     _control_bound,
     _proxy,
     _run,
     _Server,
-    wire,
 )
 
 TENANT = b"acme"
@@ -657,11 +662,13 @@ class _Audit:
     statements = True
 
 
-def _served_session(mode: str = "enforce") -> tuple[Any, Callable[[bytes], bytes]]:
+def _served_session(
+    mode: str = "enforce", policy: str = POLICY, tenant: str = "acme"
+) -> tuple[Any, Callable[[bytes], bytes]]:
     """A session with its lane (enforce mode by default), and a function that sends
     a client chunk and returns what the client got back (the simulated server
     answers)."""
-    proxy = _proxy(mode, False)
+    proxy = _proxy(mode, False, policy=policy, tenant=tenant)
     session = proxy.session
     session.start_lane()
     assert session._lane is not None
@@ -1143,7 +1150,7 @@ def test_a_shapes_checks_read_a_text_as_textshapes_does(
         return filed
 
     analysis = object()
-    digits = bytes(b if not 0x31 <= b <= 0x39 else 0x30 for b in text)
+    digits = digits_of(text)
     # The route is found by the digit key of any text of this tenant's literal's length.
     lane.learn_shapes({b"'acme'" + digits: (checks, "select", analysis)}, file_shaped)
     chunk = Query(text.decode()).encode()
@@ -1165,7 +1172,7 @@ def test_shape_routes_are_per_tenant() -> None:
     own literal where this tenant's was."""
     assert LANE is not None
     text = b"SELECT x FROM t WHERE tenant_id = 'acme' AND id = 5"
-    digits = bytes(b if not 0x31 <= b <= 0x39 else 0x30 for b in text)
+    digits = digits_of(text)
     at = text.index(b"'acme'")
     checks = array.array("I", (LANE_TENANT, at, at + 6)).tobytes()
     routes = {b"'acme'" + digits: (checks, "select", object())}
@@ -1191,21 +1198,10 @@ def test_tenants_named_with_digits_share_a_digit_key_but_not_a_verdict(mode: str
     refuse the same text with 't2'."""
 
     async def run() -> None:
-        policy = POLICY.replace("MODE", mode).replace("DRY_RUN", "false")
-        policy = policy.replace("acme:", "t1:").replace("acme_app", "t1_app")
+        policy = POLICY.replace("acme:", "t1:").replace("acme_app", "t1_app")
         policy = policy.replace("globex:", "t2:").replace("globex_app", "t2_app")
-        client, upstream = Recorder(), Recorder()
-        session, _app = wire(policy, client, upstream, tenant="t1")
-        session.start_lane()
+        session, exchange = _served_session(mode, policy, tenant="t1")
         lane = session._lane
-        assert lane is not None
-        server = _Server()
-
-        def exchange(chunk: bytes) -> bytes:
-            session.client_data(chunk)
-            session.upstream_data(server.answer(upstream.take()))
-            return client.take()
-
         ready = READY if mode == "enforce" else ReadyForQuery("T").encode()
         if mode != "enforce":
             exchange(Query("BEGIN").encode())

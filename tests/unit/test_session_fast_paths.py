@@ -106,10 +106,17 @@ CASES = (
 )
 
 
-def _proxy(mode: str = "enforce", dry_run: bool = False, refuse_every: int | None = None) -> _Proxy:
-    policy = POLICY.replace("MODE", mode).replace("DRY_RUN", "true" if dry_run else "false")
+def _proxy(
+    mode: str = "enforce",
+    dry_run: bool = False,
+    refuse_every: int | None = None,
+    policy: str = POLICY,
+    tenant: str = "acme",
+) -> _Proxy:
+    """A session of ``tenant`` under ``policy`` (a template with MODE and DRY_RUN)."""
+    policy = policy.replace("MODE", mode).replace("DRY_RUN", "true" if dry_run else "false")
     client, upstream = Recorder(), Recorder()
-    session, app = wire(policy, client, upstream)
+    session, app = wire(policy, client, upstream, tenant)
     proxy = _Proxy(session, app, client, upstream)
     if refuse_every is not None:
         proxy.rate_limit = session.rate_limit = _RateLimit(refuse_every)
