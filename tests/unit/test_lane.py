@@ -106,7 +106,10 @@ class _Ends:
 
 
 def _lane(
-    bounds: tuple[float, ...] = (), max_message: int = MAX_MESSAGE, known_queries: bool = True
+    bounds: tuple[float, ...] = (),
+    max_message: int = MAX_MESSAGE,
+    known_queries: bool = True,
+    tenant: bytes = TENANT,
 ) -> tuple[Lane, _Ends, dict[str, Any]]:
     """A lane as an enforce-mode session makes it (``known_queries``: unless rls/both)."""
     assert LANE is not None
@@ -115,7 +118,7 @@ def _lane(
         ends.upstream.append,
         ends.client.append,
         ends.hand,
-        TENANT,
+        tenant,
         max_message,
         ends.hand_query,
         known_queries=known_queries,
@@ -1170,17 +1173,12 @@ def test_shape_routes_are_per_tenant() -> None:
     """The routes are shared by the cache's sessions, keyed by the tenant's string
     literal: another tenant's lane finds none of them, even for a text with its
     own literal where this tenant's was."""
-    assert LANE is not None
     text = b"SELECT x FROM t WHERE tenant_id = 'acme' AND id = 5"
     digits = digits_of(text)
     at = text.index(b"'acme'")
     checks = array.array("I", (LANE_TENANT, at, at + 6)).tobytes()
     routes = {b"'acme'" + digits: (checks, "select", object())}
-    ends = _Ends()
-    other = LANE(
-        ends.upstream.append, ends.client.append, ends.hand, b"gbex", MAX_MESSAGE, ends.hand_query
-    )
-    other.attach({}, 1000)
+    other, _ends, _portals = _lane(tenant=b"gbex")
     other.learn_shapes(routes, lambda sql, message, analysis: True)
     for tenant in (b"'acme'", b"'gbex'"):
         assert not other.client(Query(text.replace(b"'acme'", tenant).decode()).encode(), False)
