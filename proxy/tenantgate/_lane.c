@@ -19,9 +19,17 @@
    inspector said so: learn_queries).  In every mode it takes a chunk that is
    exactly a simple Query of a text shape the inspector taught it (learn_shapes:
    a text with new literals inlined, as PolicyInspector._unparsed_query finds it
-   by its digit key; always one plain SELECT, INSERT, UPDATE or DELETE).  It takes
-   the answer to a Query when whole ([RowDescription +] DataRow* + CommandComplete
-   + ReadyForQuery).  The per-statement metrics
+   by its digit key; always one plain SELECT, INSERT, UPDATE or DELETE), and one
+   that is a transaction-control statement known by its bytes (the cache's
+   known_controls: BEGIN, COMMIT, ...), whose answer may change the transaction
+   status (upstream() returns the status; the session updates its tracker, and in
+   rls/both its injector as _injected_query would).  In rls/both mode outside a
+   block that has the tenant (the session says so: ``splice``) only those two
+   kinds pass, a text shape with the injector's set_config prefix in front, as
+   _injected_query sends it; the answer then starts with set_config's one row,
+   which the lane drops as the tracker would (hidden_statements).  It takes the
+   answer to a Query when whole ([set_config's row +] [RowDescription +] DataRow* +
+   CommandComplete + ReadyForQuery).  The per-statement metrics
    (count, duration bucket, rows, bytes) are tallied here and taken by the
    session's metrics when they flush.
 
@@ -32,7 +40,8 @@
    the inspector's own portal map as known_bind does.
    Anything else is not its case: it returns False and the session goes the
    Python way, after the lane has handed over the request it forwarded (if any)
-   as the tracker entry the Python path would have made (`materialize`).  See
+   as the tracker entry the Python path would have made (`materialize`, or
+   `materialize_query` with whether it was spliced).  See
    docs/architecture.md ("The lane") and tests/unit/test_lane.py. */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -50,6 +59,9 @@
 /* A text shape's checks (textshapes.LANE_*): triples of uint32 (check, start, end). */
 enum { CHECK_DIGIT, CHECK_INT4, CHECK_NUMERIC, CHECK_TENANT };
 #define CHECK_SIZE 12
+
+/* What client() took (module constants TOOK_CONTROL and TOOK_SPLICED; True: TOOK). */
+enum { TOOK = 1, TOOK_CONTROL = 2, TOOK_SPLICED = 3 };
 #define INT4_DIGITS 10 /* len(str(2**31 - 1)) */
 
 /* Execute (unnamed portal, no row limit) + Sync; Describe portal "" before them. */
@@ -82,6 +94,13 @@ typedef struct {
        messages, the tenant's constants and the cache whose hits they count. */
     PyObject *materialize_query, *queries, *tenant_only, *query_cache;
     int known_queries; /* whether it may take Queries by their bytes (enforce mode) */
+    /* The known messages that are one transaction-control statement (in every
+       mode: the server's answer may change the transaction status), while the
+       registry is as when the inspector said so (learn_queries). */
+    PyObject *controls;
+    /* rls/both mode: what the injector puts in front of a Query that needs the
+       tenant (TenantInjector.query_prefix); NULL: enforce mode, nothing. */
+    PyObject *splice;
     /* Text shapes, while the registry is as when the inspector said so
        (learn_shapes): the tenant's string literal (tenant_literal) + a digit key ->
        (checks, command, analysis); and the analysis cache's file_shaped. */
@@ -100,6 +119,8 @@ typedef struct {
     /* The request forwarded here, its answer still due. */
     int outstanding, describe, current_tally;
     unsigned char status; /* the ReadyForQuery status its answer must end with */
+    int control; /* transaction control: its answer may end with either status */
+    int spliced; /* sent with the splice in front: its result is hidden */
     PyObject *current_info, *current_parse; /* current_parse: its Parse payload, or NULL */
     PyObject *current_sql, *current_command; /* a Query's (current_info NULL) */
     double started;
@@ -112,6 +133,7 @@ typedef struct {
 static PyObject *EMPTY_NAME; /* "": the unnamed portal's key in the portal map */
 static PyObject *HITS;       /* "hits": AnalysisCache.hits */
 static PyObject *ONE;
+static PyObject *STATUS_IDLE, *STATUS_IN_BLOCK; /* "I", "T": what upstream() returns */
 
 static inline uint32_t be32(const unsigned char *p) {
     return ((uint32_t)p[0] << 24) | ((uint32_t)p[1] << 16) | ((uint32_t)p[2] << 8) | p[3];
@@ -135,6 +157,7 @@ static void forget_named(Lane *self) {
 
 static void forget_queries(Lane *self) {
     Py_CLEAR(self->queries);
+    Py_CLEAR(self->controls);
     Py_CLEAR(self->tenant_only);
     Py_CLEAR(self->query_cache);
     Py_CLEAR(self->shapes);
@@ -162,6 +185,8 @@ static int Lane_traverse(Lane *self, visitproc visit, void *arg) {
     Py_VISIT(self->current_command);
     Py_VISIT(self->materialize_query);
     Py_VISIT(self->queries);
+    Py_VISIT(self->controls);
+    Py_VISIT(self->splice);
     Py_VISIT(self->tenant_only);
     Py_VISIT(self->query_cache);
     Py_VISIT(self->shapes);
@@ -201,6 +226,7 @@ static void Lane_dealloc(Lane *self) {
     Lane_clear(self);
     Py_CLEAR(self->tenant);
     Py_CLEAR(self->tenant_literal);
+    Py_CLEAR(self->splice);
     for (int i = 0; i < MAX_COMMANDS; i++) {
         Py_CLEAR(self->tallies[i].command);
     }
@@ -209,14 +235,20 @@ static void Lane_dealloc(Lane *self) {
 
 static int Lane_init(Lane *self, PyObject *args, PyObject *kwds) {
     PyObject *upstream_write, *client_write, *materialize, *tenant, *materialize_query = Py_None;
+    PyObject *splice = Py_None;
     Py_ssize_t max_message;
     int known_queries = 0;
     static char *kwlist[] = {"upstream_write", "client_write",      "materialize",
                              "tenant",         "max_message",       "materialize_query",
-                             "known_queries",  NULL};
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOOO!n|Op", kwlist, &upstream_write,
+                             "known_queries",  "splice",            NULL};
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOOO!n|OpO", kwlist, &upstream_write,
                                      &client_write, &materialize, &PyBytes_Type, &tenant,
-                                     &max_message, &materialize_query, &known_queries)) {
+                                     &max_message, &materialize_query, &known_queries,
+                                     &splice)) {
+        return -1;
+    }
+    if (splice != Py_None && (!PyBytes_CheckExact(splice) || PyBytes_GET_SIZE(splice) == 0)) {
+        PyErr_SetString(PyExc_TypeError, "splice must be non-empty bytes or None");
         return -1;
     }
     if (self->tenant != NULL) {
@@ -245,6 +277,10 @@ static int Lane_init(Lane *self, PyObject *args, PyObject *kwds) {
         Py_INCREF(materialize_query);
         self->materialize_query = materialize_query;
     }
+    if (splice != Py_None) {
+        Py_INCREF(splice);
+        self->splice = splice;
+    }
     return 0;
 }
 
@@ -258,8 +294,8 @@ static int hand_over(Lane *self) {
     if (self->current_info == NULL) { /* a Query */
         PyObject *sql = self->current_sql, *command = self->current_command;
         self->current_sql = self->current_command = NULL;
-        result = PyObject_CallFunction(self->materialize_query, "OOd", sql, command,
-                                       self->started);
+        result = PyObject_CallFunction(self->materialize_query, "OOdO", sql, command,
+                                       self->started, self->spliced ? Py_True : Py_False);
         Py_DECREF(sql);
         Py_DECREF(command);
     } else {
@@ -294,17 +330,25 @@ static int note_dirty(Lane *self) {
     return 0;
 }
 
-/* The tallies marked dirty, ``data`` passed on with ``write``: True, or NULL. */
-static PyObject *pass_on(Lane *self, PyObject *write, PyObject *data) {
+/* The tallies marked dirty, ``data`` passed on with ``write``: 0, or -1. */
+static int pass_on(Lane *self, PyObject *write, PyObject *data) {
     if (note_dirty(self) < 0) {
-        return NULL;
+        return -1;
     }
     PyObject *result = PyObject_CallOneArg(write, data);
     if (result == NULL) {
-        return NULL;
+        return -1;
     }
     Py_DECREF(result);
-    Py_RETURN_TRUE;
+    return 0;
+}
+
+/* What client() returns for a request it forwarded (its kind), or NULL. */
+static PyObject *took(int failed, int kind) {
+    if (failed) {
+        return NULL;
+    }
+    return kind == TOOK ? Py_NewRef(Py_True) : PyLong_FromLong(kind);
 }
 
 static Statement *find_statement(Lane *self, const unsigned char *name, Py_ssize_t length) {
@@ -374,26 +418,68 @@ static int tenant_params_match(Lane *self, const Statement *statement,
 static int count_hit(PyObject *cache);
 static int find_tally(Lane *self, PyObject *command);
 
+/* The Query message ``data`` with ``prefix`` in front of its text (what
+   Session._injected_query frames for a one-statement Query that needs the tenant). */
+static PyObject *spliced_query(PyObject *prefix, PyObject *data) {
+    Py_ssize_t extra = PyBytes_GET_SIZE(prefix), size = PyBytes_GET_SIZE(data);
+    if (size - 1 + extra > INT32_MAX) {
+        PyErr_SetString(PyExc_OverflowError, "the spliced Query is too long");
+        return NULL;
+    }
+    PyObject *message = PyBytes_FromStringAndSize(NULL, size + extra);
+    if (message == NULL) {
+        return NULL;
+    }
+    unsigned char *out = (unsigned char *)PyBytes_AS_STRING(message);
+    uint32_t length = (uint32_t)(size - 1 + extra);
+    out[0] = 'Q';
+    out[1] = (unsigned char)(length >> 24);
+    out[2] = (unsigned char)(length >> 16);
+    out[3] = (unsigned char)(length >> 8);
+    out[4] = (unsigned char)length;
+    memcpy(out + 5, PyBytes_AS_STRING(prefix), (size_t)extra);
+    memcpy(out + 5 + extra, PyBytes_AS_STRING(data) + 5, (size_t)(size - 5));
+    return message;
+}
+
 /* The Query ``data``, allowed with the metric label ``command`` (tally ``index``)
-   and text ``sql`` (both references taken over), sent: True, or NULL. */
+   and text ``sql`` (both references taken over), sent, as it is or (``splice``)
+   with the injector's prefix in front: what client() returns, or NULL. */
 static PyObject *send_query(Lane *self, PyObject *data, PyObject *sql, PyObject *command,
-                            int index, int in_block) {
+                            int index, int in_block, int control, int splice) {
+    PyObject *message = data;
+    if (splice) {
+        message = spliced_query(self->splice, data);
+        if (message == NULL) {
+            Py_DECREF(sql);
+            Py_DECREF(command);
+            return NULL;
+        }
+    }
     self->current_sql = sql;
     self->current_command = command;
     self->current_tally = index;
     self->describe = 0;
     self->status = in_block ? 'T' : 'I';
+    self->control = control;
+    self->spliced = splice;
     self->outstanding = 1;
     self->started = now();
     self->bytes_in += PyBytes_GET_SIZE(data);
-    return pass_on(self, self->upstream_write, data);
+    int failed = pass_on(self, self->upstream_write, message) < 0;
+    if (splice) {
+        Py_DECREF(message);
+    }
+    return took(failed, control ? TOOK_CONTROL : splice ? TOOK_SPLICED : TOOK);
 }
 
 /* PolicyInspector.known_query's verdict by the bytes, in enforce mode: ``found``
    (known_messages' entry for the whole chunk ``data``) is a Query message it
    allowed before, and its tenant constants, if any, are this tenant's; the hit
-   counted, the Query forwarded. */
-static PyObject *known_query(Lane *self, PyObject *data, PyObject *found, int in_block) {
+   counted, the Query forwarded.  In every mode for a ``control`` one (found in the
+   transaction-control messages: nothing to inject before it). */
+static PyObject *known_query(Lane *self, PyObject *data, PyObject *found, int in_block,
+                             int control) {
     if (!PyTuple_CheckExact(found) || PyTuple_GET_SIZE(found) != 4) {
         Py_RETURN_FALSE;
     }
@@ -420,7 +506,7 @@ static PyObject *known_query(Lane *self, PyObject *data, PyObject *found, int in
         Py_DECREF(command);
         Py_RETURN_FALSE;
     }
-    return send_query(self, data, sql, command, index, in_block);
+    return send_query(self, data, sql, command, index, in_block, control, 0);
 }
 
 /* textshapes._fits_int4 of the integer literal [start, end) (a minus, digits). */
@@ -491,8 +577,9 @@ static int shape_fits(Lane *self, const unsigned char *text, Py_ssize_t length,
    message whose digit key the inspector taught with the checks its text passes, so
    it has the taught text's analysis and verdict; the cache counts and files it
    (file_shaped, which declines a text it holds or a message known by its bytes:
-   the Python way counts those as hits), and the Query is forwarded. */
-static PyObject *shape_query(Lane *self, PyObject *data, int in_block) {
+   the Python way counts those as hits), and the Query is forwarded (``splice``:
+   with the injector's prefix in front, as _injected_query sends it). */
+static PyObject *shape_query(Lane *self, PyObject *data, int in_block, int splice) {
     const unsigned char *chunk = (const unsigned char *)PyBytes_AS_STRING(data);
     Py_ssize_t size = PyBytes_GET_SIZE(data);
     if (size < 6 || be32(chunk + 1) != (uint32_t)(size - 1) || chunk[size - 1] != 0) {
@@ -549,45 +636,66 @@ static PyObject *shape_query(Lane *self, PyObject *data, int in_block) {
         Py_DECREF(command);
         return took < 0 ? NULL : Py_NewRef(Py_False);
     }
-    return send_query(self, data, sql, command, index, in_block);
+    return send_query(self, data, sql, command, index, in_block, 0, splice);
 }
 
-/* A chunk that starts with a Query: known by its bytes (enforce mode), or of a
-   text shape taught; False: neither (or a long one: the Python path reports it). */
-static PyObject *query_client(Lane *self, PyObject *data, int in_block) {
+/* known_query's entry for ``data`` in ``table`` (borrowed), or NULL (an error set, or
+   not there). */
+static PyObject *known_entry(PyObject *table, PyObject *data) {
+    return table == NULL ? NULL : PyDict_GetItemWithError(table, data);
+}
+
+/* A chunk that starts with a Query: transaction control known by its bytes, known
+   by its bytes (enforce mode), or of a text shape taught; False: none of them (or a
+   long one: the Python path reports it).  ``splice``: the Query needs the tenant
+   (rls/both mode, outside a block that has it), so only transaction control (which
+   gets nothing) and text shapes (which get the splice) may pass. */
+static PyObject *query_client(Lane *self, PyObject *data, int in_block, int splice) {
     if (PyBytes_GET_SIZE(data) - 5 > self->max_message) {
         Py_RETURN_FALSE;
     }
-    if (self->queries != NULL) {
-        PyObject *found = PyDict_GetItemWithError(self->queries, data);
+    PyObject *found = known_entry(self->controls, data);
+    if (found != NULL) {
+        return known_query(self, data, found, in_block, 1);
+    }
+    if (PyErr_Occurred()) {
+        return NULL;
+    }
+    if (!splice) {
+        found = known_entry(self->queries, data);
         if (found != NULL) {
-            return known_query(self, data, found, in_block);
+            return known_query(self, data, found, in_block, 0);
         }
         if (PyErr_Occurred()) {
             return NULL;
         }
     }
-    if (self->shapes == NULL) {
+    if (self->shapes == NULL || (splice && self->splice == NULL)) {
         Py_RETURN_FALSE;
     }
-    return shape_query(self, data, in_block);
+    return shape_query(self, data, in_block, splice);
 }
 
 PyDoc_STRVAR(client_doc,
-             "client(data, in_block) -> bool\n\n"
+             "client(data, in_block, splice=False) -> int\n\n"
              "Check and forward a client chunk that is the lane's case, sent while the server\n"
              "is idle outside a transaction block (``in_block`` false) or inside one (true:\n"
-             "plain statements only); False: not its case (the request the lane forwarded\n"
-             "before, if any, is handed over first).");
+             "plain statements and transaction control only).  ``splice`` (rls/both mode,\n"
+             "outside a block that has the tenant): only transaction control, and text\n"
+             "shapes with the injector's prefix in front.  True: forwarded; TOOK_CONTROL:\n"
+             "transaction control forwarded; TOOK_SPLICED: forwarded with the prefix;\n"
+             "False: not its case (the request the lane forwarded before, if any, is handed\n"
+             "over first).");
 
 static PyObject *Lane_client(Lane *self, PyObject *const *args, Py_ssize_t nargs) {
-    if (nargs != 2) {
-        PyErr_SetString(PyExc_TypeError, "client(data, in_block) takes 2 arguments");
+    if (nargs != 2 && nargs != 3) {
+        PyErr_SetString(PyExc_TypeError, "client(data, in_block[, splice]) takes 2 or 3 arguments");
         return NULL;
     }
     PyObject *data = args[0];
     int in_block = PyObject_IsTrue(args[1]);
-    if (in_block < 0) {
+    int splice = nargs == 3 ? PyObject_IsTrue(args[2]) : 0;
+    if (in_block < 0 || splice < 0) {
         return NULL;
     }
     if (self->outstanding) {
@@ -602,7 +710,10 @@ static PyObject *Lane_client(Lane *self, PyObject *const *args, Py_ssize_t nargs
     const unsigned char *chunk = (const unsigned char *)PyBytes_AS_STRING(data);
     Py_ssize_t size = PyBytes_GET_SIZE(data);
     if (size >= 1 && chunk[0] == 'Q') {
-        return query_client(self, data, in_block);
+        return query_client(self, data, in_block, splice);
+    }
+    if (splice) {
+        Py_RETURN_FALSE; /* an Execute that needs the tenant: the Python way injects it */
     }
     Py_ssize_t bind_at = 0;
     int with_parse = 0;
@@ -667,6 +778,7 @@ static PyObject *Lane_client(Lane *self, PyObject *const *args, Py_ssize_t nargs
     self->current_tally = statement->tally;
     self->describe = describe;
     self->status = in_block ? 'T' : 'I';
+    self->control = self->spliced = 0;
     if (with_parse) {
         Py_INCREF(self->parse_payload);
         self->current_parse = self->parse_payload;
@@ -674,7 +786,7 @@ static PyObject *Lane_client(Lane *self, PyObject *const *args, Py_ssize_t nargs
     self->outstanding = 1;
     self->started = now();
     self->bytes_in += size;
-    return pass_on(self, self->upstream_write, data);
+    return took(pass_on(self, self->upstream_write, data) < 0, TOOK);
 }
 
 /* tracker._count_rows of a CommandComplete payload [start, end); -1: too many digits. */
@@ -699,15 +811,37 @@ static long long count_rows(const unsigned char *buffer, Py_ssize_t start, Py_ss
     return rows;
 }
 
-enum { EXPECT_PARSE, EXPECT_BIND, EXPECT_DESCRIBE, EXPECT_HEAD, EXPECT_ROWS, EXPECT_READY, DONE };
+enum {
+    EXPECT_HIDDEN_HEAD,
+    EXPECT_HIDDEN_ROW,
+    EXPECT_HIDDEN_DONE,
+    EXPECT_PARSE,
+    EXPECT_BIND,
+    EXPECT_DESCRIBE,
+    EXPECT_HEAD,
+    EXPECT_ROWS,
+    EXPECT_READY,
+    DONE
+};
 
-/* The answer to the lane's request, if ``chunk`` is exactly all of it (what
-   tracker._pass_bound consumes, ending in ReadyForQuery ``status``; for a Query,
-   what pass_plain consumes of one statement's result): its row count; -1: not
-   that case. */
-static long long whole_answer(const unsigned char *chunk, Py_ssize_t size, int query,
-                              int describe, int with_parse, unsigned char status) {
-    int stage = query ? EXPECT_HEAD : with_parse ? EXPECT_PARSE : EXPECT_BIND;
+/* The answer to the lane's request (``self``'s current one), if ``chunk`` is
+   exactly all of it (what tracker._pass_bound consumes, ending in ReadyForQuery
+   with the status it was sent in; for a Query, what pass_plain consumes of one
+   statement's result, after the spliced set_config's row when it was spliced, and
+   for transaction control ending in either status 'I' or 'T'): its row count,
+   with ``hidden`` (the bytes of the spliced statement's result, in front) and
+   ``ready`` (the status it ends with); -1: not that case. */
+static long long whole_answer(const Lane *self, const unsigned char *chunk, Py_ssize_t size,
+                              Py_ssize_t *hidden, unsigned char *ready) {
+    int stage = EXPECT_BIND;
+    if (self->spliced) {
+        stage = EXPECT_HIDDEN_HEAD;
+    } else if (self->current_info == NULL) { /* a Query */
+        stage = EXPECT_HEAD;
+    } else if (self->current_parse != NULL) {
+        stage = EXPECT_PARSE;
+    }
+    int describe = self->describe;
     long long rows = 0;
     Py_ssize_t pos = 0;
     while (size - pos >= 5) {
@@ -725,6 +859,25 @@ static long long whole_answer(const unsigned char *chunk, Py_ssize_t size, int q
             }
         }
         switch (stage) {
+        case EXPECT_HIDDEN_HEAD: /* set_config's one row, exactly, dropped whole */
+            if (type != 'T') {
+                return -1;
+            }
+            stage = EXPECT_HIDDEN_ROW;
+            break;
+        case EXPECT_HIDDEN_ROW:
+            if (type != 'D') {
+                return -1;
+            }
+            stage = EXPECT_HIDDEN_DONE;
+            break;
+        case EXPECT_HIDDEN_DONE:
+            if (type != 'C') {
+                return -1;
+            }
+            *hidden = end;
+            stage = EXPECT_HEAD;
+            break;
         case EXPECT_PARSE:
             if (type != '1') {
                 return -1;
@@ -757,8 +910,13 @@ static long long whole_answer(const unsigned char *chunk, Py_ssize_t size, int q
             stage = EXPECT_READY;
             break;
         case EXPECT_READY:
-            if (type != 'Z' || length != 5 || chunk[pos + 5] != status) {
-                return -1; /* a change of the tracker's status: the Python way */
+            if (type != 'Z' || length != 5) {
+                return -1;
+            }
+            *ready = chunk[pos + 5];
+            if (*ready != self->status &&
+                !(self->control && (*ready == 'I' || *ready == 'T'))) {
+                return -1; /* another change of the tracker's status: the Python way */
             }
             stage = DONE;
             break;
@@ -802,25 +960,28 @@ static int count_hit(PyObject *cache) {
 }
 
 PyDoc_STRVAR(upstream_doc,
-             "upstream(data) -> bool\n\n"
-             "Forward a server chunk that is exactly the answer to the lane's request; False:\n"
-             "not that case (the request, if any, is handed over first).");
+             "upstream(data) -> str | None\n\n"
+             "Forward a server chunk that is exactly the answer to the lane's request (less\n"
+             "the spliced set_config's result, if spliced): the transaction status it ends\n"
+             "with ('I' or 'T'); None: not that case (the request, if any, is handed over\n"
+             "first).");
 
 static PyObject *Lane_upstream(Lane *self, PyObject *data) {
     if (!self->outstanding) {
-        Py_RETURN_FALSE;
+        Py_RETURN_NONE;
     }
     long long rows = -1;
+    Py_ssize_t hidden = 0;
+    unsigned char ready = 0;
     if (PyBytes_CheckExact(data)) {
-        rows = whole_answer((const unsigned char *)PyBytes_AS_STRING(data),
-                            PyBytes_GET_SIZE(data), self->current_info == NULL, self->describe,
-                            self->current_parse != NULL, self->status);
+        rows = whole_answer(self, (const unsigned char *)PyBytes_AS_STRING(data),
+                            PyBytes_GET_SIZE(data), &hidden, &ready);
     }
     if (rows < 0) {
         if (hand_over(self) < 0) {
             return NULL;
         }
-        Py_RETURN_FALSE;
+        Py_RETURN_NONE;
     }
     double seconds = now() - self->started;
     int with_parse = self->current_parse != NULL;
@@ -833,9 +994,24 @@ static PyObject *Lane_upstream(Lane *self, PyObject *data) {
     if (with_parse && count_hit(self->cache) < 0) {
         return NULL;
     }
-    self->bytes_out += PyBytes_GET_SIZE(data);
+    PyObject *answer = data;
+    if (hidden) {
+        answer = PyBytes_FromStringAndSize(PyBytes_AS_STRING(data) + hidden,
+                                           PyBytes_GET_SIZE(data) - hidden);
+        if (answer == NULL) {
+            return NULL;
+        }
+    }
+    self->bytes_out += PyBytes_GET_SIZE(answer);
     self->served++;
-    return pass_on(self, self->client_write, data);
+    int failed = pass_on(self, self->client_write, answer) < 0;
+    if (hidden) {
+        Py_DECREF(answer);
+    }
+    if (failed) {
+        return NULL;
+    }
+    return Py_NewRef(ready == 'T' ? STATUS_IN_BLOCK : STATUS_IDLE);
 }
 
 PyDoc_STRVAR(hand_over_doc,
@@ -976,27 +1152,35 @@ static PyObject *Lane_learn_parse(Lane *self, PyObject *args) {
 }
 
 PyDoc_STRVAR(learn_queries_doc,
-             "learn_queries(known, tenant_only, cache)\n\n"
-             "Until the next forget(): a chunk that is a key of ``known`` (message bytes ->\n"
-             "(sql, analysis, command, constants)) whose constants are none or\n"
-             "``tenant_only`` may pass here, counting a hit in ``cache.hits``, as\n"
-             "known_query allows it.  Only for a lane made with materialize_query and\n"
-             "known_queries (enforce mode).");
+             "learn_queries(known, controls, tenant_only, cache)\n\n"
+             "Until the next forget(): a chunk that is a key of ``controls`` (the known\n"
+             "messages that are one transaction-control statement), or, in enforce mode\n"
+             "(known_queries), of ``known`` (message bytes -> (sql, analysis, command,\n"
+             "constants)), whose constants are none or ``tenant_only`` may pass here,\n"
+             "counting a hit in ``cache.hits``, as known_query allows it.  Only for a lane\n"
+             "made with materialize_query.");
 
 static PyObject *Lane_learn_queries(Lane *self, PyObject *args) {
-    PyObject *known, *tenant_only, *cache;
-    if (!PyArg_ParseTuple(args, "O!O!O", &PyDict_Type, &known, &PyFrozenSet_Type, &tenant_only,
-                          &cache)) {
+    PyObject *known, *controls, *tenant_only, *cache;
+    if (!PyArg_ParseTuple(args, "O!O!O!O", &PyDict_Type, &known, &PyDict_Type, &controls,
+                          &PyFrozenSet_Type, &tenant_only, &cache)) {
         return NULL;
     }
-    if (self->released || self->materialize_query == NULL || !self->known_queries ||
-        self->queries == known) {
+    if (self->released || self->materialize_query == NULL) {
         Py_RETURN_NONE;
     }
-    Py_INCREF(known);
+    if (!self->known_queries) {
+        known = NULL;
+    }
+    if (self->controls == controls && self->queries == known) {
+        Py_RETURN_NONE;
+    }
+    Py_XINCREF(known);
+    Py_INCREF(controls);
     Py_INCREF(tenant_only);
     Py_INCREF(cache);
     Py_XSETREF(self->queries, known);
+    Py_XSETREF(self->controls, controls);
     Py_XSETREF(self->tenant_only, tenant_only);
     Py_XSETREF(self->query_cache, cache);
     Py_RETURN_NONE;
@@ -1030,7 +1214,7 @@ PyDoc_STRVAR(forget_doc, "forget()\n\nForget every statement learnt (the registr
 
 static PyObject *Lane_forget(Lane *self, PyObject *unused) {
     if (self->statement_count || self->parse_payload != NULL || self->queries != NULL ||
-        self->shapes != NULL) {
+        self->controls != NULL || self->shapes != NULL) {
         forget_statements(self);
     }
     Py_RETURN_NONE;
@@ -1162,7 +1346,8 @@ static PyObject *Lane_get_served(Lane *self, void *closure) {
 
 static PyObject *Lane_get_learnt(Lane *self, void *closure) {
     return PyLong_FromLong(self->statement_count + (self->parse_payload != NULL) +
-                           (self->queries != NULL) + (self->shapes != NULL));
+                           (self->queries != NULL) + (self->controls != NULL) +
+                           (self->shapes != NULL));
 }
 
 static PyMethodDef Lane_methods[] = {
@@ -1185,8 +1370,8 @@ static PyGetSetDef Lane_getset[] = {
     {"outstanding", (getter)Lane_get_outstanding, NULL, "A request forwarded here awaits its answer.", NULL},
     {"served", (getter)Lane_get_served, NULL, "Statements answered here.", NULL},
     {"learnt", (getter)Lane_get_learnt, NULL,
-     "Statements the lane may pass now (the known Queries count as one, the text shapes "
-     "as one).",
+     "Statements the lane may pass now (the known Queries count as one, the known "
+     "transaction control as one, the text shapes as one).",
      NULL},
     {NULL},
 };
@@ -1224,7 +1409,10 @@ PyMODINIT_FUNC PyInit__lane(void) {
     EMPTY_NAME = PyUnicode_InternFromString("");
     HITS = PyUnicode_InternFromString("hits");
     ONE = PyLong_FromLong(1);
-    if (EMPTY_NAME == NULL || HITS == NULL || ONE == NULL) {
+    STATUS_IDLE = PyUnicode_InternFromString("I");
+    STATUS_IN_BLOCK = PyUnicode_InternFromString("T");
+    if (EMPTY_NAME == NULL || HITS == NULL || ONE == NULL || STATUS_IDLE == NULL ||
+        STATUS_IN_BLOCK == NULL) {
         return NULL;
     }
     PyObject *module = PyModule_Create(&lane_module);
@@ -1234,6 +1422,11 @@ PyMODINIT_FUNC PyInit__lane(void) {
     Py_INCREF(&LaneType);
     if (PyModule_AddObject(module, "Lane", (PyObject *)&LaneType) < 0) {
         Py_DECREF(&LaneType);
+        Py_DECREF(module);
+        return NULL;
+    }
+    if (PyModule_AddIntConstant(module, "TOOK_CONTROL", TOOK_CONTROL) < 0 ||
+        PyModule_AddIntConstant(module, "TOOK_SPLICED", TOOK_SPLICED) < 0) {
         Py_DECREF(module);
         return NULL;
     }

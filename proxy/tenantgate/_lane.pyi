@@ -3,6 +3,9 @@
 from collections.abc import Callable
 from typing import Any
 
+TOOK_CONTROL: int
+TOOK_SPLICED: int
+
 def clock() -> float: ...
 
 class Lane:
@@ -16,11 +19,12 @@ class Lane:
         materialize: Callable[[object, bool, float, bytes | None], None],
         tenant: bytes,
         max_message: int,
-        materialize_query: Callable[[str, str, float], None] | None = None,
+        materialize_query: Callable[[str, str, float, bool], None] | None = None,
         known_queries: bool = False,
+        splice: bytes | None = None,
     ) -> None: ...
-    def client(self, data: bytes, in_block: bool) -> bool: ...
-    def upstream(self, data: bytes) -> bool: ...
+    def client(self, data: bytes, in_block: bool, splice: bool = False) -> int: ...
+    def upstream(self, data: bytes) -> str | None: ...
     def hand_over(self) -> None: ...
     def learn(
         self, name: bytes, numbers: tuple[int, ...], info: object, command: str, plain: bool
@@ -37,6 +41,7 @@ class Lane:
     def learn_queries(
         self,
         known: dict[bytes, tuple[str, Any, str, frozenset[str]]],
+        controls: dict[bytes, tuple[str, Any, str, frozenset[str]]],
         tenant_only: frozenset[str],
         cache: object,
     ) -> None: ...

@@ -225,6 +225,7 @@ class PolicyInspector:
         self.last_analysis: Analysis | None = None
         self.rejections = 0
         self._known = cache.known_messages
+        self._controls = cache.known_controls
         self._tenant_only = frozenset((tenant,))
         # Where the session's lane files the texts it allows by their shape (_teach_shape).
         self._file_shaped = cache.file_shaped
@@ -616,8 +617,9 @@ class PolicyInspector:
         self._cache.hits += 1
         if self._lane is not None:
             # Until the registry changes again, query_sent would change nothing: the
-            # lane may allow the known messages itself (enforce mode only).
-            self._lane.learn_queries(self._known, self._tenant_only, self._cache)
+            # lane may allow the known messages itself (in rls/both mode only the
+            # transaction control among them).
+            self._lane.learn_queries(self._known, self._controls, self._tenant_only, self._cache)
         return KnownQuery(sql, command)
 
     def _unparsed_query(self, message: bytes) -> KnownQuery | None:
@@ -702,7 +704,11 @@ class PolicyInspector:
         known = self._known
         if len(known) >= self._cache.maxsize:
             known.clear()
-        known[message] = (sql, analysis, command, constants)
+            self._controls.clear()
+        entry = known[message] = (sql, analysis, command, constants)
+        statements = analysis.statements
+        if len(statements) == 1 and statements[0].transaction is not None:
+            self._controls[message] = entry
 
     def query_sent(self) -> None:
         # A simple Query destroys the unnamed prepared statement.

@@ -33,7 +33,7 @@ INTERNAL_PREFIX: Final = "__tenantgate"
 REWRITE_CACHE_ENTRIES: Final = 256
 _SAFE_VALUE: Final = re.compile(r"^[A-Za-z0-9_.:@$-]+$")
 _NOTHING_HIDDEN: Final[frozenset[int]] = frozenset()
-_FIRST_HIDDEN: Final = frozenset((0,))
+FIRST_HIDDEN: Final = frozenset((0,))
 
 
 class StatementShape(Protocol):
@@ -99,13 +99,13 @@ class TenantInjector:
         "_generation",
         "_in_block",
         "_needs_injection",
-        "_prefix_shift",
         "_query_injection",
-        "_query_prefix",
         "_rewritten",
         "_setting",
         "_tenant",
+        "prefix_shift",
         "prepared",
+        "query_prefix",
         "tenant_in_block",
     )
 
@@ -114,8 +114,8 @@ class TenantInjector:
             f"SELECT pg_catalog.set_config({_literal(tenant_setting)}, {_literal(tenant)}, true)"
         ).encode()
         # What a one-statement Query gets in front: the common case, see rewrite_query.
-        self._query_prefix = self._query_injection + b";"
-        self._prefix_shift = ((0, len(self._query_prefix)),)
+        self.query_prefix: Final = self._query_injection + b";"
+        self.prefix_shift: Final = ((0, len(self.query_prefix)),)
         self._needs_injection = True
         # The tenant was set in the current explicit transaction block and no
         # transaction control ran since (a ROLLBACK TO could have reverted it).
@@ -169,12 +169,16 @@ class TenantInjector:
         return self._in_block and plain
 
     @property
-    def steady_in_block(self) -> bool:
-        """The tenant is set in the current block and nothing waits for a Sync: a
-        chunk of Bind + Execute + Sync of a statement that is neither transaction
-        control nor DEALLOCATE ALL, sent while the upstream is idle in that block,
-        changes nothing here (what the session's lane may take)."""
-        return self.tenant_in_block and self._needs_injection
+    def waits_for_sync(self) -> bool:
+        """An Execute got the tenant injected since the last Sync: until then the
+        session's lane takes nothing (a Query would join that transaction, which
+        has the tenant, and go as it is; the Python way knows).
+
+        Otherwise, while the upstream is idle in a block that has the tenant, a
+        chunk of Bind + Execute + Sync or a Query of a statement that is neither
+        transaction control nor DEALLOCATE ALL changes nothing here, and anywhere
+        else a one-statement Query changes what :meth:`lane_forwarded` records."""
+        return not self._needs_injection
 
     # --- simple Query -----------------------------------------------------------------
 
@@ -195,7 +199,7 @@ class TenantInjector:
             self.tenant_in_block = True
             if has_tenant:
                 return Rewrite(sql, _NOTHING_HIDDEN, ())
-            return Rewrite(self._query_prefix + sql, _FIRST_HIDDEN, self._prefix_shift)
+            return Rewrite(self.query_prefix + sql, FIRST_HIDDEN, self.prefix_shift)
         key = (sql, has_tenant)
         result = self._rewritten.get(key)
         if result is None:
@@ -208,6 +212,17 @@ class TenantInjector:
         else:
             self.tenant_in_block = True
         return result
+
+    def lane_forwarded(self, control: bool) -> None:
+        """What :meth:`rewrite_query` records for a one-statement Query the session's
+        lane forwarded instead (the lane took it as one of its cases): transaction
+        control (``control``) as it is, or a plain statement as it is in a block that
+        has the tenant or with :attr:`query_prefix` in front (spliced)."""
+        self._needs_injection = True
+        if control:
+            self.tenant_in_block = self._in_block = False
+        else:
+            self.tenant_in_block = True
 
     def _rewrite(self, sql: bytes, statements: Sequence[StatementShape], in_block: bool) -> Rewrite:
         out = bytearray()

@@ -40,7 +40,7 @@ from tenantgate.errors import (
     upstream_lost,
 )
 from tenantgate.hooks import Inspector, NullObserver, PortalInfo, SessionObserver
-from tenantgate.injection import StatementShape, TenantInjector, is_internal_name
+from tenantgate.injection import FIRST_HIDDEN, StatementShape, TenantInjector, is_internal_name
 from tenantgate.protocol.backend import ErrorResponse, ParameterDescription, ParameterStatus
 from tenantgate.protocol.framing import HeldBytes, frame, invalid_length, scan_frames, uint32_at
 from tenantgate.protocol.frontend import Bind, Close, Describe, Execute, Parse, Query, Sync
@@ -77,6 +77,7 @@ _DESCRIBE_EXECUTE_SYNC: Final = Describe("P", "").encode() + _EXECUTE_SYNC
 _LANE: Final = lane_class()
 _PARSE_OR_BIND: Final = frozenset(b"PB")  # the first message of a chunk _bound_execute may take
 _LANE_STARTS: Final = frozenset(b"PBQ")  # the first message of a chunk the lane may take
+_TOOK_CONTROL: Final = 2  # lane.client took transaction control (_lane.TOOK_CONTROL)
 _FUNCTION_CALL_REJECTION: Final = rejected(
     "function_call",
     "the FunctionCall protocol message is not allowed",
@@ -183,15 +184,15 @@ class Session:
 
         The lane checks and forwards, in C, a [Parse +] Bind [+ Describe] + Execute +
         Sync of a statement the inspector taught it (a named one, or the unnamed one
-        with its known Parse), a Query of a text shape the inspector taught it, in
-        enforce mode also a Query the inspector allowed before by its bytes (what
-        _known_query takes from the inspector's table: it does not say whether a
-        Query is transaction control, which in rls/both mode must go the Python
-        way), and the answer to any of them when that comes whole; everything else
-        stays on the Python path.  In rls/both mode it takes requests only inside a
-        block that has the tenant (_lane_may_take).  Only if the observer can take
-        its tallies (not when every statement is audited) and the inspector can
-        teach it.
+        with its known Parse), a Query of a text shape the inspector taught it, a
+        transaction-control Query the inspector allowed before by its bytes, in
+        enforce mode also any other Query the inspector allowed before by its bytes
+        (what _known_query takes from the inspector's table), and the answer to any
+        of them when that comes whole; everything else stays on the Python path.
+        In rls/both mode, outside a block that has the tenant, it takes only the
+        transaction control and the text shapes, spliced (_lane_client).  Only if
+        the observer can take its tallies (not when every statement is audited)
+        and the inspector can teach it.
         """
         if _LANE is None or self._lane is not None:
             return
@@ -203,6 +204,7 @@ class Session:
             self._max_message,
             self._lane_query,
             known_queries=self.injector is None,
+            splice=None if self.injector is None else self.injector.query_prefix,
         )
         if self.observer.attach_lane(lane) and self.inspector.attach_lane(lane):
             self._lane = lane
@@ -239,11 +241,16 @@ class Session:
         entry.started = started
         self.tracker.expect_bound(entry, describe, parse_done)
 
-    def _lane_query(self, sql: str, command: str, started: float) -> None:
+    def _lane_query(self, sql: str, command: str, started: float, spliced: bool) -> None:
         """The lane hands over the known Query it forwarded: the tracker entry
-        _known_query makes for it, timed from when the lane sent it."""
+        _known_query makes for it (with the injected statement to hide, if the
+        lane spliced it in), timed from when the lane sent it."""
         self._lane_busy = False
-        self._expect_statement(Kind.QUERY, command, sql, False).started = started
+        entry = self._expect_statement(Kind.QUERY, command, sql, False)
+        entry.started = started
+        if spliced and self.injector is not None:
+            entry.hidden_statements = FIRST_HIDDEN
+            entry.position_shifts = self.injector.prefix_shift
 
     async def run(self) -> None:
         """Forward until either side ends; always closes the upstream connection.
@@ -357,12 +364,14 @@ class Session:
                     and not len(self._client_held)
                     else 0
                 )
-                if settled and self._lane_may_take(settled):
-                    # False: not its case (its earlier request handed over).
-                    if lane.client(data, settled == SETTLED_IN_BLOCK):
-                        self._lane_busy = True
-                        return  # checked, counted and forwarded by the lane
-                elif self._lane_busy:
+                # False: not its case (its earlier request handed over).
+                took = self._lane_client(lane, data, settled) if settled else 0
+                if took:
+                    self._lane_busy = True
+                    if took != 1 and self.injector is not None:
+                        self.injector.lane_forwarded(took == _TOOK_CONTROL)
+                    return  # checked, counted and forwarded by the lane
+                if self._lane_busy:
                     lane.hand_over()
             self.observer.traffic(len(data), 0)
             held = self._client_held
@@ -382,15 +391,20 @@ class Session:
         except Exception as exc:
             self._failed(exc)
 
-    def _lane_may_take(self, settled: int) -> bool:
-        """Whether the lane may take a request now (``settled``: the tracker's): in
-        enforce mode, whenever the tracker is settled; in rls/both mode only inside
-        a block that has the tenant, with nothing due at a Sync (outside one,
-        every transaction needs the tenant injected)."""
+    def _lane_client(self, lane: Lane, data: bytes, settled: int) -> int:
+        """Offer the lane a chunk sent while the tracker is ``settled``: what
+        lane.client returns (0: not taken).  In enforce mode whenever; in rls/both
+        mode unless something is due at a Sync, with ``splice`` outside a block
+        that has the tenant (there every transaction needs the tenant injected:
+        the lane takes only transaction control, and text shapes with the
+        injector's prefix in front)."""
+        in_block = settled == SETTLED_IN_BLOCK
         injector = self.injector
         if injector is None:
-            return True
-        return settled == SETTLED_IN_BLOCK and injector.steady_in_block
+            return lane.client(data, in_block)
+        if injector.waits_for_sync:
+            return 0
+        return lane.client(data, in_block, not (in_block and injector.tenant_in_block))
 
     def _drain_client(self, buffer: bytes) -> None:
         """Handle every complete client message, unless the rate limit defers one.
@@ -802,9 +816,12 @@ class Session:
         try:
             lane = self._lane
             if self._lane_busy and lane is not None:
-                if not len(self._upstream_held) and lane.upstream(data):
-                    self._lane_busy = False
-                    return  # the whole answer to the lane's request, counted
+                if not len(self._upstream_held):
+                    status = lane.upstream(data)
+                    if status is not None:  # the whole answer to the lane's request, counted
+                        self._lane_busy = False
+                        self.tracker.status = status  # changed by transaction control
+                        return
                 lane.hand_over()  # if upstream() has not just done so
             self._upstream_chunk(data)
         except Exception as exc:

@@ -25,6 +25,7 @@ class AnalysisCache:
         "_entries",
         "_last_key",
         "hits",
+        "known_controls",
         "known_messages",
         "lane_routes",
         "last_hit",
@@ -46,6 +47,9 @@ class AnalysisCache:
         # message bytes -> (text, analysis, metric label, tenant constants).  Bounded
         # like the LRU; emptied when full (cheaper than LRU bookkeeping per hit).
         self.known_messages: dict[bytes, tuple[str, Analysis, str, frozenset[str]]] = {}
+        # Those of them that are one transaction-control statement (the same entries):
+        # the lanes may take these in rls/both mode too, where nothing goes before them.
+        self.known_controls: dict[bytes, tuple[str, Analysis, str, frozenset[str]]] = {}
         # Text shapes the sessions' lanes may allow by their digit keys: the tenant's
         # string literal + a digit key -> (the checks, the metric label, the analysis).
         # Filled by PolicyInspector._teach_shape, bounded like the LRU.
@@ -174,5 +178,6 @@ class AnalysisCache:
         """Forget every entry (counters are kept)."""
         self._entries.clear()
         self.known_messages.clear()
+        self.known_controls.clear()
         self.shapes.clear()
         self.text_shapes.clear()
