@@ -1,37 +1,43 @@
-/* tenantgate._lane: the steady-state lane, the per-statement path of a prepared
-   statement in C.
+/* tenantgate._lane: the steady-state lane, the per-statement path in C.
 
-   Owns one session's steady state, outside a transaction block in enforce mode,
-   and inside a block in every mode (in rls/both once the block has its tenant;
-   the session says when): a client chunk that is exactly
-   [Parse +] Bind (unnamed portal) [+ Describe portal] + Execute + Sync, whose Bind
-   is of a named statement the Python inspector taught it, or whose Parse is the
-   unnamed statement's, byte for byte the one the server holds (taught likewise),
-   and whose tenant parameters are this tenant's bytes in text format, is checked
-   and forwarded here; so is the answer to it when it arrives as one exact chunk
-   ([ParseComplete +] BindComplete [+ RowDescription or NoData] + DataRow* +
-   CommandComplete + ReadyForQuery with the status it was sent in: 'I', or 'T' in a
-   block).  In a block only statements that are neither transaction control nor
-   DEALLOCATE ALL pass (the inspector says which are `plain`), so that nothing the
-   rls/both injector tracks changes.  In enforce mode it also takes a chunk that is
-   exactly a simple Query the inspector allowed before by its bytes (the analysis
-   cache's known_messages, as PolicyInspector.known_query looks it up, once the
-   inspector said so: learn_queries).  In every mode it takes a chunk that is
-   exactly a simple Query of a text shape the inspector taught it (learn_shapes:
-   a text with new literals inlined, as PolicyInspector._unparsed_query finds it
-   by its digit key; always one plain SELECT, INSERT, UPDATE or DELETE), and one
-   that is a transaction-control statement known by its bytes (the cache's
-   known_controls: BEGIN, COMMIT, ...), whose answer may change the transaction
-   status (upstream() returns the status; the session updates its tracker, and in
-   rls/both its injector as _injected_query would).  In rls/both mode outside a
-   block that has the tenant (the session says so: ``splice``) only those two
-   kinds pass, a text shape with the injector's set_config prefix in front, as
-   _injected_query sends it; the answer then starts with set_config's one row,
-   which the lane drops as the tracker would (hidden_statements).  It takes the
-   answer to a Query when whole ([set_config's row +] [RowDescription +] DataRow* +
-   CommandComplete + ReadyForQuery).  The per-statement metrics
-   (count, duration bucket, rows, bytes) are tallied here and taken by the
-   session's metrics when they flush.
+   Owns one session's steady state: the requests it takes, each a whole client
+   chunk, checked and forwarded here, and their answers when each arrives as one
+   exact chunk.  The requests:
+
+   - [Parse +] Bind (unnamed portal) [+ Describe portal] + Execute + Sync, whose
+     Bind is of a named statement the Python inspector taught it, or whose Parse is
+     the unnamed statement's, byte for byte the one the server holds (taught
+     likewise), and whose tenant parameters are this tenant's bytes in text format.
+     Its answer: [ParseComplete +] BindComplete [+ RowDescription or NoData] +
+     DataRow* + CommandComplete + ReadyForQuery.
+   - A simple Query known by its bytes (the analysis cache's known_messages, as
+     PolicyInspector.known_query looks it up, once the inspector said so:
+     learn_queries), in enforce mode only.
+   - A simple Query of a text shape the inspector taught it (learn_shapes: a text
+     with new literals inlined, as PolicyInspector._unparsed_query finds it by its
+     digit key; always one plain SELECT, INSERT, UPDATE or DELETE).
+   - A transaction-control statement (BEGIN, COMMIT, ...), as a Query known by its
+     bytes (the cache's known_controls) or as a bound statement, in every mode.
+   A Query's answer: [RowDescription +] DataRow* + CommandComplete + ReadyForQuery.
+
+   Where (the session says which: in_block, splice):
+   - enforce mode: whenever the server is idle, in a transaction block or not;
+   - rls/both mode, in a block that has the tenant: as in enforce mode, but no
+     Query known by its bytes other than transaction control;
+   - rls/both mode elsewhere (``splice``): only transaction control (nothing goes
+     before it), and text shapes with the injector's set_config prefix in front, as
+     _injected_query sends them; their answer then starts with set_config's one
+     row (RowDescription, DataRow, CommandComplete), which the lane drops as the
+     tracker would (hidden_statements).
+   In a block only statements that are plain (neither transaction control nor
+   DEALLOCATE ALL: the inspector says) or transaction control pass, so that
+   nothing else the rls/both injector tracks changes.  An answer ends in the status
+   the request was sent in ('I', or 'T' in a block), except transaction control's,
+   which may end in either; upstream() returns it, and the session's tracker and
+   (rls/both) injector follow it as the Python path would.
+
+   The per-statement metrics (count, duration bucket, rows, bytes) are tallied
+   here and taken by the session's metrics when they flush.
 
    The Python session stays the single reference.  The lane knows only what the
    inspector taught it (PolicyInspector.known_bind's _BindLane decisions, and from
@@ -80,6 +86,7 @@ typedef struct {
     PyObject *info; /* the PortalInfo known_bind records; NULL: slot free */
     int tally;
     int plain; /* neither transaction control nor DEALLOCATE ALL: may pass in a block */
+    int control; /* transaction control: may pass anywhere, its answer changes the status */
     int name_length;
     int count;
     uint16_t numbers[MAX_NUMBERS]; /* tenant parameters ($n), ascending */
@@ -712,9 +719,6 @@ static PyObject *Lane_client(Lane *self, PyObject *const *args, Py_ssize_t nargs
     if (size >= 1 && chunk[0] == 'Q') {
         return query_client(self, data, in_block, splice);
     }
-    if (splice) {
-        Py_RETURN_FALSE; /* an Execute that needs the tenant: the Python way injects it */
-    }
     Py_ssize_t bind_at = 0;
     int with_parse = 0;
     if (size >= 5 && chunk[0] == 'P') {
@@ -762,7 +766,11 @@ static PyObject *Lane_client(Lane *self, PyObject *const *args, Py_ssize_t nargs
     } else {
         statement = find_statement(self, payload + 1, name_end - (payload + 1));
     }
-    if (statement == NULL || (in_block && !statement->plain) ||
+    /* Transaction control anywhere (nothing goes before it); with ``splice`` nothing
+       else (an Execute that needs the tenant: the Python way injects it); in a block
+       nothing else that is not plain (DEALLOCATE ALL). */
+    if (statement == NULL ||
+        (!statement->control && (splice || (in_block && !statement->plain))) ||
         !tenant_params_match(self, statement, payload, payload_size, name_end + 1 - payload)) {
         Py_RETURN_FALSE;
     }
@@ -778,7 +786,8 @@ static PyObject *Lane_client(Lane *self, PyObject *const *args, Py_ssize_t nargs
     self->current_tally = statement->tally;
     self->describe = describe;
     self->status = in_block ? 'T' : 'I';
-    self->control = self->spliced = 0;
+    self->control = statement->control;
+    self->spliced = 0;
     if (with_parse) {
         Py_INCREF(self->parse_payload);
         self->current_parse = self->parse_payload;
@@ -786,7 +795,8 @@ static PyObject *Lane_client(Lane *self, PyObject *const *args, Py_ssize_t nargs
     self->outstanding = 1;
     self->started = now();
     self->bytes_in += size;
-    return took(pass_on(self, self->upstream_write, data) < 0, TOOK);
+    int kind = self->control ? TOOK_CONTROL : TOOK; /* read before write() runs Python */
+    return took(pass_on(self, self->upstream_write, data) < 0, kind);
 }
 
 /* tracker._count_rows of a CommandComplete payload [start, end); -1: too many digits. */
@@ -1045,17 +1055,19 @@ static int find_tally(Lane *self, PyObject *command) {
 }
 
 PyDoc_STRVAR(learn_doc,
-             "learn(name, numbers, info, command, plain) -> bool\n\n"
+             "learn(name, numbers, info, command, plain, control=False) -> bool\n\n"
              "Binds of statement ``name`` (bytes) to the unnamed portal may pass here while\n"
              "their parameters ``numbers`` ($n, ascending) are the tenant's bytes in text\n"
              "format; they make the portal ``info``, counted under ``command``; ``plain``:\n"
-             "neither transaction control nor DEALLOCATE ALL (may pass in a block).  False:\n"
-             "not learnt (a long name, too many parameters or labels).");
+             "neither transaction control nor DEALLOCATE ALL (may pass in a block);\n"
+             "``control``: transaction control (may pass anywhere, client() says so, and its\n"
+             "answer may change the status).  False: not learnt (a long name, too many\n"
+             "parameters or labels).");
 
 /* A statement's tenant parameters and metric label into ``statement`` (its name
    aside): 1 done, 0 not learnable, -1 error. */
 static int fill_statement(Lane *self, Statement *statement, PyObject *numbers, PyObject *info,
-                          PyObject *command, int plain) {
+                          PyObject *command, int plain, int control) {
     Py_ssize_t count = PyTuple_GET_SIZE(numbers);
     if (self->released || count > MAX_NUMBERS) {
         return 0;
@@ -1078,7 +1090,8 @@ static int fill_statement(Lane *self, Statement *statement, PyObject *numbers, P
     Py_INCREF(info);
     Py_XSETREF(statement->info, info);
     statement->tally = index;
-    statement->plain = plain;
+    statement->plain = plain && !control;
+    statement->control = control;
     statement->count = (int)count;
     memcpy(statement->numbers, wanted, sizeof(uint16_t) * (size_t)count);
     return 1;
@@ -1086,9 +1099,9 @@ static int fill_statement(Lane *self, Statement *statement, PyObject *numbers, P
 
 static PyObject *Lane_learn(Lane *self, PyObject *args) {
     PyObject *name, *numbers, *info, *command;
-    int plain;
-    if (!PyArg_ParseTuple(args, "O!O!OUp", &PyBytes_Type, &name, &PyTuple_Type, &numbers, &info,
-                          &command, &plain)) {
+    int plain, control = 0;
+    if (!PyArg_ParseTuple(args, "O!O!OUp|p", &PyBytes_Type, &name, &PyTuple_Type, &numbers, &info,
+                          &command, &plain, &control)) {
         return NULL;
     }
     Py_ssize_t name_length = PyBytes_GET_SIZE(name);
@@ -1096,7 +1109,7 @@ static PyObject *Lane_learn(Lane *self, PyObject *args) {
         Py_RETURN_FALSE;
     }
     Statement learnt = {0};
-    int filled = fill_statement(self, &learnt, numbers, info, command, plain);
+    int filled = fill_statement(self, &learnt, numbers, info, command, plain, control);
     if (filled <= 0) {
         Py_XDECREF(learnt.info);
         if (filled < 0) {
@@ -1123,21 +1136,22 @@ static PyObject *Lane_learn(Lane *self, PyObject *args) {
 }
 
 PyDoc_STRVAR(learn_parse_doc,
-             "learn_parse(payload, numbers, info, command, cache, plain) -> bool\n\n"
+             "learn_parse(payload, numbers, info, command, cache, plain, control=False) -> bool\n\n"
              "The unnamed statement the server holds is the Parse ``payload`` (bytes after\n"
              "the length): that Parse followed by a Bind of it may pass here (``numbers``,\n"
-             "``info``, ``command`` and ``plain`` as for learn); ``cache.hits`` counts each, as\n"
-             "known_parse does.  False: not learnt.");
+             "``info``, ``command``, ``plain`` and ``control`` as for learn); ``cache.hits``\n"
+             "counts each, as known_parse does.  False: not learnt.");
 
 static PyObject *Lane_learn_parse(Lane *self, PyObject *args) {
     PyObject *payload, *numbers, *info, *command, *cache;
-    int plain;
-    if (!PyArg_ParseTuple(args, "O!O!OUOp", &PyBytes_Type, &payload, &PyTuple_Type, &numbers,
-                          &info, &command, &cache, &plain)) {
+    int plain, control = 0;
+    if (!PyArg_ParseTuple(args, "O!O!OUOp|p", &PyBytes_Type, &payload, &PyTuple_Type, &numbers,
+                          &info, &command, &cache, &plain, &control)) {
         return NULL;
     }
     Py_CLEAR(self->parse_payload);
-    int filled = fill_statement(self, &self->parse_statement, numbers, info, command, plain);
+    int filled =
+        fill_statement(self, &self->parse_statement, numbers, info, command, plain, control);
     if (filled < 0) {
         return NULL;
     }

@@ -27,7 +27,13 @@ class Lane:
     def upstream(self, data: bytes) -> str | None: ...
     def hand_over(self) -> None: ...
     def learn(
-        self, name: bytes, numbers: tuple[int, ...], info: object, command: str, plain: bool
+        self,
+        name: bytes,
+        numbers: tuple[int, ...],
+        info: object,
+        command: str,
+        plain: bool,
+        control: bool = False,
     ) -> bool: ...
     def learn_parse(
         self,
@@ -37,6 +43,7 @@ class Lane:
         command: str,
         cache: object,
         plain: bool,
+        control: bool = False,
     ) -> bool: ...
     def learn_queries(
         self,

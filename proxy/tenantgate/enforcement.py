@@ -497,7 +497,9 @@ class PolicyInspector:
         """Let the session's lane apply ``bind_lane`` (valid at this version) itself."""
         if self._lane is not None:
             info = bind_lane.info
-            self._lane.learn(key, bind_lane.numbers, info, info.command, info.plain)
+            self._lane.learn(
+                key, bind_lane.numbers, info, info.command, info.plain, info.transaction_control
+            )
 
     def _teach_parse(self, prepared: Prepared) -> None:
         """The server now holds ``prepared`` as its unnamed statement, with no Parse
@@ -523,7 +525,9 @@ class PolicyInspector:
             if not matches_as_bytes(False, prepared.param_type(number - 1)):
                 return  # not a test of the bytes alone: known_bind decides each Bind
         info = prepared.info
-        self._lane.learn_parse(payload, numbers, info, info.command, self._cache, info.plain)
+        self._lane.learn_parse(
+            payload, numbers, info, info.command, self._cache, info.plain, info.transaction_control
+        )
 
     def _changed(self) -> None:
         """The statement registry changed: every _BindLane is out of date."""
