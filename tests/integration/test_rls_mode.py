@@ -838,3 +838,52 @@ def test_new_inlined_texts_in_a_block_keep_the_tenant(
     else:
         assert after is not None
         assert after > before
+
+
+@pytest.mark.security
+def test_the_tenant_goes_in_front_of_new_inlined_texts_wherever_it_is_due(
+    both_proxy: RunningProxy, tenant_db: TenantDb
+) -> None:
+    """both mode with W3's short transactions and with autocommit statements: the
+    block's first statement and every statement outside a block need the tenant
+    set in front of them, which the lane does for texts of a known shape (compiled
+    build) as the Python path does.  If the tenant were not set, fail-closed RLS
+    would show nothing.  Every read sees exactly its row, every write touches only
+    the tenant's rows, and BEGIN/ROLLBACK (transaction control by their bytes)
+    leave nothing behind.  Outside a block the lane can take a statement only by
+    splicing the tenant in, so its count going up there shows it did."""
+    mine = tenant_db.snapshot("acme")["orders"]
+    others = [row[0] for row in tenant_db.snapshot("globex")["orders"]]
+    read = "SELECT id, tenant_id, item FROM orders WHERE tenant_id = 'acme' AND id = {}"
+    write = "UPDATE orders SET amount = amount + {} WHERE tenant_id = 'acme' AND id = {}"
+    kw: dict[str, Any] = {"cursor_factory": psycopg.ClientCursor}
+    with connect(both_proxy, tenant_db, "acme", autocommit=False, **kw) as conn:
+        for round_ in range(4):  # one block per statement pair: BEGIN, read, write, ROLLBACK
+            for row in mine:
+                assert conn.execute(read.format(row[0])).fetchall() == [(row[0], "acme", row[2])]
+                assert conn.execute(write.format(round_ + 1, row[0])).rowcount == 1
+                conn.rollback()
+            for other in others:
+                assert conn.execute(read.format(other)).fetchall() == []
+                assert conn.execute(write.format(1, other)).rowcount == 0
+                conn.rollback()
+    # Texts this session has not seen (the lane learns a shape from its own session).
+    read = read + " AND amount > {}"
+    with connect(both_proxy, tenant_db, "acme", autocommit=True, **kw) as conn:
+        pid = conn.info.backend_pid
+        for round_ in range(3):
+            for row in mine:
+                got = conn.execute(read.format(row[0], -1000000 - round_)).fetchall()
+                assert got == [(row[0], "acme", row[2])]
+            if round_ == 0:  # the shape is known now: the lane may take the rest
+                before = lane_served(both_proxy, pid) or 0
+            for other in others:
+                assert conn.execute(read.format(other, -1000000 - round_)).fetchall() == []
+        assert conn.execute(write.format(0, mine[0][0])).rowcount == 1  # autocommit, no change
+        after = lane_served(both_proxy, pid)
+    assert tenant_db.snapshot("acme")["orders"] == mine
+    if lane_class() is None:
+        assert after is None
+    else:
+        assert after is not None
+        assert after > before
