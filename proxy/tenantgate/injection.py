@@ -170,14 +170,9 @@ class TenantInjector:
 
     @property
     def waits_for_sync(self) -> bool:
-        """An Execute got the tenant injected since the last Sync: until then the
-        session's lane takes nothing (a Query would join that transaction, which
-        has the tenant, and go as it is; the Python way knows).
-
-        Otherwise, while the upstream is idle in a block that has the tenant, a
-        chunk of Bind + Execute + Sync or a Query of a statement that is neither
-        transaction control nor DEALLOCATE ALL changes nothing here, and anywhere
-        else a one-statement Query changes what :meth:`lane_forwarded` records."""
+        """An Execute got the tenant injected and no Sync has come since: the
+        session's lane takes nothing until one has (what a statement sent now
+        joins is the Python path's to know)."""
         return not self._needs_injection
 
     # --- simple Query -----------------------------------------------------------------
@@ -214,10 +209,11 @@ class TenantInjector:
         return result
 
     def lane_forwarded(self, control: bool) -> None:
-        """What :meth:`rewrite_query` records for a one-statement Query the session's
-        lane forwarded instead (the lane took it as one of its cases): transaction
-        control (``control``) as it is, or a plain statement as it is in a block that
-        has the tenant or with :attr:`query_prefix` in front (spliced)."""
+        """What :meth:`rewrite_query` records for a one-statement Query, or
+        :meth:`before_execute` and :meth:`after_sync` for a bound statement, that
+        the session's lane forwarded instead: transaction control (``control``), or
+        a Query with :attr:`query_prefix` spliced in front.  (A plain statement in
+        a block that has the tenant changes nothing here.)"""
         self._needs_injection = True
         if control:
             self.tenant_in_block = self._in_block = False

@@ -77,7 +77,11 @@ _DESCRIBE_EXECUTE_SYNC: Final = Describe("P", "").encode() + _EXECUTE_SYNC
 _LANE: Final = lane_class()
 _PARSE_OR_BIND: Final = frozenset(b"PB")  # the first message of a chunk _bound_execute may take
 _LANE_STARTS: Final = frozenset(b"PBQ")  # the first message of a chunk the lane may take
-_TOOK_CONTROL: Final = 2  # lane.client took transaction control (_lane.TOOK_CONTROL)
+# What lane.client says it took (test_lane checks them against _lane's): a request
+# that changes nothing the injector tracks (True), or transaction control
+# (_lane.TOOK_CONTROL), or else a Query with the injector's prefix spliced in.
+_TOOK: Final = 1
+_TOOK_CONTROL: Final = 2
 _FUNCTION_CALL_REJECTION: Final = rejected(
     "function_call",
     "the FunctionCall protocol message is not allowed",
@@ -368,7 +372,7 @@ class Session:
                 took = self._lane_client(lane, data, settled) if settled else 0
                 if took:
                     self._lane_busy = True
-                    if took != 1 and self.injector is not None:
+                    if took != _TOOK and self.injector is not None:
                         self.injector.lane_forwarded(took == _TOOK_CONTROL)
                     return  # checked, counted and forwarded by the lane
                 if self._lane_busy:

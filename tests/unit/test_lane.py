@@ -30,6 +30,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tenantgate import session as session_module
 from tenantgate.analysis.textshapes import (
     LANE_DIGIT,
     LANE_INT4,
@@ -890,6 +891,10 @@ def test_a_lane_takes_no_query_by_its_bytes_unless_made_to() -> None:
     plain.learn_shapes({}, lambda sql, message, analysis: True)
     assert plain.learnt == 0
     assert not plain.client(QUERY_A, True)
+    enforce, _ends, _portals = _lane(splice=b"SELECT 1;")  # no session makes this one
+    enforce.learn_queries(_known_messages(), {}, TENANT_ONLY, _Cache())
+    assert not enforce.client(QUERY_A, False, True)  # where the tenant is due: not by bytes
+    assert enforce.client(QUERY_A, False, False)
     known = _known_messages()
     controls = {QUERY_B: known[QUERY_B]}  # as if it were transaction control
     for in_block, splice in ((False, True), (True, True), (True, False)):
@@ -899,6 +904,13 @@ def test_a_lane_takes_no_query_by_its_bytes_unless_made_to() -> None:
         assert not rls.client(QUERY_A, in_block, splice)
         assert rls.client(QUERY_B, in_block, splice) == lane_module.TOOK_CONTROL
         assert rls_ends.upstream == [QUERY_B]  # as it is: nothing goes before it
+
+
+def test_the_session_reads_what_the_lane_took_by_the_lanes_constants() -> None:
+    """Session.client_data tells the injector what the lane took by these numbers."""
+    assert session_module._TOOK == 1  # True: a request the injector does not follow
+    assert session_module._TOOK_CONTROL == lane_module.TOOK_CONTROL
+    assert lane_module.TOOK_SPLICED not in (0, 1, lane_module.TOOK_CONTROL)
 
 
 # What rls/both put in front of a one-statement Query that needs the tenant, and the
@@ -923,15 +935,17 @@ def query_answers(draw: Callable[..., Any], spliced: bool = False) -> bytes:
     parts.append(CommandComplete(draw(st.sampled_from(TAGS))).encode())
     parts.append(ReadyForQuery(draw(st.sampled_from("IIITTTE"))).encode())
     damage = draw(
-        st.sampled_from(["none"] * 4 + ["drop", "insert", "swap", "cut", "extra", "empty"])
+        st.sampled_from(
+            ["none"] * 4 + ["drop", "insert", "replace", "swap", "cut", "extra", "empty"]
+        )
     )
+    extras = [NOTICE, ERROR, ROWDESC, DataRow((b"2",)).encode(), CommandComplete("x").encode()]
     if damage == "drop":
         del parts[draw(st.integers(0, len(parts) - 1))]
     elif damage == "insert":
-        extra = draw(
-            st.sampled_from([NOTICE, ERROR, ROWDESC, CommandComplete("SELECT 1").encode()])
-        )
-        parts.insert(draw(st.integers(0, len(parts))), extra)
+        parts.insert(draw(st.integers(0, len(parts))), draw(st.sampled_from(extras)))
+    elif damage == "replace":
+        parts[draw(st.integers(0, len(parts) - 1))] = draw(st.sampled_from(extras))
     elif damage == "swap" and len(parts) > 2:
         at = draw(st.integers(0, len(parts) - 2))
         parts[at], parts[at + 1] = parts[at + 1], parts[at]
