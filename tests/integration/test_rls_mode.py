@@ -759,6 +759,16 @@ def lane_served(proxy: RunningProxy, backend_pid: int) -> int | None:
     return None if lane is None else lane.served
 
 
+def assert_lane_took_part(before: int, after: int | None) -> None:
+    """The session's lane answered some of the statements since ``before``
+    (compiled build), or this build has none (pure Python, or TENANTGATE_LANE=0)."""
+    if lane_class() is None:
+        assert after is None
+    else:
+        assert after is not None
+        assert after > before
+
+
 @pytest.mark.security
 @pytest.mark.parametrize("mode", ["rls", "both"])
 def test_prepared_statements_in_a_block_keep_the_tenant(
@@ -793,11 +803,7 @@ def test_prepared_statements_in_a_block_keep_the_tenant(
             assert conn.execute(query, params, prepare=True).fetchall() == expected
             conn.commit()
         after = lane_served(running, pid)
-    if lane_class() is None:  # pure Python, or TENANTGATE_LANE=0: no lane
-        assert after is None
-    else:  # the lane took part of them
-        assert after is not None
-        assert after > before
+    assert_lane_took_part(before, after)
 
 
 @pytest.mark.security
@@ -833,11 +839,7 @@ def test_new_inlined_texts_in_a_block_keep_the_tenant(
             conn.rollback()
         after = lane_served(both_proxy, pid)
     assert tenant_db.snapshot("acme")["orders"] == mine
-    if lane_class() is None:
-        assert after is None
-    else:
-        assert after is not None
-        assert after > before
+    assert_lane_took_part(before, after)
 
 
 @pytest.mark.security
@@ -882,8 +884,4 @@ def test_the_tenant_goes_in_front_of_new_inlined_texts_wherever_it_is_due(
         assert conn.execute(write.format(0, mine[0][0])).rowcount == 1  # autocommit, no change
         after = lane_served(both_proxy, pid)
     assert tenant_db.snapshot("acme")["orders"] == mine
-    if lane_class() is None:
-        assert after is None
-    else:
-        assert after is not None
-        assert after > before
+    assert_lane_took_part(before, after)
