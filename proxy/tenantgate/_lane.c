@@ -56,6 +56,7 @@
 #include <time.h>
 
 #define MAX_STATEMENTS 16 /* statements taught; the table is emptied when full */
+#define MAX_PARSES 16     /* unnamed-statement Parses taught; emptied when full */
 #define MAX_NAME 63       /* longer statement names go the Python way */
 #define MAX_NUMBERS 8     /* tenant parameters per statement */
 #define MAX_COMMANDS 6    /* metric labels (select, insert, update, delete, other, ...) */
@@ -94,6 +95,12 @@ typedef struct {
 } Statement;
 
 typedef struct {
+    PyObject *payload;  /* the Parse's bytes after its length */
+    PyObject *prepared; /* the inspector's Prepared of it (None: not given) */
+    Statement statement;
+} KnownParse;
+
+typedef struct {
     PyObject_HEAD
     PyObject *upstream_write, *client_write, *materialize, *tenant, *portals, *mark;
     /* Simple Queries: the hand-over of one (NULL: the lane takes none), and, while
@@ -112,10 +119,17 @@ typedef struct {
        (learn_shapes): the tenant's string literal (tenant_literal) + a digit key ->
        (checks, command, analysis); and the analysis cache's file_shaped. */
     PyObject *shapes, *file_shaped, *tenant_literal;
-    /* The unnamed statement's Parse payload (learn_parse), its statement, and the
-       analysis cache whose hits a known Parse counts; parse_payload NULL: none. */
-    PyObject *parse_payload, *cache;
-    Statement parse_statement;
+    /* The unnamed statement's Parses taught (learn_parse), each with its statement
+       and the inspector's Prepared; the analysis cache whose hits a known Parse
+       counts; the inspector's known Parses (payload -> Prepared: an entry passes
+       only while that still maps its payload to its Prepared) and what confirms
+       one as the unnamed statement (PolicyInspector.lane_parsed), both NULL for a
+       lane that only ever takes the Parse the server holds; and the Prepared the
+       server holds as the unnamed statement as far as the lane knows (NULL: it
+       does not know, since the registry changed). */
+    KnownParse parses[MAX_PARSES];
+    int parse_count;
+    PyObject *cache, *known_parses, *confirm, *unnamed;
     Py_ssize_t max_message, max_portals;
     int released;
     int statement_count;
@@ -129,6 +143,7 @@ typedef struct {
     int control; /* transaction control: its answer may end with either status */
     int spliced; /* sent with the splice in front: its result is hidden */
     PyObject *current_info, *current_parse; /* current_parse: its Parse payload, or NULL */
+    PyObject *current_prepared;             /* and that Parse's Prepared */
     PyObject *current_sql, *current_command; /* a Query's (current_info NULL) */
     double started;
     /* Since the last take(). */
@@ -171,12 +186,37 @@ static void forget_queries(Lane *self) {
     Py_CLEAR(self->file_shaped);
 }
 
+static void forget_parses(Lane *self) {
+    for (int i = 0; i < self->parse_count; i++) {
+        Py_CLEAR(self->parses[i].payload);
+        Py_CLEAR(self->parses[i].prepared);
+        Py_CLEAR(self->parses[i].statement.info);
+    }
+    self->parse_count = 0;
+    Py_CLEAR(self->unnamed);
+}
+
+/* What a change of the registry makes untrue.  The Parses taught stay: each is
+   checked against the inspector's known Parses when it comes, and taking one
+   confirms it as the unnamed statement (lane_parsed).  A lane without the
+   inspector's known Parses knows only the Parse the server holds, which a change
+   may drop. */
+static void forget_registry(Lane *self) {
+    forget_named(self);
+    forget_queries(self);
+    if (self->known_parses == NULL) {
+        forget_parses(self);
+    }
+    Py_CLEAR(self->unnamed);
+}
+
 static void forget_statements(Lane *self) {
     forget_named(self);
     forget_queries(self);
-    Py_CLEAR(self->parse_payload);
-    Py_CLEAR(self->parse_statement.info);
+    forget_parses(self);
     Py_CLEAR(self->cache);
+    Py_CLEAR(self->known_parses);
+    Py_CLEAR(self->confirm);
 }
 
 static int Lane_traverse(Lane *self, visitproc visit, void *arg) {
@@ -199,8 +239,15 @@ static int Lane_traverse(Lane *self, visitproc visit, void *arg) {
     Py_VISIT(self->shapes);
     Py_VISIT(self->file_shaped);
     Py_VISIT(self->tenant_literal);
-    Py_VISIT(self->parse_payload);
-    Py_VISIT(self->parse_statement.info);
+    for (int i = 0; i < self->parse_count; i++) {
+        Py_VISIT(self->parses[i].payload);
+        Py_VISIT(self->parses[i].prepared);
+        Py_VISIT(self->parses[i].statement.info);
+    }
+    Py_VISIT(self->unnamed);
+    Py_VISIT(self->current_prepared);
+    Py_VISIT(self->known_parses);
+    Py_VISIT(self->confirm);
     Py_VISIT(self->cache);
     for (int i = 0; i < self->statement_count; i++) {
         Py_VISIT(self->statements[i].info);
@@ -219,6 +266,7 @@ static int Lane_clear(Lane *self) {
     Py_CLEAR(self->mark);
     Py_CLEAR(self->current_info);
     Py_CLEAR(self->current_parse);
+    Py_CLEAR(self->current_prepared);
     Py_CLEAR(self->current_sql);
     Py_CLEAR(self->current_command);
     Py_CLEAR(self->materialize_query);
@@ -308,6 +356,7 @@ static int hand_over(Lane *self) {
     } else {
         PyObject *info = self->current_info, *parse = self->current_parse;
         self->current_info = self->current_parse = NULL;
+        Py_CLEAR(self->current_prepared);
         result = PyObject_CallFunction(self->materialize, "OOdO", info,
                                        self->describe ? Py_True : Py_False, self->started,
                                        parse == NULL ? Py_None : parse);
@@ -683,6 +732,29 @@ static PyObject *query_client(Lane *self, PyObject *data, int in_block, int spli
     return shape_query(self, data, in_block, splice);
 }
 
+/* The Parse taught whose payload is [payload, payload + length), into ``found``, if
+   the inspector still knows that payload as that Prepared (known_parse would
+   register it): 1; 0: none; -1: an error. */
+static int find_parse(Lane *self, const unsigned char *payload, Py_ssize_t length,
+                      KnownParse **found) {
+    for (int i = 0; i < self->parse_count; i++) {
+        KnownParse *parse = &self->parses[i];
+        if (PyBytes_GET_SIZE(parse->payload) != length ||
+            memcmp(PyBytes_AS_STRING(parse->payload), payload, (size_t)length) != 0) {
+            continue;
+        }
+        if (self->known_parses != NULL) {
+            PyObject *known = PyDict_GetItemWithError(self->known_parses, parse->payload);
+            if (known != parse->prepared) {
+                return known == NULL && PyErr_Occurred() ? -1 : 0;
+            }
+        }
+        *found = parse;
+        return 1;
+    }
+    return 0;
+}
+
 PyDoc_STRVAR(client_doc,
              "client(data, in_block, splice=False) -> int\n\n"
              "Check and forward a client chunk that is the lane's case, sent while the server\n"
@@ -721,14 +793,16 @@ static PyObject *Lane_client(Lane *self, PyObject *const *args, Py_ssize_t nargs
     }
     Py_ssize_t bind_at = 0;
     int with_parse = 0;
+    KnownParse *parse = NULL;
     if (size >= 5 && chunk[0] == 'P') {
-        /* The unnamed statement's Parse, exactly the one taught (known_parse). */
+        /* An unnamed statement's Parse, exactly one taught (known_parse). */
         Py_ssize_t parse_length = (Py_ssize_t)be32(chunk + 1);
-        if (self->parse_payload == NULL ||
-            parse_length - 4 != PyBytes_GET_SIZE(self->parse_payload) ||
-            size - 6 < parse_length ||
-            memcmp(chunk + 5, PyBytes_AS_STRING(self->parse_payload), (size_t)(parse_length - 4))) {
+        if (parse_length < 4 || size - 6 < parse_length) {
             Py_RETURN_FALSE;
+        }
+        int found = find_parse(self, chunk + 5, parse_length - 4, &parse);
+        if (found <= 0) {
+            return found < 0 ? NULL : Py_NewRef(Py_False);
         }
         bind_at = 1 + parse_length;
         with_parse = 1;
@@ -762,7 +836,7 @@ static PyObject *Lane_client(Lane *self, PyObject *const *args, Py_ssize_t nargs
     }
     Statement *statement;
     if (with_parse) {
-        statement = name_end == payload + 1 ? &self->parse_statement : NULL;
+        statement = name_end == payload + 1 ? &parse->statement : NULL;
     } else {
         statement = find_statement(self, payload + 1, name_end - (payload + 1));
     }
@@ -789,8 +863,8 @@ static PyObject *Lane_client(Lane *self, PyObject *const *args, Py_ssize_t nargs
     self->control = statement->control;
     self->spliced = 0;
     if (with_parse) {
-        Py_INCREF(self->parse_payload);
-        self->current_parse = self->parse_payload;
+        self->current_parse = Py_NewRef(parse->payload);
+        self->current_prepared = Py_NewRef(parse->prepared);
     }
     self->outstanding = 1;
     self->started = now();
@@ -969,6 +1043,24 @@ static int count_hit(PyObject *cache) {
     return failed;
 }
 
+/* The server now holds ``prepared`` as its unnamed statement (its Parse answered
+   here): unless the lane knows it already does, the inspector confirms it, as
+   known_parse and parse_resolved would have (lane_parsed, which makes the lane
+   forget what the registry's change makes untrue). */
+static int confirm_unnamed(Lane *self, PyObject *prepared) {
+    if (self->confirm == NULL || prepared == NULL || prepared == self->unnamed) {
+        return 0;
+    }
+    PyObject *result = PyObject_CallOneArg(self->confirm, prepared);
+    if (result == NULL) {
+        return -1;
+    }
+    Py_DECREF(result);
+    Py_INCREF(prepared);
+    Py_XSETREF(self->unnamed, prepared);
+    return 0;
+}
+
 PyDoc_STRVAR(upstream_doc,
              "upstream(data) -> str | None\n\n"
              "Forward a server chunk that is exactly the answer to the lane's request (less\n"
@@ -995,15 +1087,19 @@ static PyObject *Lane_upstream(Lane *self, PyObject *data) {
     }
     double seconds = now() - self->started;
     int with_parse = self->current_parse != NULL;
+    PyObject *prepared = self->current_prepared; /* the reference taken over */
+    self->current_prepared = NULL;
     self->outstanding = 0;
     Py_CLEAR(self->current_info);
     Py_CLEAR(self->current_parse);
     Py_CLEAR(self->current_sql);
     Py_CLEAR(self->current_command);
     tally(self, rows, seconds);
-    if (with_parse && count_hit(self->cache) < 0) {
+    if (with_parse && (count_hit(self->cache) < 0 || confirm_unnamed(self, prepared) < 0)) {
+        Py_XDECREF(prepared);
         return NULL;
     }
+    Py_XDECREF(prepared);
     PyObject *answer = data;
     if (hidden) {
         answer = PyBytes_FromStringAndSize(PyBytes_AS_STRING(data) + hidden,
@@ -1138,28 +1234,51 @@ static PyObject *Lane_learn(Lane *self, PyObject *args) {
 PyDoc_STRVAR(learn_parse_doc,
              "learn_parse(payload, numbers, info, command, cache, plain, control=False) -> bool\n\n"
              "The unnamed statement the server holds is the Parse ``payload`` (bytes after\n"
-             "the length): that Parse followed by a Bind of it may pass here (``numbers``,\n"
-             "``info``, ``command``, ``plain`` and ``control`` as for learn); ``cache.hits``\n"
-             "counts each, as known_parse does.  False: not learnt.");
+             "the length), known_parse's ``prepared``: that Parse followed by a Bind of it may\n"
+             "pass here (``numbers``, ``info``, ``command``, ``plain`` and ``control`` as for\n"
+             "learn); ``cache.hits`` counts each, as known_parse does.  Attached with the\n"
+             "inspector's known_parses, the lane keeps up to 16 such Parses across forget(),\n"
+             "each passing while known_parses maps its payload to its ``prepared``, and has\n"
+             "``confirm(prepared)`` record the one it took as the unnamed statement when the\n"
+             "server has not got it already; otherwise only this one.  False: not learnt.");
 
 static PyObject *Lane_learn_parse(Lane *self, PyObject *args) {
-    PyObject *payload, *numbers, *info, *command, *cache;
+    PyObject *payload, *numbers, *info, *command, *cache, *prepared = Py_None;
     int plain, control = 0;
-    if (!PyArg_ParseTuple(args, "O!O!OUOp|p", &PyBytes_Type, &payload, &PyTuple_Type, &numbers,
-                          &info, &command, &cache, &plain, &control)) {
+    if (!PyArg_ParseTuple(args, "O!O!OUOp|pO", &PyBytes_Type, &payload, &PyTuple_Type, &numbers,
+                          &info, &command, &cache, &plain, &control, &prepared)) {
         return NULL;
     }
-    Py_CLEAR(self->parse_payload);
-    int filled =
-        fill_statement(self, &self->parse_statement, numbers, info, command, plain, control);
-    if (filled < 0) {
-        return NULL;
+    KnownParse learnt = {0};
+    int filled = fill_statement(self, &learnt.statement, numbers, info, command, plain, control);
+    if (filled <= 0) {
+        Py_XDECREF(learnt.statement.info);
+        return filled < 0 ? NULL : Py_NewRef(Py_False);
     }
-    if (filled == 0) {
-        Py_RETURN_FALSE;
+    KnownParse *parse = NULL;
+    for (int i = 0; i < self->parse_count; i++) {
+        if (PyObject_RichCompareBool(self->parses[i].payload, payload, Py_EQ) == 1) {
+            parse = &self->parses[i];
+            break;
+        }
     }
+    if (parse == NULL) {
+        if (self->known_parses == NULL || self->parse_count == MAX_PARSES) {
+            forget_parses(self); /* the Parse the server holds only, or the table full */
+        }
+        parse = &self->parses[self->parse_count++];
+        *parse = (KnownParse){0};
+    }
+    Py_XDECREF(parse->statement.info);
+    parse->statement = learnt.statement; /* with the reference fill_statement took */
     Py_INCREF(payload);
-    self->parse_payload = payload;
+    Py_XSETREF(parse->payload, payload);
+    Py_INCREF(prepared);
+    Py_XSETREF(parse->prepared, prepared);
+    if (self->known_parses != NULL) { /* the inspector just confirmed it */
+        Py_INCREF(prepared);
+        Py_XSETREF(self->unnamed, prepared);
+    }
     Py_INCREF(cache);
     Py_XSETREF(self->cache, cache);
     Py_RETURN_TRUE;
@@ -1224,26 +1343,33 @@ static PyObject *Lane_learn_shapes(Lane *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
-PyDoc_STRVAR(forget_doc, "forget()\n\nForget every statement learnt (the registry changed).");
+PyDoc_STRVAR(forget_doc,
+             "forget()\n\n"
+             "The registry changed: forget every statement learnt but the Parses of the\n"
+             "unnamed statement (all of them too for a lane attached without known_parses),\n"
+             "and which of them the server holds.");
 
 static PyObject *Lane_forget(Lane *self, PyObject *unused) {
-    if (self->statement_count || self->parse_payload != NULL || self->queries != NULL ||
-        self->controls != NULL || self->shapes != NULL) {
-        forget_statements(self);
-    }
+    forget_registry(self);
     Py_RETURN_NONE;
 }
 
 PyDoc_STRVAR(attach_doc,
-             "attach(portals, max_portals)\n\n"
+             "attach(portals, max_portals, known_parses=None, confirm=None)\n\n"
              "Serve an inspector: record the unnamed portal in ``portals`` (its portal map,\n"
              "emptied first when it holds more than ``max_portals``); forget what an earlier\n"
-             "inspector taught.");
+             "inspector taught; with its known Parses and lane_parsed, see learn_parse.");
 
 static PyObject *Lane_attach(Lane *self, PyObject *args) {
-    PyObject *portals;
+    PyObject *portals, *known_parses = Py_None, *confirm = Py_None;
     Py_ssize_t max_portals;
-    if (!PyArg_ParseTuple(args, "O!n", &PyDict_Type, &portals, &max_portals)) {
+    if (!PyArg_ParseTuple(args, "O!n|OO", &PyDict_Type, &portals, &max_portals, &known_parses,
+                          &confirm)) {
+        return NULL;
+    }
+    if ((known_parses == Py_None) != (confirm == Py_None) ||
+        (known_parses != Py_None && !PyDict_CheckExact(known_parses))) {
+        PyErr_SetString(PyExc_TypeError, "known_parses (a dict) and confirm come together");
         return NULL;
     }
     forget_statements(self);
@@ -1251,6 +1377,10 @@ static PyObject *Lane_attach(Lane *self, PyObject *args) {
         Py_INCREF(portals);
         Py_XSETREF(self->portals, portals);
         self->max_portals = max_portals;
+        if (known_parses != Py_None) {
+            self->known_parses = Py_NewRef(known_parses);
+            self->confirm = Py_NewRef(confirm);
+        }
     }
     Py_RETURN_NONE;
 }
@@ -1359,7 +1489,7 @@ static PyObject *Lane_get_served(Lane *self, void *closure) {
 }
 
 static PyObject *Lane_get_learnt(Lane *self, void *closure) {
-    return PyLong_FromLong(self->statement_count + (self->parse_payload != NULL) +
+    return PyLong_FromLong(self->statement_count + self->parse_count +
                            (self->queries != NULL) + (self->controls != NULL) +
                            (self->shapes != NULL));
 }

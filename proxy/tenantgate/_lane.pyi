@@ -44,6 +44,7 @@ class Lane:
         cache: object,
         plain: bool,
         control: bool = False,
+        prepared: object = None,
     ) -> bool: ...
     def learn_queries(
         self,
@@ -58,7 +59,13 @@ class Lane:
         file_shaped: Callable[[str, bytes, Any], bool],
     ) -> None: ...
     def forget(self) -> None: ...
-    def attach(self, portals: dict[str, Any], max_portals: int) -> None: ...
+    def attach(
+        self,
+        portals: dict[str, Any],
+        max_portals: int,
+        known_parses: dict[bytes, Any] | None = None,
+        confirm: Callable[[Any], None] | None = None,
+    ) -> None: ...
     def report_to(self, mark: Callable[[], None], bounds: tuple[float, ...]) -> None: ...
     def take(
         self,

@@ -234,11 +234,6 @@ class PolicyInspector:
         self._judged: dict[int, tuple[Analysis, Rejection | None, str | None]] = {}
         # Unnamed Parses allowed, for known_parse: payload -> what it made.
         self._known_parses: dict[bytes, Prepared] = {}
-        # The unnamed statement last confirmed (_teach_parse): the lane learns a Parse
-        # only when the same one comes twice running, as a driver that does not
-        # prepare repeats it; texts that take turns (a transaction's statements)
-        # would make it learn and forget at every statement for nothing.
-        self._last_unnamed: bytes | None = None
 
     # --- verdicts ------------------------------------------------------------------
 
@@ -490,8 +485,16 @@ class PolicyInspector:
 
     def attach_lane(self, lane: Lane) -> bool:
         self._lane = lane
-        lane.attach(self._portals, MAX_TRACKED_PORTALS)
+        lane.attach(self._portals, MAX_TRACKED_PORTALS, self._known_parses, self.lane_parsed)
         return True
+
+    def lane_parsed(self, prepared: Prepared) -> None:
+        """The session's lane had the server answer a Parse of the unnamed statement
+        that known_parse knows as ``prepared``, and a Bind of it: what known_parse
+        and then parse_resolved record for them (the lane sends such a request only
+        when nothing is outstanding, so no Parse is pending)."""
+        self._changed()
+        self._statements.setdefault("", _Slot()).confirmed = prepared
 
     def _teach(self, key: bytes, bind_lane: _BindLane) -> None:
         """Let the session's lane apply ``bind_lane`` (valid at this version) itself."""
@@ -504,16 +507,15 @@ class PolicyInspector:
     def _teach_parse(self, prepared: Prepared) -> None:
         """The server now holds ``prepared`` as its unnamed statement, with no Parse
         pending: the lane may take its known Parse and a Bind of it when known_parse
-        and known_bind would answer for them by their bytes (from the second time
-        running the same Parse is confirmed)."""
+        and known_bind would answer for them by their bytes, now and whenever the
+        Parse comes again while known_parse still knows it as ``prepared`` (the
+        lane keeps up to 16 such Parses, and confirms the one it takes as the
+        unnamed statement: lane_parsed)."""
         if self._lane is None:
             return
         payload = prepared.payload
-        repeated = payload == self._last_unnamed
-        self._last_unnamed = payload
         if (
-            not repeated
-            or payload is None
+            payload is None
             or prepared.parse.name
             or self._known_parses.get(payload) is not prepared
             or prepared.info.would_reject
@@ -526,7 +528,14 @@ class PolicyInspector:
                 return  # not a test of the bytes alone: known_bind decides each Bind
         info = prepared.info
         self._lane.learn_parse(
-            payload, numbers, info, info.command, self._cache, info.plain, info.transaction_control
+            payload,
+            numbers,
+            info,
+            info.command,
+            self._cache,
+            info.plain,
+            info.transaction_control,
+            prepared,
         )
 
     def _changed(self) -> None:

@@ -73,6 +73,7 @@ from test_session_fast_paths import (  # noqa: E402
     POLICY,
     PREPARED,
     SWAPPED,
+    TURN,
     _bound,
     _control_bound,
     _proxy,
@@ -765,19 +766,57 @@ def test_the_lane_takes_the_known_parse_of_the_unnamed_statement() -> None:
         for key in (1, 1, 1, 3, 2, 1):  # 3 fails at run time, 2 raises a notice
             hits.append(inspector._cache.hits)
             assert exchange(_bound("", "acme", key, describe=True, parse=True)).endswith(READY)
-            assert lane.learnt == (len(hits) > 1)  # taught when the same Parse comes again
-        # The first two are allowed by the Python path, the second teaches the lane; the
-        # error and the notice are not the lane's answers: the request goes to the tracker.
-        assert lane.served == 2
+            assert lane.learnt == 1  # taught when the server confirmed it the first time
+        # The first is allowed by the Python path and teaches the lane; the error and
+        # the notice are not the lane's answers: the request goes to the tracker.
+        assert lane.served == 3
         assert [after - before for before, after in itertools.pairwise(hits)] == [0, 1, 1, 1, 1]
         assert session.tracker.idle
         # Another tenant's id: the lane declines, the Python path refuses.
         refused = exchange(_bound("", "globex", 1, describe=True, parse=True))
         assert b"wrong_tenant_param" in refused
-        assert lane.served == 2
-        # A Query drops the unnamed statement: the lane forgets it.
+        assert lane.served == 3
+        # A Query drops the unnamed statement: the lane keeps the Parse, and when it
+        # takes it again it has the inspector confirm it as the unnamed statement.
         exchange(Query("SELECT 1").encode())
-        assert lane.learnt == 0
+        assert inspector._statements[""].confirmed is None
+        assert lane.learnt == 1
+        assert exchange(_bound("", "acme", 1, describe=True, parse=True)).endswith(READY)
+        assert lane.served == 4
+        (payload,) = inspector._known_parses
+        assert inspector._statements[""].confirmed is inspector._known_parses[payload]
+        assert not inspector._statements[""].pending
+
+    asyncio.run(run())
+
+
+def test_the_lane_takes_unnamed_parses_that_take_turns() -> None:
+    """pgbench -M extended runs a transaction's statements as unnamed Parses that
+    take turns.  Each is the lane's from its second time on: the lane keeps every
+    Parse the server confirmed while known_parse knows it, and the inspector's
+    registry holds, after each, the statement the server holds; when known_parse
+    forgets a Parse (its table emptied), the lane declines it."""
+
+    async def run() -> None:
+        session, exchange = _served_session()
+        lane = session._lane
+        inspector = cast(PolicyInspector, session.inspector)
+        texts = (PREPARED, PREPARED.replace("id = $2", "id > $2"), PREPARED + " + 0")
+        for round_ in range(4):
+            for sql in texts:
+                chunk = _bound("", "acme", 1, describe=True, parse=True, sql=sql)
+                served = lane.served
+                assert exchange(chunk).endswith(READY)
+                assert lane.served == served + (round_ > 0)
+                confirmed = inspector._statements[""].confirmed
+                assert confirmed is not None
+                assert confirmed.parse.query == sql
+                assert not inspector._statements[""].pending
+        assert lane.learnt == 3
+        inspector._known_parses.clear()  # as remember_parse empties it when full
+        served = lane.served
+        exchange(_bound("", "acme", 1, describe=True, parse=True, sql=PREPARED))
+        assert lane.served == served  # the Python path, which knows it no more
 
     asyncio.run(run())
 
@@ -797,6 +836,8 @@ _LANE_VOCABULARY = [
     _bound("s1", "acme", 2, describe=True, parse=False),
     _bound("", "acme", 1, describe=True, parse=True),
     _bound("", "acme", 1, describe=True, parse=True, sql=SWAPPED),
+    _bound("", "acme", 1, describe=True, parse=True, sql=TURN),
+    _bound("", "acme", 2, describe=False, parse=True, sql=TURN),
     Query("SELECT 1").encode(),
 ]
 

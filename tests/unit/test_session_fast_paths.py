@@ -66,6 +66,8 @@ PREPARED = "SELECT balance FROM accounts WHERE tenant_id = $1 AND id = $2"
 # The same parameters the other way round: a Bind that fits PREPARED binds the key
 # where the tenant must be (a re-prepared name must be checked against its new text).
 SWAPPED = "SELECT balance FROM accounts WHERE id = $1 AND tenant_id = $2"
+# Another text a Bind that fits PREPARED fits too: unnamed Parses that take turns.
+TURN = "SELECT balance FROM accounts WHERE tenant_id = $1 AND id > $2"
 UNPROVABLE = "SELECT balance FROM accounts WHERE id = 1"
 
 
@@ -350,9 +352,9 @@ operations: st.SearchStrategy[bytes] = st.one_of(
         keys,
         st.booleans(),
         st.sampled_from(BIND_FORMS),
-        # The other text is the same length with the tenant elsewhere: after the
-        # first, a Bind right for one is wrong for the other.
-        st.sampled_from([PREPARED, PREPARED, PREPARED, SWAPPED]),
+        # SWAPPED is the same length with the tenant elsewhere: after the first, a
+        # Bind right for one is wrong for the other.  TURN takes turns with PREPARED.
+        st.sampled_from([PREPARED, PREPARED, TURN, SWAPPED]),
     ),
     # A Parse with no Sync: what follows it up to a Sync is skipped if it fails.
     st.builds(
