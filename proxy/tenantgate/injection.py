@@ -203,7 +203,7 @@ class TenantInjector:
                 self._rewritten.clear()
             self._rewritten[key] = result
         if not statements or any(s.transaction is not None for s in statements):
-            self.tenant_in_block = self._in_block = False
+            self._control_ran()
         else:
             self.tenant_in_block = True
         return result
@@ -214,11 +214,17 @@ class TenantInjector:
         the session's lane forwarded instead: transaction control (``control``), or
         a Query with :attr:`query_prefix` spliced in front.  (A plain statement in
         a block that has the tenant changes nothing here.)"""
-        self._needs_injection = True
         if control:
-            self.tenant_in_block = self._in_block = False
+            self._control_ran()
         else:
+            self._needs_injection = True
             self.tenant_in_block = True
+
+    def _control_ran(self) -> None:
+        """Transaction control went to the server: the next statement needs the tenant
+        again (a new block, or a ROLLBACK TO that may have reverted it)."""
+        self._needs_injection = True
+        self.tenant_in_block = self._in_block = False
 
     def _rewrite(self, sql: bytes, statements: Sequence[StatementShape], in_block: bool) -> Rewrite:
         out = bytearray()
@@ -262,8 +268,7 @@ class TenantInjector:
         resets :attr:`prepared` if the server refuses or skips that Parse.
         """
         if transaction_control:
-            self._needs_injection = True
-            self.tenant_in_block = self._in_block = False
+            self._control_ran()
             return None
         if self._in_block:
             return None
