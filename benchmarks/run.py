@@ -68,8 +68,8 @@ import tenantgate
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     parser.add_argument("--quick", action="store_true", help="a < 2 minute subset")
-    parser.add_argument("--rounds", type=int, default=None, help="interleaved rounds (3)")
-    parser.add_argument("--duration", type=int, default=None, help="seconds per run (5)")
+    parser.add_argument("--rounds", type=int, default=None, help="interleaved rounds (5)")
+    parser.add_argument("--duration", type=int, default=None, help="seconds per run (3)")
     parser.add_argument("--clients", default=None, help="client counts, e.g. 8,64")
     parser.add_argument("--workloads", default=None, help="W1,W2,W3,W4")
     parser.add_argument("--protocols", default=None, help="simple,extended,prepared")
@@ -88,7 +88,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     args = parser.parse_args(argv)
     quick = args.quick
-    args.rounds = args.rounds or (1 if quick else 3)
+    args.rounds = args.rounds or (1 if quick else 5)
     args.duration = args.duration or (2 if quick else 3)
     args.clients = [int(c) for c in (args.clients or ("8" if quick else "8,64")).split(",")]
     workloads = (args.workloads or "W1,W2,W3,W4").upper().split(",")
