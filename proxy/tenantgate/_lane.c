@@ -732,27 +732,36 @@ static PyObject *query_client(Lane *self, PyObject *data, int in_block, int spli
     return shape_query(self, data, in_block, splice);
 }
 
+/* The Parse taught whose payload is [payload, payload + length) (at most one: a
+   payload taught again replaces its entry), or NULL. */
+static KnownParse *parse_of(Lane *self, const char *payload, Py_ssize_t length) {
+    for (int i = 0; i < self->parse_count; i++) {
+        KnownParse *parse = &self->parses[i];
+        if (PyBytes_GET_SIZE(parse->payload) == length &&
+            memcmp(PyBytes_AS_STRING(parse->payload), payload, (size_t)length) == 0) {
+            return parse;
+        }
+    }
+    return NULL;
+}
+
 /* The Parse taught whose payload is [payload, payload + length), into ``found``, if
    the inspector still knows that payload as that Prepared (known_parse would
    register it): 1; 0: none; -1: an error. */
 static int find_parse(Lane *self, const unsigned char *payload, Py_ssize_t length,
                       KnownParse **found) {
-    for (int i = 0; i < self->parse_count; i++) {
-        KnownParse *parse = &self->parses[i];
-        if (PyBytes_GET_SIZE(parse->payload) != length ||
-            memcmp(PyBytes_AS_STRING(parse->payload), payload, (size_t)length) != 0) {
-            continue;
-        }
-        if (self->known_parses != NULL) {
-            PyObject *known = PyDict_GetItemWithError(self->known_parses, parse->payload);
-            if (known != parse->prepared) {
-                return known == NULL && PyErr_Occurred() ? -1 : 0;
-            }
-        }
-        *found = parse;
-        return 1;
+    KnownParse *parse = parse_of(self, (const char *)payload, length);
+    if (parse == NULL) {
+        return 0;
     }
-    return 0;
+    if (self->known_parses != NULL) {
+        PyObject *known = PyDict_GetItemWithError(self->known_parses, parse->payload);
+        if (known != parse->prepared) {
+            return known == NULL && PyErr_Occurred() ? -1 : 0;
+        }
+    }
+    *found = parse;
+    return 1;
 }
 
 PyDoc_STRVAR(client_doc,
@@ -1255,13 +1264,7 @@ static PyObject *Lane_learn_parse(Lane *self, PyObject *args) {
         Py_XDECREF(learnt.statement.info);
         return filled < 0 ? NULL : Py_NewRef(Py_False);
     }
-    KnownParse *parse = NULL;
-    for (int i = 0; i < self->parse_count; i++) {
-        if (PyObject_RichCompareBool(self->parses[i].payload, payload, Py_EQ) == 1) {
-            parse = &self->parses[i];
-            break;
-        }
-    }
+    KnownParse *parse = parse_of(self, PyBytes_AS_STRING(payload), PyBytes_GET_SIZE(payload));
     if (parse == NULL) {
         if (self->known_parses == NULL || self->parse_count == MAX_PARSES) {
             forget_parses(self); /* the Parse the server holds only, or the table full */
