@@ -38,6 +38,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -95,23 +96,52 @@ def machine_busy() -> float:
     return busy / os.sysconf("SC_CLK_TCK")
 
 
-def postgres_cpu(data_dir: Path) -> float:
-    """CPU seconds of a cluster: its postmaster, its live children, and the
-    children it has reaped (a backend's time is lost from /proc when it exits)."""
-    postmaster = int((data_dir / "postmaster.pid").read_text().split("\n", 1)[0])
+ClusterRead = tuple[int, frozenset[int]]
+
+
+def _cluster_ticks(postmaster: int) -> ClusterRead:
+    """One pass over /proc: the clock ticks of a postmaster, its live children and
+    the children it has reaped, and the pids of the live children."""
     ticks = 0
+    children = set()
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
         try:
             fields = stat_fields(entry.name)
-        except OSError:  # exited meanwhile: its time is now the postmaster's
+        except OSError:  # exited meanwhile
             continue
         if int(entry.name) == postmaster:
             ticks += sum(int(v) for v in fields[11:15])
         elif int(fields[1]) == postmaster:
             ticks += int(fields[11]) + int(fields[12])
-    return ticks / os.sysconf("SC_CLK_TCK")
+            children.add(int(entry.name))
+    return ticks, frozenset(children)
+
+
+def settled_ticks(read: Callable[[], ClusterRead], attempts: int = 40) -> int:
+    """The ticks of a read during which no child exited.
+
+    A backend that exits in the middle of a pass, after the postmaster was read
+    and before its own entry, is counted nowhere: its whole run's time goes
+    missing (the backends of a proxy's connections exit just as a run ends).  A
+    pass whose children are those of the pass before it lost none of them.
+    """
+    ticks, children = read()
+    for _ in range(attempts):
+        time.sleep(0.05)
+        again, now = read()
+        if now == children:
+            return again
+        ticks, children = again, now
+    return ticks
+
+
+def postgres_cpu(data_dir: Path) -> float:
+    """CPU seconds of a cluster: its postmaster, its live children, and the
+    children it has reaped (a backend's time is lost from /proc when it exits)."""
+    postmaster = int((data_dir / "postmaster.pid").read_text().split("\n", 1)[0])
+    return settled_ticks(lambda: _cluster_ticks(postmaster)) / os.sysconf("SC_CLK_TCK")
 
 
 def reaped_children_cpu() -> float:

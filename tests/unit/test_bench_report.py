@@ -137,3 +137,18 @@ def test_a_met_p99_names_no_one_else() -> None:
     assert (
         "- p99 added over direct <= 0.5 ms: MET (worst 0.300 ms in W1-enforce simple; met in 1/1)"
     ) in text
+
+
+def test_a_miss_that_rounds_to_the_target_is_shown_with_three_places() -> None:
+    just_under = {"direct": (1000.0,), "pgbouncer": (1000.0,), "tenantgate": (896.0,)}
+    (missed,) = summarize(_runs(just_under, 8))
+    assert not missed["meets_ratio"]
+    text = markdown(_result([missed]))
+    row = next(line for line in text.splitlines() if line.startswith("| W1-enforce |"))
+    assert "| 1,000 | 896 | 0.896 | 0.90 |" in row  # tg/direct has no target: two places
+    assert "- W1-enforce >= 0.9x PgBouncer: NOT MET (simple 0.896x)" in text
+
+    at_target = {"direct": (1000.0,), "pgbouncer": (1000.0,), "tenantgate": (900.0,)}
+    (met,) = summarize(_runs(at_target, 8))
+    assert met["meets_ratio"]
+    assert "- W1-enforce >= 0.9x PgBouncer: MET (simple 0.90x)" in markdown(_result([met]))
