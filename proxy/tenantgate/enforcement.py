@@ -7,6 +7,12 @@ and the prepared-statement registry that checks Bind parameters against the
 statement the *server* will actually run.  That registry is deliberately
 pessimistic: until the server confirms a Parse, a Bind must satisfy every
 candidate text the name could refer to (the old one and each pending one).
+
+Longer than the other modules on purpose, like :mod:`tenantgate.session`: each
+fast path here (``known_query``, ``known_parse``, ``known_bind``, and what it
+teaches the C lane) answers from the same registry and verdict cache as the
+general method it stands in for (``inspect_query``, ``inspect_parse``,
+``inspect_bind``), and must change with it; one class keeps them side by side.
 """
 
 from __future__ import annotations
