@@ -315,6 +315,11 @@ def write_outputs(result: dict[str, Any], runs: list[Measurement], out_dir: Path
     out_dir.mkdir(parents=True, exist_ok=True)
     data = {**result, "runs": [asdict(r) for r in runs]}
     (out_dir / "results.json").write_text(json.dumps(_clean(data), indent=2) + "\n")
+    render(result, out_dir)
+
+
+def render(result: dict[str, Any], out_dir: Path) -> None:
+    """results.md and the chart of a run's result."""
     (out_dir / "results.md").write_text(markdown(result))
     chart(result["summary"], out_dir / "results.png", f"tenantgate benchmark: {result['command']}")
 
@@ -336,9 +341,4 @@ if __name__ == "__main__":  # re-render results.md and the chart from a results.
     source = Path(sys.argv[1] if len(sys.argv) > 1 else "benchmarks/results/results.json")
     saved = json.loads(source.read_text())
     saved["targets"] = target_lines(saved["summary"], saved.get("connections"))
-    source.with_name("results.md").write_text(markdown(saved))
-    chart(
-        saved["summary"],
-        source.with_name("results.png"),
-        f"tenantgate benchmark: {saved['command']}",
-    )
+    render(saved, source.parent)
