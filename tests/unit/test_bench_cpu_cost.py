@@ -19,25 +19,25 @@ def _no_sleep(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(cpu_cost.time, "sleep", lambda _seconds: None)
 
 
-def _reads(*passes: ClusterRead) -> list[ClusterRead]:
-    return list(passes)
-
-
 def test_a_pass_that_lost_an_exiting_backend_is_not_used() -> None:
     # Backends 11 and 12 have 500 ticks each; the postmaster 100.  In the second
     # pass 12 exited after the postmaster was read and before its own entry: its
     # 500 ticks are counted nowhere.  Once reaped, they are the postmaster's.
-    passes = _reads(
+    passes: list[ClusterRead] = [
         (1100, frozenset({11, 12})),
         (600, frozenset({11})),
         (1100, frozenset({11})),
-    )
+    ]
     assert settled_ticks(lambda: passes.pop(0)) == 1100
     assert not passes
 
 
 def test_a_quiet_cluster_is_read_twice() -> None:
-    passes = _reads((700, frozenset({5})), (701, frozenset({5})), (999, frozenset({5})))
+    passes: list[ClusterRead] = [
+        (700, frozenset({5})),
+        (701, frozenset({5})),
+        (999, frozenset({5})),
+    ]
     assert settled_ticks(lambda: passes.pop(0)) == 701
     assert len(passes) == 1
 
